@@ -1,0 +1,567 @@
+"""The fixed harness around train.py: the constants that define the metric, data
+preparation, the tokenizer, the training dataloader and the evaluation protocol.
+Nodes never edit this file; the swarm evolves train.py only.
+
+    python -m model.prepare --source stdlib          # offline corpus from this Python
+    python -m model.prepare --source ~/corpus --ext .py
+    python -m model.prepare --source climbmix --num-shards 8
+
+Prepared data lives in CACHE/data/<fingerprint>/ where the fingerprint hashes the
+tokenizer and every token of the training and validation shards.
+"""
+
+import argparse
+import bisect
+import hashlib
+import json
+import math
+import os
+import queue
+import shutil
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+try:
+    from . import sources
+except ImportError:  # imported as top-level `prepare` (python model/train.py)
+    import sources
+
+# ---------------------------------------------------------------------------
+# Constants that define the metric (fixed)
+# ---------------------------------------------------------------------------
+
+VOCAB_SIZE = 8192
+TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))  # training seconds
+BOS_TOKEN = "<|bos|>"  # starts every document; id 0
+# GPT-4 style split, numbers in groups of at most two (as autoresearch)
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+TOKENIZER_MAX_CHARS, TOKENIZER_DOC_CAP = 1_000_000_000, 10_000  # text the BPE trainer sees
+# A profile fixes sequence length and evaluation size; results compare only within one.
+PROFILES = {
+    "gpu": dict(max_seq_len=2048, eval_tokens=4 * 2**19),
+    "cpu": dict(max_seq_len=256, eval_tokens=2**16),
+}
+EVAL_BUFFER_DOCS = 1000  # best-fit packing of validation rows, as autoresearch
+
+
+def _detect_profile():
+    name = os.environ.get("AUTORESEARCH_PROFILE")
+    if name is None:
+        import torch
+        name = "gpu" if torch.cuda.is_available() else "cpu"
+    if name not in PROFILES:
+        raise SystemExit(f"error: AUTORESEARCH_PROFILE={name!r} is not one of {', '.join(PROFILES)}")
+    return name
+
+
+PROFILE = _detect_profile()
+MAX_SEQ_LEN = PROFILES[PROFILE]["max_seq_len"]
+EVAL_TOKENS = PROFILES[PROFILE]["eval_tokens"]
+
+
+def cache_dir():
+    if os.environ.get("AUTORESEARCH_CACHE"):
+        return os.path.abspath(os.environ["AUTORESEARCH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "autoresearch-swarm")
+
+
+def use_compile_cache():
+    """Persist torch.compile's caches under the cache folder: a warm start skips compilation."""
+    path = os.path.join(cache_dir(), "inductor")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", path)
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(path, "triton"))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+class DataError(Exception):
+    """Prepared data that is missing or does not match its fingerprint."""
+
+
+# ---------------------------------------------------------------------------
+# Tokenizer: byte-level BPE trained locally with HF `tokenizers`
+# ---------------------------------------------------------------------------
+
+def _byte_of_char():
+    """Inverse of the byte-level alphabet: printable stand-in character -> raw byte."""
+    keep = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def train_tokenizer(docs, vocab_size=VOCAB_SIZE):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+
+    def capped():
+        n = 0
+        for d in docs:
+            d = d[:TOKENIZER_DOC_CAP]
+            yield d
+            n += len(d)
+            if n >= TOKENIZER_MAX_CHARS:
+                return
+    tok.train_from_iterator(capped(), trainer)
+    return tok
+
+
+def token_byte_lengths(tok):
+    """Bytes each token stands for; 0 for special tokens, which the metric skips."""
+    byte_of = _byte_of_char()
+    vocab = tok.get_vocab()
+    out = np.zeros(tok.get_vocab_size(), dtype=np.int32)
+    for piece, i in vocab.items():
+        out[i] = 0 if piece == BOS_TOKEN else sum(1 for c in piece if c in byte_of)
+    return out
+
+
+def encode_docs(tok, docs, progress=None, batch=256):
+    """Flat uint16 token stream with a BOS before every document, and the offset of
+    each document's BOS (plus a final end offset)."""
+    bos = tok.token_to_id(BOS_TOKEN)
+    parts, offsets, n = [], [0], 0
+    for i in range(0, len(docs), batch):
+        for enc in tok.encode_batch_fast(docs[i:i + batch], add_special_tokens=False):
+            ids = np.empty(len(enc.ids) + 1, dtype=np.uint16)
+            ids[0] = bos
+            ids[1:] = enc.ids
+            parts.append(ids)
+            n += len(ids)
+            offsets.append(n)
+        if progress:
+            progress(min(i + batch, len(docs)))
+    return np.concatenate(parts), np.asarray(offsets, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------
+# Building the cache: temporary folder, checked, renamed into place
+# ---------------------------------------------------------------------------
+
+DATA_FILES = ("tokenizer.json", "token_bytes.npy", "train.bin", "train_docs.npy", "val.bin", "val_docs.npy")
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fingerprint(file_hashes):
+    return hashlib.sha256("".join(f"{n}:{file_hashes[n]}\n" for n in DATA_FILES).encode()).hexdigest()
+
+
+def verify(folder):
+    """Recompute every file hash and the fingerprint; raise DataError on any mismatch."""
+    try:
+        with open(os.path.join(folder, "manifest.json")) as f:
+            manifest = json.load(f)
+        hashes = {n: _sha256(os.path.join(folder, n)) for n in DATA_FILES}
+    except (OSError, ValueError) as e:
+        raise DataError(f"prepared data at {folder} is incomplete: {e}") from None
+    bad = [n for n in DATA_FILES if hashes[n] != manifest["files"].get(n, {}).get("sha256")]
+    if bad or _fingerprint(hashes) != manifest["fingerprint"] or not folder.endswith(manifest["fingerprint"][:16]):
+        raise DataError(f"prepared data at {folder} does not match its fingerprint ({', '.join(bad) or 'manifest'})")
+    return manifest
+
+
+def build(train_docs, val_docs, source_desc, log=print):
+    """Tokenize and write one dataset; returns its manifest. Idempotent: an intact
+    dataset with the same fingerprint is kept, a corrupt one is replaced."""
+    root = os.path.join(cache_dir(), "data")
+    os.makedirs(root, exist_ok=True)
+    t0 = time.time()
+    log(f"training tokenizer (vocab {VOCAB_SIZE}) on {len(train_docs):,} documents")
+    tok = train_tokenizer(train_docs)
+    log(f"tokenizer trained in {time.time() - t0:.1f}s")
+    tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
+    try:
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        np.save(os.path.join(tmp, "token_bytes.npy"), token_byte_lengths(tok))
+        for split, docs in (("train", train_docs), ("val", val_docs)):
+            bar = _Progress(f"tokenizing {split}", len(docs), log)
+            tokens, offsets = encode_docs(tok, docs, progress=bar.update)
+            bar.done()
+            tokens.tofile(os.path.join(tmp, f"{split}.bin"))
+            np.save(os.path.join(tmp, f"{split}_docs.npy"), offsets)
+        hashes = {n: _sha256(os.path.join(tmp, n)) for n in DATA_FILES}
+        fp = _fingerprint(hashes)
+        manifest = dict(
+            fingerprint=fp, source=source_desc, vocab_size=tok.get_vocab_size(), bos_id=tok.token_to_id(BOS_TOKEN),
+            files={n: dict(sha256=hashes[n], bytes=os.path.getsize(os.path.join(tmp, n))) for n in DATA_FILES},
+            train_docs=len(train_docs), val_docs=len(val_docs),
+            train_tokens=int(os.path.getsize(os.path.join(tmp, "train.bin")) // 2),
+            val_tokens=int(os.path.getsize(os.path.join(tmp, "val.bin")) // 2),
+            train_bytes=sum(len(d.encode("utf-8")) for d in train_docs),
+            val_bytes=sum(len(d.encode("utf-8")) for d in val_docs),
+        )
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        final = os.path.join(root, fp[:16])
+        if os.path.isdir(final):
+            try:
+                verify(final)
+                return manifest  # already there and intact
+            except DataError as e:
+                log(f"replacing corrupt data: {e}")
+                shutil.rmtree(final)
+        os.rename(tmp, final)
+        tmp = None
+        return manifest
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _set_current(fp):
+    path = os.path.join(cache_dir(), "current")
+    with open(path + ".tmp", "w") as f:
+        f.write(fp + "\n")
+    os.replace(path + ".tmp", path)
+
+
+class _Progress:
+    """One-line progress on a terminal; a plain line every 10 s otherwise."""
+
+    def __init__(self, what, total, log):
+        self.what, self.total, self.log, self.t0, self.last = what, max(total, 1), log, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, n, final=False):
+        now = time.time()
+        if not final and now - self.last < (0.2 if self.tty else 10):
+            return
+        self.last = now
+        line = f"{self.what}: {n:,}/{self.total:,} ({100 * n / self.total:.0f}%, {now - self.t0:.0f}s)"
+        if self.tty:
+            print("\r" + line, end="\n" if final else "", file=sys.stderr, flush=True)
+        else:
+            self.log(line)
+
+    def done(self):
+        self.update(self.total, final=True)
+
+
+# ---------------------------------------------------------------------------
+# Runtime: loading prepared data (used by train.py and the sandbox)
+# ---------------------------------------------------------------------------
+
+class Data:
+    """One prepared, verified dataset. Token arrays are memory-mapped."""
+
+    def __init__(self, folder, manifest):
+        self.folder, self.manifest = folder, manifest
+        self.fingerprint = manifest["fingerprint"]
+        self.vocab_size, self.bos_id = manifest["vocab_size"], manifest["bos_id"]
+        self.train = np.memmap(os.path.join(folder, "train.bin"), dtype=np.uint16, mode="r")
+        self.train_docs = np.load(os.path.join(folder, "train_docs.npy"))
+        self.val = np.memmap(os.path.join(folder, "val.bin"), dtype=np.uint16, mode="r")
+        self.val_docs = np.load(os.path.join(folder, "val_docs.npy"))
+        self.token_bytes = np.load(os.path.join(folder, "token_bytes.npy"))
+
+    def tokenizer(self):
+        from tokenizers import Tokenizer
+        return Tokenizer.from_file(os.path.join(self.folder, "tokenizer.json"))
+
+
+def load_data(fingerprint=None):
+    """The dataset named by `fingerprint`, AUTORESEARCH_DATA, or the last one prepared;
+    verified against its fingerprint before anything trains on it."""
+    fp = fingerprint or os.environ.get("AUTORESEARCH_DATA")
+    if not fp:
+        try:
+            with open(os.path.join(cache_dir(), "current")) as f:
+                fp = f.read().strip()
+        except OSError:
+            raise DataError(f"no prepared data in {cache_dir()}: run `python -m model.prepare --source stdlib` first") from None
+    folder = os.path.join(cache_dir(), "data", fp[:16])
+    if not os.path.isdir(folder):
+        raise DataError(f"no prepared data with fingerprint {fp[:16]} in {cache_dir()}")
+    return Data(folder, verify(folder))
+
+
+# ---------------------------------------------------------------------------
+# Training rows: documents packed into BOS-aligned rows, nothing thrown away
+# ---------------------------------------------------------------------------
+
+def pack_rows(doc_offsets, row_len, doc_order, buffer_docs=256):
+    """Yield (row, epoch); a row is a list of pieces (start, length, bos) meaning
+    [BOS if bos] + tokens[start:start+length], filling exactly row_len tokens.
+
+    Documents longer than a row are cut into row-sized chunks, each continuation
+    led by a BOS. Each row is filled best-fit from a buffer of pending pieces; when
+    none fits, the shortest piece is split and its rest returns to the buffer.
+    Every token of every document lands in some row exactly once.
+    `doc_order` yields (doc index, epoch) forever."""
+    keys, pieces = [], []  # keys sorted by (size, serial); pieces aligned with keys
+    serial, epoch = 0, 0
+
+    def add(piece):
+        nonlocal serial
+        size = piece[1] + piece[2]
+        i = bisect.bisect_right(keys, (size, serial))
+        keys.insert(i, (size, serial))
+        pieces.insert(i, piece)
+        serial += 1
+
+    def refill():
+        nonlocal epoch
+        while len(pieces) < buffer_docs:
+            d, epoch = next(doc_order)
+            start, end = int(doc_offsets[d]), int(doc_offsets[d + 1])
+            add((start, min(end - start, row_len), False))
+            pos = start + row_len
+            while pos < end:
+                n = min(end - pos, row_len - 1)
+                add((pos, n, True))
+                pos += n
+
+    while True:
+        row, free = [], row_len
+        while free:
+            refill()
+            i = bisect.bisect_right(keys, (free, math.inf)) - 1
+            if i >= 0:  # the largest piece that fits whole
+                keys.pop(i)
+                piece = pieces.pop(i)
+                row.append(piece)
+                free -= piece[1] + piece[2]
+            else:  # none fits: split the shortest
+                keys.pop(0)
+                start, n, bos = pieces.pop(0)
+                head = free - bos
+                row.append((start, head, bos))
+                add((start + head, n - head, True))
+                free = 0
+        yield row, epoch
+
+
+def shuffled_docs(num_docs, seed):
+    """(doc index, epoch) forever, a fresh permutation each epoch."""
+    epoch = 1
+    while True:
+        for d in np.random.default_rng((seed, epoch)).permutation(num_docs):
+            yield int(d), epoch
+        epoch += 1
+
+
+def fill_row(out, tokens, row, bos_id):
+    pos = 0
+    for start, n, bos in row:
+        if bos:
+            out[pos] = bos_id
+            pos += 1
+        out[pos:pos + n] = tokens[start:start + n]
+        pos += n
+
+
+class TrainLoader:
+    """Batches of (inputs, targets, epoch) on `device`, built by a background thread
+    into pinned buffers so the training loop does not wait; `wait_seconds` counts
+    the time it did wait anyway."""
+
+    def __init__(self, data, batch_size, seq_len, device, seed=0, prefetch=4):
+        import torch
+        self.torch, self.device, self.B, self.T = torch, torch.device(device), batch_size, seq_len
+        self.wait_seconds = 0.0
+        self._rows = pack_rows(data.train_docs, seq_len + 1, shuffled_docs(len(data.train_docs) - 1, seed))
+        self._tokens, self._bos = data.train, data.bos_id
+        pin = self.device.type == "cuda"
+        self._bufs = [torch.empty((batch_size, seq_len + 1), dtype=torch.int32, pin_memory=pin) for _ in range(prefetch + 2)]
+        self._free, self._ready = queue.Queue(), queue.Queue(maxsize=prefetch)
+        for i in range(len(self._bufs)):
+            self._free.put((i, None))
+        self._error = None
+        threading.Thread(target=self._produce, daemon=True, name="train-loader").start()
+
+    def _produce(self):
+        try:
+            while True:
+                i, event = self._free.get()
+                if event is not None:
+                    event.synchronize()  # the previous copy out of this buffer has finished
+                buf = self._bufs[i].numpy()
+                for r in range(self.B):
+                    row, epoch = next(self._rows)
+                    fill_row(buf[r], self._tokens, row, self._bos)
+                self._ready.put((i, epoch))
+        except BaseException as e:  # surfaced in the training loop
+            self._error = e
+            self._ready.put((None, None))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        i, epoch = self._ready.get()
+        self.wait_seconds += time.perf_counter() - t0
+        if i is None:
+            raise RuntimeError(f"train loader failed: {self._error!r}")
+        if self.device.type == "cuda":  # asynchronous copy; the buffer is reused once it is done
+            batch = self._bufs[i].to(self.device, non_blocking=True)
+            event = self.torch.cuda.Event()
+            event.record()
+            self._free.put((i, event))
+            batch = batch.long()
+        else:
+            batch = self._bufs[i].to(self.device, dtype=self.torch.long, copy=True)
+            self._free.put((i, None))
+        return batch[:, :-1], batch[:, 1:], epoch
+
+
+# ---------------------------------------------------------------------------
+# Evaluation protocol (the metric)
+# ---------------------------------------------------------------------------
+
+def eval_rows(val_tokens, val_offsets, seq_len=MAX_SEQ_LEN, eval_tokens=EVAL_TOKENS):
+    """The pinned validation rows: eval_tokens // seq_len rows of seq_len + 1 tokens.
+    Documents (BOS first) are taken in order, cycling, and packed best-fit into
+    each row; when none fits, the shortest is cropped (autoresearch's protocol)."""
+    row_len, n_rows = seq_len + 1, max(1, eval_tokens // seq_len)
+    n_docs = len(val_offsets) - 1
+    rows = np.empty((n_rows, row_len), dtype=np.int64)
+    buf, lens, nxt = [], np.empty(0, dtype=np.int64), 0
+    for r in range(n_rows):
+        pos = 0
+        while pos < row_len:
+            while len(buf) < EVAL_BUFFER_DOCS:
+                new = [(int(val_offsets[(nxt + k) % n_docs]), int(val_offsets[(nxt + k) % n_docs + 1])) for k in range(128)]
+                nxt += 128
+                buf += new
+                lens = np.concatenate([lens, [e - s for s, e in new]])
+            free = row_len - pos
+            fits = np.where(lens <= free, lens, -1)
+            i = int(fits.argmax())
+            if fits[i] < 0:
+                i = int(lens.argmin())
+            s, e = buf.pop(i)
+            n = min(e - s, free)
+            lens = np.delete(lens, i)
+            rows[r, pos:pos + n] = val_tokens[s:s + n]
+            pos += n
+    return rows
+
+
+def bpb_counts(logits, targets, token_bytes):
+    """(model outputs, targets, bytes per token) -> (nats, bytes). Targets that are
+    special tokens (0 bytes) count in neither sum."""
+    import torch.nn.functional as F
+    nbytes = token_bytes[targets]
+    nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none")
+    return (nats.double() * (nbytes.reshape(-1) > 0)).sum().item(), int(nbytes.sum().item())
+
+
+def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_tokens=EVAL_TOKENS):
+    """Bits per byte of `logits_fn` (inputs (B, T) -> logits (B, T, V)) on the pinned
+    validation rows. The last batch is padded to full size so shapes never change."""
+    import torch
+    rows = torch.from_numpy(eval_rows(data.val, data.val_docs, seq_len, eval_tokens))
+    token_bytes = torch.from_numpy(data.token_bytes).to(device)
+    nats, nbytes = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            real = len(batch)
+            if real < batch_size:
+                batch = torch.cat([batch, batch[:1].expand(batch_size - real, -1)])
+            batch = batch.to(device)
+            logits = logits_fn(batch[:, :-1])[:real]
+            for j in range(0, real, 8):  # bounded memory for the float32 softmax
+                n, b = bpb_counts(logits[j:j + 8], batch[j:j + 8, 1:], token_bytes)
+                nats, nbytes = nats + n, nbytes + b
+    return nats / (math.log(2) * nbytes)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m model.prepare", description=(
+        "Prepare the training and validation data and the tokenizer for train.py. "
+        "Prints the data fingerprint; rerunning on the same input is instant."))
+    ap.add_argument("--source", action="append", required=True, metavar="stdlib|climbmix|PATH",
+                    help="stdlib: this Python's own library (offline); climbmix: autoresearch's web text "
+                         "(downloads); PATH: a file or folder of .txt .md .rst .py .jsonl .parquet (repeatable)")
+    ap.add_argument("--ext", action="append", help="only files with this extension (PATH sources; repeatable)")
+    ap.add_argument("--max-mb", type=float, help="keep at most this many MB of documents (deterministic subset)")
+    ap.add_argument("--num-shards", type=int, default=8, help="climbmix training shards to download (default 8)")
+    args = ap.parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    try:
+        t0 = time.time()
+        srcs = args.source
+        if "climbmix" in srcs:
+            if len(srcs) > 1:
+                raise sources.SourceError("climbmix cannot be combined with other sources")
+            train, val = sources.climbmix_docs(os.path.join(cache_dir(), "climbmix"), args.num_shards, log=log)
+            desc = f"climbmix:{args.num_shards}"
+        else:
+            docs = []
+            for s in srcs:
+                if s == "stdlib":
+                    found = sources.stdlib_docs()
+                    if not found:
+                        raise sources.SourceError("this Python installation has no library sources to read")
+                    docs += found
+                else:
+                    exts = tuple(e if e.startswith(".") else "." + e for e in args.ext) if args.ext else None
+                    docs += sources.local_docs([s], exts)
+            if args.max_mb:
+                docs = sources.cap_docs(docs, int(args.max_mb * 1e6))
+            train, val = sources.split_by_hash(docs)
+            desc = ",".join("stdlib:" + sources.describe_python() if s == "stdlib" else os.path.abspath(s) for s in srcs)
+        log(f"{len(train):,} training and {len(val):,} validation documents ({time.time() - t0:.1f}s)")
+        key = hashlib.sha256("".join(sources.doc_hash(d) for d in train + ["--val--"] + val).encode()).hexdigest()
+        known = os.path.join(cache_dir(), "sources", key[:32])
+        manifest = None
+        if os.path.exists(known):
+            with open(known) as f:
+                fp = f.read().strip()
+            try:
+                manifest = verify(os.path.join(cache_dir(), "data", fp[:16]))
+                log("already prepared")
+            except DataError as e:
+                log(f"rebuilding: {e}")
+        if manifest is None:
+            manifest = build(train, val, desc, log=log)
+            os.makedirs(os.path.dirname(known), exist_ok=True)
+            with open(known + ".tmp", "w") as f:
+                f.write(manifest["fingerprint"])
+            os.replace(known + ".tmp", known)
+        _set_current(manifest["fingerprint"])
+    except (sources.SourceError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = manifest
+    print(f"fingerprint:  {m['fingerprint']}")
+    print(f"folder:       {os.path.join(cache_dir(), 'data', m['fingerprint'][:16])}")
+    print(f"train:        {m['train_docs']:,} docs, {m['train_tokens']:,} tokens, {m['train_bytes'] / 1e6:.1f} MB")
+    print(f"val:          {m['val_docs']:,} docs, {m['val_tokens']:,} tokens, {m['val_bytes'] / 1e6:.1f} MB")
+    print(f"vocab_size:   {m['vocab_size']}")
+    print(f"seconds:      {time.time() - t0:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
