@@ -311,7 +311,8 @@ def pack_rows(doc_offsets, row_len, doc_order, buffer_docs=256):
     led by a BOS. Each row is filled best-fit from a buffer of pending pieces; when
     none fits, the shortest piece is split and its rest returns to the buffer.
     Every token of every document lands in some row exactly once.
-    `doc_order` yields (doc index, epoch) forever."""
+    `doc_order` yields (doc index, epoch); when it ends, the buffer is drained and
+    the last row may be short."""
     keys, pieces = [], []  # keys sorted by (size, serial); pieces aligned with keys
     serial, epoch = 0, 0
 
@@ -326,7 +327,10 @@ def pack_rows(doc_offsets, row_len, doc_order, buffer_docs=256):
     def refill():
         nonlocal epoch
         while len(pieces) < buffer_docs:
-            d, epoch = next(doc_order)
+            try:
+                d, epoch = next(doc_order)
+            except StopIteration:
+                return
             start, end = int(doc_offsets[d]), int(doc_offsets[d + 1])
             add((start, min(end - start, row_len), False))
             pos = start + row_len
@@ -339,6 +343,10 @@ def pack_rows(doc_offsets, row_len, doc_order, buffer_docs=256):
         row, free = [], row_len
         while free:
             refill()
+            if not pieces:
+                if row:
+                    yield row, epoch
+                return
             i = bisect.bisect_right(keys, (free, math.inf)) - 1
             if i >= 0:  # the largest piece that fits whole
                 keys.pop(i)
@@ -485,9 +493,10 @@ def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_
             if real < batch_size:
                 batch = torch.cat([batch, batch[:1].expand(batch_size - real, -1)])
             batch = batch.to(device)
-            logits = logits_fn(batch[:, :-1])[:real]
+            logits = logits_fn(batch[:, :-1])
             for j in range(0, real, 8):  # bounded memory for the float32 softmax
-                n, b = bpb_counts(logits[j:j + 8], batch[j:j + 8, 1:], token_bytes)
+                k = min(j + 8, real)
+                n, b = bpb_counts(logits[j:k], batch[j:k, 1:], token_bytes)
                 nats, nbytes = nats + n, nbytes + b
     return nats / (math.log(2) * nbytes)
 

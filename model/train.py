@@ -302,7 +302,10 @@ def make_optimizers(model):
 
 torch.manual_seed(42)
 torch.set_float32_matmul_precision("high")
-data = prepare.load_data()
+try:
+    data = prepare.load_data()
+except prepare.DataError as e:
+    sys.exit(f"error: {e}")
 model = GPT(data.vocab_size, data.bos_id).to(DEVICE)
 model.init_weights()
 adam, muon = make_optimizers(model)

@@ -1,0 +1,1 @@
+"""Identity, signed records, the sans-IO protocol core, ZeroMQ transport and discovery (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""The research target: the fixed harness (prepare.py) and the baseline train.py the swarm evolves."""

@@ -1,0 +1,1 @@
+"""Runs one untrusted candidate tree under the budget and computes its metric (see ../shared/DESIGN.md)."""

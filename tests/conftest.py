@@ -1,0 +1,40 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "model"))  # train.py's view: `import prepare`
+os.environ.setdefault("AUTORESEARCH_PROFILE", "cpu")
+
+
+def run_prepare(cache, *args, timeout=300):
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
+    return subprocess.run([sys.executable, "-m", "model.prepare", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache folder, used by prepare in this process and its children."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def stdlib_cache(tmp_path_factory):
+    """One small prepared dataset (3 MB of this Python's library), shared by the session."""
+    path = tmp_path_factory.mktemp("stdlib-cache")
+    r = run_prepare(path, "--source", "stdlib", "--max-mb", "3")
+    assert r.returncode == 0, r.stderr
+    return path
+
+
+@pytest.fixture(scope="session")
+def stdlib_data(stdlib_cache):
+    import prepare
+    fp = (stdlib_cache / "current").read_text().strip()
+    folder = str(stdlib_cache / "data" / fp[:16])
+    return prepare.Data(folder, prepare.verify(folder))

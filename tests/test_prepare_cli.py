@@ -1,0 +1,86 @@
+import os
+import re
+
+import numpy as np
+import pytest
+
+from conftest import run_prepare
+
+
+def fingerprint(stdout):
+    return re.search(r"^fingerprint:\s+([0-9a-f]{64})$", stdout, re.M).group(1)
+
+
+def data_folders(cache):
+    root = cache / "data"
+    return sorted(os.listdir(root)) if root.exists() else []
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "no_text"])
+def test_bad_source_is_one_line_exit_2_and_leaves_nothing(tmp_path, make):
+    src = tmp_path / "src"
+    if make != "missing":
+        src.mkdir()
+    if make == "no_text":
+        (src / "a.txt").write_bytes(b"\x00\xff" * 500)
+        (src / "b.md").write_text("hi")
+    cache = tmp_path / "cache"
+    r = run_prepare(cache, "--source", str(src))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(src) in lines[0]
+    assert data_folders(cache) == []
+    assert not (cache / "current").exists()
+
+
+def test_prepare_is_deterministic_and_rerun_is_instant(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    for i in range(40):
+        text = " ".join(words[(i * 7 + k) % 10] + str(k % (i + 3)) for k in range(400))
+        (src / f"f{i}.txt").write_text(text)
+    first = run_prepare(tmp_path / "c1", "--source", str(src))
+    assert first.returncode == 0, first.stderr
+    again = run_prepare(tmp_path / "c1", "--source", str(src))
+    assert fingerprint(again.stdout) == fingerprint(first.stdout)
+    assert "already prepared" in again.stderr
+    # same content under other names, in another cache: the same fingerprint
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, f in enumerate(sorted(src.iterdir(), reverse=True)):
+        (renamed / f"doc{i}.md").write_text(f.read_text())
+    other = run_prepare(tmp_path / "c2", "--source", str(renamed))
+    assert fingerprint(other.stdout) == fingerprint(first.stdout)
+    # one changed byte: another fingerprint
+    (src / "f0.txt").write_text((src / "f0.txt").read_text() + "!")
+    changed = run_prepare(tmp_path / "c1", "--source", str(src))
+    assert fingerprint(changed.stdout) != fingerprint(first.stdout)
+    assert len(data_folders(tmp_path / "c1")) == 2
+
+
+@pytest.mark.parametrize("victim", ["train.bin", "tokenizer.json", "val_docs.npy"])
+def test_corrupt_cache_is_refused_then_rebuilt(stdlib_cache, tmp_path, monkeypatch, victim):
+    import shutil
+    import prepare
+    cache = tmp_path / "cache"
+    shutil.copytree(stdlib_cache, cache)
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    data = prepare.load_data()
+    original = np.array(data.train)
+    path = os.path.join(data.folder, victim)
+    raw = bytearray(open(path, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(prepare.DataError, match=victim):
+        prepare.load_data()
+    r = run_prepare(cache, "--source", "stdlib", "--max-mb", "3")
+    assert r.returncode == 0 and "rebuilding" in r.stderr, r.stderr
+    assert prepare.load_data().fingerprint == data.fingerprint
+    assert np.array_equal(np.fromfile(os.path.join(data.folder, "train.bin"), dtype=np.uint16), original)
+
+
+def test_missing_data_is_a_clear_error(cache):
+    import prepare
+    with pytest.raises(prepare.DataError, match="run `python -m model.prepare"):
+        prepare.load_data()
