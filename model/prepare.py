@@ -120,6 +120,7 @@ def train_tokenizer(docs, vocab_size=VOCAB_SIZE):
             if n >= TOKENIZER_MAX_CHARS:
                 return
     tok.train_from_iterator(capped(), trainer)
+    tok.encode_special_tokens = True  # "<|bos|>" inside a document is text, not a BOS
     return tok
 
 
@@ -280,7 +281,9 @@ class Data:
 
     def tokenizer(self):
         from tokenizers import Tokenizer
-        return Tokenizer.from_file(os.path.join(self.folder, "tokenizer.json"))
+        tok = Tokenizer.from_file(os.path.join(self.folder, "tokenizer.json"))
+        tok.encode_special_tokens = True  # not saved in the file: documents never contain a BOS
+        return tok
 
 
 def load_data(fingerprint=None):
@@ -481,8 +484,10 @@ def bpb_counts(logits, targets, token_bytes):
 
 def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_tokens=EVAL_TOKENS):
     """Bits per byte of `logits_fn` (inputs (B, T) -> logits (B, T, V)) on the pinned
-    validation rows. The last batch is padded to full size so shapes never change."""
+    validation rows. The last batch is padded to full size so shapes never change.
+    One call returns at most 2^30 logits: past 2^31 compiled kernels index out of range."""
     import torch
+    batch_size = max(1, min(batch_size, 2**30 // (seq_len * len(data.token_bytes))))
     rows = torch.from_numpy(eval_rows(data.val, data.val_docs, seq_len, eval_tokens))
     token_bytes = torch.from_numpy(data.token_bytes).to(device)
     nats, nbytes = 0.0, 0

@@ -14,6 +14,7 @@ import urllib.request
 
 TEXT_EXTS = (".txt", ".md", ".rst", ".py")  # one document per file
 MIN_DOC_BYTES, MAX_DOC_BYTES = 200, 2_000_000  # drop stubs and generated blobs
+SKIP_DIRS = ("__pycache__", ".git", ".hg", ".svn")  # hidden folders such as .venv are read
 VAL_PER_MILLE = 30  # ~3 % of documents (by content hash) form the validation shard
 
 CLIMBMIX_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
@@ -92,7 +93,7 @@ def _walk(root, skip=()):
         yield root
         return
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if d not in skip)
         for name in sorted(filenames):
             yield os.path.join(dirpath, name)
 
@@ -106,7 +107,7 @@ def local_docs(paths, exts=None, progress=None):
             raise SourceError(f"source path does not exist: {p}")
     docs, seen_files = [], 0
     for p in paths:
-        for path in _walk(p, skip=("__pycache__",)):
+        for path in _walk(p, skip=SKIP_DIRS):
             seen_files += 1
             docs.extend(_docs_from_file(path, exts))
             if progress:
@@ -121,7 +122,7 @@ def stdlib_docs(progress=None):
     """The running Python's own library sources and text files: always there, no network.
     Different Python versions give different corpora (and so different fingerprints)."""
     root = sysconfig.get_paths()["stdlib"]
-    skip = ("site-packages", "dist-packages", "__pycache__", "lib-dynload", "idlelib")
+    skip = SKIP_DIRS + ("site-packages", "dist-packages", "lib-dynload", "idlelib")
     docs, n = [], 0
     for path in _walk(root, skip=skip):
         n += 1

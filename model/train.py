@@ -91,9 +91,12 @@ def flex_block_mask(docs, window, block=128):
     full = (dist > 0) & (dist * block + block - 1 < window) & (first[:, None, :] == last[:, :, None])
     partial = some & ~full
 
-    def blocks(m):
-        order = torch.argsort(m.to(torch.int8), dim=-1, descending=True, stable=True)
-        return m.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
+    def blocks(m):  # (B, q, kv) bool -> per q block: count, then the kv block indices in order
+        # a scatter, not a sort: an argsort compiled into this graph gave wrong attention on the H100
+        slot = torch.where(m, m.cumsum(-1) - 1, m.size(-1))  # absent blocks land in a spare slot
+        idx = torch.zeros(*m.shape[:-1], m.size(-1) + 1, dtype=torch.int32, device=m.device)
+        idx.scatter_(-1, slot, n.to(torch.int32).expand_as(m).contiguous())
+        return m.sum(-1, dtype=torch.int32)[:, None], idx[..., :-1][:, None].contiguous()
 
     def mask_mod(b, h, q, kv):
         return (q >= kv) & (q - kv < window) & (docs[b, q] == docs[b, kv])
@@ -112,7 +115,7 @@ def attention(q, k, v, docs, window, masks):
                                    causal=True, window_size=(window - 1, 0))
         return (y[0] if isinstance(y, tuple) else y).view(B, T, H, D)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.is_cuda:
+    if isinstance(masks[window], BlockMask):
         y = flex_attention(q, k, v, block_mask=masks[window])
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=masks[window][:, None])
@@ -122,7 +125,7 @@ def attention(q, k, v, docs, window, masks):
 def attention_masks(docs, windows):
     if flash_attn_varlen_func is not None and docs.is_cuda:
         return {}
-    if docs.is_cuda:
+    if docs.is_cuda and torch.compiler.is_compiling():  # flex is fast only when compiled
         return {w: flex_block_mask(docs, w) for w in windows}
     pos = torch.arange(docs.size(1), device=docs.device)
     dist = pos[:, None] - pos[None, :]
@@ -190,6 +193,9 @@ class GPT(nn.Module):
             nn.init.zeros_(block.c_mlp_proj.weight)
             if block.ve_gate is not None:
                 nn.init.zeros_(block.ve_gate.weight)
+        if self.wte.weight.is_cuda:  # bf16 embeddings: a bf16 residual stream moves half the bytes
+            self.wte.to(torch.bfloat16)
+            self.value_embeds.to(torch.bfloat16)
 
     def forward(self, idx, targets=None):
         T = idx.size(1)
@@ -385,8 +391,8 @@ timed_steps = step - UNTIMED_STEPS
 mfu = 100 * flops_per_token * batch_tokens * timed_steps / train_seconds / peak if peak and train_seconds else 0.0
 del adam, muon  # free optimizer state before evaluation
 model.eval()
-with autocast:
-    val_bpb = prepare.evaluate_bpb(train_model, data, DEVICE_BATCH_SIZE, DEVICE)
+with autocast:  # uncompiled: evaluation adds no compilation (attention: SDPA, dense mask)
+    val_bpb = prepare.evaluate_bpb(model, data, DEVICE_BATCH_SIZE, DEVICE)
 peak_mb = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else 0.0
 
 print("---")

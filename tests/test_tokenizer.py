@@ -32,3 +32,10 @@ def test_training_is_deterministic():
     docs = [f"def f{i}(x):\n    return x * {i} + {i * i}  # numbers and names\n" * 5 for i in range(50)]
     a, b = prepare.train_tokenizer(docs, 600), prepare.train_tokenizer(docs, 600)
     assert a.to_str() == b.to_str()
+
+
+def test_bos_text_inside_a_document_is_not_a_bos(stdlib_data):
+    tok = stdlib_data.tokenizer()
+    ids = tok.encode("x = '<|bos|>'", add_special_tokens=False).ids
+    assert stdlib_data.bos_id not in ids
+    assert tok.decode(ids) == "x = '<|bos|>'"
