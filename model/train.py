@@ -42,7 +42,7 @@ if DEVICE == "cuda":  # H100-class GPU
     DEPTH = 8                  # transformer blocks
     MODEL_DIM = 512            # residual stream width
     DEVICE_BATCH_SIZE = 128    # rows per forward pass (lower it if memory runs out)
-    TOTAL_BATCH_SIZE = 2**19   # tokens per optimizer step
+    TOTAL_BATCH_SIZE = 2**18   # tokens per optimizer step; twice the steps of 2**19, 0.480 vs 0.487 on the H100
 else:  # CPU or Apple MPS: a model small enough to learn within a minute
     DEPTH = 4
     MODEL_DIM = 128
