@@ -35,7 +35,18 @@ except ImportError:  # imported as top-level `prepare` (python model/train.py)
 # ---------------------------------------------------------------------------
 
 VOCAB_SIZE = 8192
-TIME_BUDGET = float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300))  # training seconds
+def _budget():
+    raw = os.environ.get("AUTORESEARCH_TIME_BUDGET", "300")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise SystemExit(f"error: AUTORESEARCH_TIME_BUDGET={raw!r} is not a positive number of seconds")
+    return value
+
+
+TIME_BUDGET = _budget()  # training seconds
 BOS_TOKEN = "<|bos|>"  # starts every document; id 0
 # GPT-4 style split, numbers in groups of at most two (as autoresearch)
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -179,8 +190,12 @@ def verify(folder):
         hashes = {n: _sha256(os.path.join(folder, n)) for n in DATA_FILES}
     except (OSError, ValueError) as e:
         raise DataError(f"prepared data at {folder} is incomplete: {e}") from None
-    bad = [n for n in DATA_FILES if hashes[n] != manifest["files"].get(n, {}).get("sha256")]
-    if bad or _fingerprint(hashes) != manifest["fingerprint"] or not folder.endswith(manifest["fingerprint"][:16]):
+    try:
+        bad = [n for n in DATA_FILES if hashes[n] != manifest["files"][n]["sha256"]]
+        fingerprint = manifest["fingerprint"]
+    except (KeyError, TypeError):
+        raise DataError(f"prepared data at {folder} has a malformed manifest") from None
+    if bad or _fingerprint(hashes) != fingerprint or not folder.endswith(fingerprint[:16]):
         raise DataError(f"prepared data at {folder} does not match its fingerprint ({', '.join(bad) or 'manifest'})")
     return manifest
 
@@ -194,6 +209,9 @@ def build(train_docs, val_docs, source_desc, log=print):
     log(f"training tokenizer (vocab {VOCAB_SIZE}) on {len(train_docs):,} documents")
     tok = train_tokenizer(train_docs)
     log(f"tokenizer trained in {time.time() - t0:.1f}s")
+    for old in os.listdir(root):  # left by a build that was killed a day or more ago
+        if old.startswith(".building-") and time.time() - os.path.getmtime(os.path.join(root, old)) > 86400:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
     try:
         tok.save(os.path.join(tmp, "tokenizer.json"))
@@ -278,6 +296,9 @@ class Data:
         self.val = np.memmap(os.path.join(folder, "val.bin"), dtype=np.uint16, mode="r")
         self.val_docs = np.load(os.path.join(folder, "val_docs.npy"))
         self.token_bytes = np.load(os.path.join(folder, "token_bytes.npy"))
+        # the manifest's own numbers are not hashed: check them against hashed files
+        if len(self.token_bytes) != self.vocab_size or self.token_bytes[self.bos_id] != 0:
+            raise DataError(f"prepared data at {folder}: manifest vocab_size/bos_id disagree with its files")
 
     def tokenizer(self):
         from tokenizers import Tokenizer
@@ -423,6 +444,8 @@ class TrainLoader:
         return self
 
     def __next__(self):
+        if self._error is not None:
+            raise RuntimeError(f"train loader failed: {self._error!r}")
         t0 = time.perf_counter()
         i, epoch = self._ready.get()
         self.wait_seconds += time.perf_counter() - t0
@@ -476,10 +499,12 @@ def eval_rows(val_tokens, val_offsets, seq_len=MAX_SEQ_LEN, eval_tokens=EVAL_TOK
 def bpb_counts(logits, targets, token_bytes):
     """(model outputs, targets, bytes per token) -> (nats, bytes). Targets that are
     special tokens (0 bytes) count in neither sum."""
+    import torch
     import torch.nn.functional as F
-    nbytes = token_bytes[targets]
+    nbytes = token_bytes[targets].reshape(-1)
     nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none")
-    return (nats.double() * (nbytes.reshape(-1) > 0)).sum().item(), int(nbytes.sum().item())
+    nats = torch.where(nbytes > 0, nats, 0.0)  # not a product: an unscored inf must not make NaN
+    return nats.cpu().double().sum().item(), int(nbytes.sum().item())  # float64 on the CPU (MPS has none)
 
 
 def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_tokens=EVAL_TOKENS):
@@ -507,6 +532,76 @@ def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_
 
 
 # ---------------------------------------------------------------------------
+# Handing the trained model to the harness
+# ---------------------------------------------------------------------------
+# Under the sandbox, train.py's last call serves its model over a socket: the
+# harness sends input rows, the candidate returns logits, and the harness alone
+# sees targets and computes the metric. A frame is a 4-byte big-endian header
+# length, a JSON header, then `header["bytes"]` raw bytes.
+
+HARNESS_ENV = "AUTORESEARCH_HARNESS_FD"  # set by the sandbox: the socket's file descriptor
+MAX_HEADER = 4096
+
+
+def send_frame(sock, header, payload=b""):
+    header = dict(header, bytes=len(payload))
+    raw = json.dumps(header).encode()
+    sock.sendall(len(raw).to_bytes(4, "big") + raw)
+    if payload:
+        sock.sendall(payload)
+
+
+def _recv_exact(sock, n):
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise EOFError("peer closed the channel")
+        got += k
+    return buf
+
+
+def recv_frame(sock, max_bytes):
+    """One frame; ValueError for anything malformed or over max_bytes."""
+    n = int.from_bytes(_recv_exact(sock, 4), "big")
+    if not 0 < n <= MAX_HEADER:
+        raise ValueError(f"frame header of {n} bytes")
+    try:
+        header = json.loads(_recv_exact(sock, n))
+    except ValueError:
+        raise ValueError("frame header is not JSON") from None
+    size = header.get("bytes") if isinstance(header, dict) else None
+    if not isinstance(size, int) or not 0 <= size <= max_bytes:
+        raise ValueError(f"frame payload of {size!r} bytes (limit {max_bytes})")
+    return header, _recv_exact(sock, size) if size else b""
+
+
+def hand_over(logits_fn, batch_size, device):
+    """train.py's last call. Standalone: evaluate here and return val_bpb. Under the
+    sandbox: serve `logits_fn` (inputs (B, T) -> logits (B, T, V)) to the harness,
+    which computes the metric itself, and return nan."""
+    fd = os.environ.get(HARNESS_ENV)
+    if fd is None:
+        return evaluate_bpb(logits_fn, load_data(), batch_size, device)
+    import socket
+    import torch
+    sock = socket.socket(fileno=int(fd))
+    send_frame(sock, {"op": "ready", "batch_size": batch_size, "device": str(device)})
+    with torch.no_grad():
+        while True:
+            header, payload = recv_frame(sock, 1 << 30)
+            if header.get("op") != "forward":
+                break
+            rows, cols = header["shape"]
+            x = torch.frombuffer(payload, dtype=torch.int32).view(rows, cols).to(device).long()
+            logits = logits_fn(x).float().cpu().contiguous()
+            send_frame(sock, {"op": "logits", "shape": list(logits.shape), "dtype": "float32"}, logits.numpy().tobytes())
+    sock.close()
+    return float("nan")
+
+
+# ---------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------
 
@@ -521,6 +616,8 @@ def main(argv=None):
     ap.add_argument("--max-mb", type=float, help="keep at most this many MB of documents (deterministic subset)")
     ap.add_argument("--num-shards", type=int, default=8, help="climbmix training shards to download (default 8)")
     args = ap.parse_args(argv)
+    if args.max_mb is not None and not 0 < args.max_mb < float("inf"):
+        ap.error("--max-mb must be a positive number")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     try:
         t0 = time.time()
@@ -541,7 +638,7 @@ def main(argv=None):
                 else:
                     exts = tuple(e if e.startswith(".") else "." + e for e in args.ext) if args.ext else None
                     docs += sources.local_docs([s], exts)
-            if args.max_mb:
+            if args.max_mb is not None:
                 docs = sources.cap_docs(docs, int(args.max_mb * 1e6))
             train, val = sources.split_by_hash(docs)
             desc = ",".join("stdlib:" + sources.describe_python() if s == "stdlib" else os.path.abspath(s) for s in srcs)

@@ -62,14 +62,18 @@ def _docs_from_file(path, exts):
     if ext not in exts:
         return
     if ext == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    text = json.loads(line).get("text") if line.strip() else None
-                except (json.JSONDecodeError, AttributeError):
-                    text = None
-                if isinstance(text, str) and _keep(text):
-                    yield text
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                lines = f.readlines()
+        except OSError:
+            return
+        for line in lines:
+            try:
+                text = json.loads(line).get("text") if line.strip() else None
+            except (json.JSONDecodeError, AttributeError):
+                text = None
+            if isinstance(text, str) and _keep(text):
+                yield text
     elif ext == ".parquet":
         import pyarrow.parquet as pq
         try:
@@ -79,7 +83,11 @@ def _docs_from_file(path, exts):
         if "text" not in pf.schema_arrow.names:
             return
         for i in range(pf.num_row_groups):
-            for text in pf.read_row_group(i, columns=["text"]).column("text").to_pylist():
+            try:
+                texts = pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
+            except Exception as e:  # corrupt pages: pyarrow raises several types
+                raise SourceError(f"{path}: unreadable parquet data ({e})") from None
+            for text in texts:
                 if isinstance(text, str) and _keep(text):
                     yield text
     else:
@@ -89,13 +97,16 @@ def _docs_from_file(path, exts):
 
 
 def _walk(root, skip=()):
-    if os.path.isfile(root):
-        yield root
+    if not os.path.isdir(root):
+        if os.path.isfile(root):
+            yield root
         return
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in skip)
         for name in sorted(filenames):
-            yield os.path.join(dirpath, name)
+            path = os.path.join(dirpath, name)
+            if os.path.isfile(path):  # regular files only: a FIFO or device would block or stream
+                yield path
 
 
 def local_docs(paths, exts=None, progress=None):

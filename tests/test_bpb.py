@@ -39,3 +39,11 @@ def test_evaluate_bpb_uniform_model_and_batching(batch_size):
     rows = prepare.eval_rows(data.val, data.val_docs, 64, 64 * 10)
     b = data.token_bytes[rows[:, 1:]]
     assert got == pytest.approx((b > 0).sum() * math.log2(V) / b.sum())
+
+
+def test_unscored_infinite_logits_do_not_poison_the_sum():
+    # a model that never predicts BOS (logit -inf) is fine: BOS targets are not scored
+    logits = torch.zeros(1, 2, 4)
+    logits[..., 0] = -math.inf
+    nats, nbytes = prepare.bpb_counts(logits, torch.tensor([[0, 2]]), torch.tensor([0, 1, 3, 2]))
+    assert (nats, nbytes) == (pytest.approx(math.log(3)), 3)

@@ -84,3 +84,22 @@ def test_missing_data_is_a_clear_error(cache):
     import prepare
     with pytest.raises(prepare.DataError, match="run `python -m model.prepare"):
         prepare.load_data()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_bad_max_mb_is_refused(tmp_path, value):
+    r = run_prepare(tmp_path / "cache", "--source", "stdlib", "--max-mb", value)
+    assert r.returncode == 2 and "--max-mb must be a positive number" in r.stderr
+    assert data_folders(tmp_path / "cache") == []
+
+
+def test_special_and_unreadable_files_are_skipped(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    os.mkfifo(src / "pipe.txt")  # would block a reader forever
+    os.symlink(tmp_path / "missing.jsonl", src / "broken.jsonl")
+    for i in range(3):
+        (src / f"doc{i}.txt").write_text(f"document {i} " * 60)
+    r = run_prepare(tmp_path / "cache", "--source", str(src), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "3 documents" in r.stderr or "2 training and 1 validation" in r.stderr
