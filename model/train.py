@@ -391,8 +391,8 @@ timed_steps = step - UNTIMED_STEPS
 mfu = 100 * flops_per_token * batch_tokens * timed_steps / train_seconds / peak if peak and train_seconds else 0.0
 del adam, muon  # free optimizer state before evaluation
 model.eval()
-with autocast:  # uncompiled: evaluation adds no compilation (attention: SDPA, dense mask)
-    val_bpb = prepare.evaluate_bpb(model, data, DEVICE_BATCH_SIZE, DEVICE)
+with autocast:  # the harness evaluates (uncompiled: no extra compilation; attention: SDPA, dense mask)
+    val_bpb = prepare.hand_over(model, DEVICE_BATCH_SIZE, DEVICE)
 peak_mb = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else 0.0
 
 print("---")

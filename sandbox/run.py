@@ -1,0 +1,216 @@
+"""Run one candidate tree: a scratch copy, confined, under the budget and a hard wall
+limit; the harness evaluates the model the candidate hands over and returns a Result."""
+
+import ctypes
+import functools
+import os
+import re
+import resource
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from model import prepare
+from sandbox import evaluate, scope
+from sandbox.result import HardwareTag, Result
+
+# Seconds beyond the training budget: `startup` to start (imports, compilation); a hand-over
+# later than budget + startup is over budget, and none by `grace` seconds more is a timeout;
+# then `evaluation` seconds to serve the validation batches. Sizes bound the candidate.
+LIMITS = {
+    "gpu": dict(startup=120, grace=30, evaluation=180, processes=64, file_bytes=4 << 30),
+    "cpu": dict(startup=30, grace=10, evaluation=120, processes=64, file_bytes=4 << 30),
+}
+LOG_TAIL_LINES = 40
+MODEL_DIR = os.path.dirname(os.path.abspath(prepare.__file__))
+
+
+@functools.cache
+def isolation():
+    """The strongest confinement this machine allows: (command prefix, names)."""
+    base = ("process-group", "parent-death-signal", "rlimits", "scrubbed-environment", "scratch-copy")
+    ns = ["--net", "--pid", "--fork", "--kill-child=SIGKILL"]
+    if sys.platform.startswith("linux") and shutil.which("unshare"):
+        for prefix in (["unshare", *ns], ["unshare", "--user", "--map-root-user", *ns]):
+            try:
+                if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
+                    return prefix, base + ("network-namespace", "pid-namespace")
+            except (OSError, subprocess.TimeoutExpired):
+                pass
+    return [], base
+
+
+def _confine(limits):
+    """In the child before exec: own session, die with the harness, bounded files."""
+    def confine():
+        os.setsid()
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits["file_bytes"],) * 2)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"] * 4,) * 2)  # root ignores it: the tree is counted too
+    return confine
+
+
+def _exit_status(proc, log_path):
+    """Status and violations of a candidate that exited before it was done. Python turns
+    the file-size limit into OSError 27 rather than SIGXFSZ; a candidate that fakes that
+    message only gives itself a violation."""
+    code = proc.returncode
+    with open(log_path, "rb") as f:
+        f.seek(max(0, os.path.getsize(log_path) - 8192))
+        tail = f.read()
+    if code in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or (code and b"[Errno 27] File too large" in tail):
+        return "violation", ["file_too_large"]
+    return "crash", [] if code else ["no_handover"]
+
+
+def _descendants(pid):
+    """Processes under pid (Linux /proc children lists); [] where unavailable."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids = [int(c) for c in f.read().split()]
+                out += kids
+                todo += kids
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _tree_peak_mb(pid):
+    """Sum of the peak resident sizes (VmHWM) of pid and its descendants."""
+    total = 0
+    for p in [pid, *_descendants(pid)]:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+        except (OSError, ValueError):
+            pass
+    return total / 1024
+
+
+def _scrubbed_env(scratch, fd, data, profile, budget):
+    keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR") if k in os.environ}
+    return dict(keep, HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR, PYTHONUNBUFFERED="1",
+                PYTHONDONTWRITEBYTECODE="1", AUTORESEARCH_CACHE=prepare.cache_dir(), AUTORESEARCH_DATA=data.fingerprint,
+                AUTORESEARCH_PROFILE=profile, AUTORESEARCH_TIME_BUDGET=str(budget), **{prepare.HARNESS_ENV: str(fd)})
+
+
+def _summary_value(log, key):
+    m = re.findall(rf"^{key}:\s+([0-9.]+)\s*$", log, re.M)
+    return float(m[-1]) if m else None
+
+
+def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None, probes=2, limits=None):
+    """Run the tree at `candidate` (a folder with train.py); never raises for what
+    the candidate does. `limits` overrides entries of the profile's LIMITS."""
+    t0 = time.time()
+    profile = profile or prepare.PROFILE
+    budget = float(budget if budget is not None else prepare.TIME_BUDGET)
+    data = data or prepare.load_data()
+    limits = dict(LIMITS[profile], **(limits or {}))
+    prefix, confinement = isolation()
+    hardware = HardwareTag.detect(budget, profile, data.fingerprint)
+
+    def result(status, violations=(), val_bpb=None, handover=None, log="", rss=0.0):
+        steps, tokens_m = _summary_value(log, "num_steps"), _summary_value(log, "total_tokens_M")
+        return Result(status=status, val_bpb=val_bpb, training_seconds=round(handover if handover else time.time() - t0, 2),
+                      total_seconds=round(time.time() - t0, 2), peak_memory_mb=round(rss, 1),
+                      num_steps=int(steps) if steps is not None else None,
+                      tokens=int(tokens_m * 1e6) if tokens_m is not None else None, violations=tuple(violations),
+                      hardware=hardware, isolation=confinement, log_tail="\n".join(log.splitlines()[-LOG_TAIL_LINES:]))
+
+    problems = scope.check_tree(candidate, parent)
+    if problems:
+        return result("violation", problems)
+    scratch = tempfile.mkdtemp(prefix="autoresearch-candidate-")
+    shutil.copy(os.path.join(candidate, scope.EDITABLE), os.path.join(scratch, scope.EDITABLE))
+    ours, theirs = socket.socketpair()
+    log_path = os.path.join(scratch, ".log")
+    deadline = budget + limits["startup"]  # for the hand-over
+    hard_limit = deadline + limits["grace"] + limits["evaluation"]
+    status, violations, val_bpb, handover, rss = None, [], None, None, 0.0
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([*prefix, sys.executable, scope.EDITABLE], cwd=scratch, stdin=subprocess.DEVNULL,
+                                stdout=log_file, stderr=subprocess.STDOUT, pass_fds=[theirs.fileno()],
+                                env=_scrubbed_env(scratch, theirs.fileno(), data, profile, budget), preexec_fn=_confine(limits))
+    theirs.close()
+    try:
+        # training: wait for the hand-over, watching the process tree and the clock
+        while status is None and handover is None:
+            ready, _, _ = select.select([ours], [], [], 0.2)
+            rss = max(rss, _tree_peak_mb(proc.pid))
+            if ready:
+                try:
+                    header, _ = prepare.recv_frame(ours, 0)
+                except (ValueError, EOFError, OSError):
+                    header = None
+                if header is not None and header.get("op") == "ready":
+                    handover = time.time() - t0
+                else:  # a closed or garbled channel: it exited, or it broke the protocol
+                    try:
+                        proc.wait(timeout=2)
+                        status, violations = _exit_status(proc, log_path)
+                    except subprocess.TimeoutExpired:
+                        status, violations = "violation", ["bad_handover"]
+            elif proc.poll() is not None:
+                status, violations = _exit_status(proc, log_path)
+            elif len(_descendants(proc.pid)) > limits["processes"]:
+                status, violations = "violation", ["too_many_processes"]
+            elif time.time() - t0 > deadline + limits["grace"]:
+                status = "timeout"
+        if status is None and handover > deadline:
+            status, violations = "violation", ["over_budget"]
+        if status is None:  # evaluation, driven from here
+            ours.settimeout(max(1.0, hard_limit - (time.time() - t0)))
+            rows = prepare.eval_rows(data.val, data.val_docs)
+            rng = np.random.default_rng(seed)
+            try:
+                val_bpb = evaluate.evaluate(evaluate.RemoteModel(ours, data.vocab_size), rows, data.token_bytes,
+                                            _batch_size(profile, data), rng, probes=probes)
+                status = "ok"
+                prepare.send_frame(ours, {"op": "done"})
+            except evaluate.ModelError as e:
+                status, violations = "violation", [str(e)]
+            except socket.timeout:
+                status = "timeout"
+            except (EOFError, OSError):
+                status, violations = "crash", ["died_during_evaluation"]
+            if status == "ok":
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    pass
+    finally:
+        rss = max(rss, _tree_peak_mb(proc.pid))
+        _kill(proc)
+        ours.close()
+        with open(log_path, "rb") as f:
+            log = f.read()[-65536:].decode("utf-8", "replace")
+        shutil.rmtree(scratch, ignore_errors=True)
+    return result(status, violations, val_bpb if status == "ok" else None, handover, log, rss)
+
+
+def _batch_size(profile, data):
+    """Rows per evaluation call: at most 2^26 logits (256 MiB of float32) per reply."""
+    return max(1, min(64, 2**26 // (prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size)))
+
+
+def _kill(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.kill()
+    proc.wait()

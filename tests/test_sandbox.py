@@ -1,0 +1,199 @@
+"""Each way a candidate can cheat or break, run for real in the sandbox on CPU."""
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import prepare
+from conftest import ROOT
+from sandbox import run as sandbox
+
+UNIGRAM = """
+import os, sys, time, subprocess, socket
+import numpy as np, torch
+import prepare
+data = prepare.load_data()
+counts = np.bincount(np.asarray(data.train[:100000]), minlength=data.vocab_size) + 1
+logp = torch.log(torch.tensor(counts / counts.sum(), dtype=torch.float32))
+def unigram(x):
+    return logp.expand(*x.shape, -1).contiguous()
+"""
+FAST = dict(startup=20, grace=5, evaluation=60)
+
+
+def unigram_bpb(data):
+    counts = np.bincount(np.asarray(data.train[:100000]), minlength=data.vocab_size) + 1
+    logp = torch.log(torch.tensor(counts / counts.sum(), dtype=torch.float32))
+    return prepare.evaluate_bpb(lambda x: logp.expand(*x.shape, -1).contiguous(), data, 32, "cpu")
+
+
+@pytest.fixture
+def run_candidate(stdlib_cache, stdlib_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
+
+    def go(body, budget=2, limits=None, **kw):
+        tree = tmp_path / f"tree{len(list(tmp_path.iterdir()))}"
+        tree.mkdir()
+        (tree / "train.py").write_text(UNIGRAM + textwrap.dedent(body))
+        return sandbox.run(str(tree), budget=budget, data=stdlib_data, seed=0, limits=dict(FAST, **(limits or {})), **kw)
+    return go
+
+
+def no_process_with(marker):
+    return subprocess.run(["pgrep", "-f", marker], capture_output=True).stdout.strip() == b""
+
+
+def test_honest_model_is_scored_by_the_harness(run_candidate, stdlib_data):
+    r = run_candidate("prepare.hand_over(unigram, 8, 'cpu')")
+    assert r.status == "ok" and r.violations == ()
+    assert r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-9)
+    assert "network-namespace" in r.isolation and "pid-namespace" in r.isolation
+    assert r.hardware.backend == "cpu" and r.hardware.data_fingerprint == stdlib_data.fingerprint
+
+
+def test_a_printed_metric_counts_for_nothing(run_candidate, stdlib_data):
+    r = run_candidate("""
+        print("val_bpb:          0.000001")
+        prepare.hand_over(unigram, 8, 'cpu')
+    """)
+    assert r.status == "ok" and r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-9)
+    assert r.val_bpb > 1
+
+
+def test_peeking_at_the_next_token_is_caught(run_candidate):
+    r = run_candidate("""
+        def peek(x):  # predicts the next input token: perfect on real batches, not causal
+            out = unigram(x).clone()
+            out[:, :-1].scatter_(2, x[:, 1:, None], 30.0)
+            return out
+        prepare.hand_over(peek, 8, 'cpu')
+    """)
+    assert (r.status, r.violations, r.val_bpb) == ("violation", ("non_causal",), None)
+
+
+def test_training_past_the_budget_is_a_violation(run_candidate):
+    r = run_candidate("""
+        time.sleep(3)
+        prepare.hand_over(unigram, 8, 'cpu')
+    """, budget=1, limits=dict(startup=0.5, grace=20))
+    assert (r.status, r.violations) == ("violation", ("over_budget",))
+
+
+def test_a_run_that_hangs_is_killed_at_the_wall_limit(run_candidate):
+    r = run_candidate("""
+        subprocess.Popen(["sleep", "313.1"])
+        time.sleep(10_000)
+    """, budget=1, limits=dict(startup=1, grace=1))
+    assert r.status == "timeout" and r.total_seconds < 15
+    assert no_process_with("sleep 313.1")
+
+
+def test_no_network(run_candidate):
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    r = run_candidate(f"""
+        socket.create_connection(("127.0.0.1", {port}), timeout=2)
+        prepare.hand_over(unigram, 8, 'cpu')
+    """)
+    with pytest.raises(BlockingIOError):
+        server.accept()  # nothing ever reached the server
+    server.close()
+    assert r.status == "crash"
+    assert "ConnectionRefusedError" in r.log_tail or "unreachable" in r.log_tail
+
+
+def test_too_many_processes(run_candidate):
+    r = run_candidate("""
+        procs = [subprocess.Popen(["sleep", "314.1"]) for _ in range(100)]
+        time.sleep(30)
+    """, limits=dict(processes=20))
+    assert (r.status, r.violations) == ("violation", ("too_many_processes",))
+    assert no_process_with("sleep 314.1")
+
+
+def test_filling_the_disk_is_stopped(run_candidate):
+    r = run_candidate("""
+        with open("big.bin", "wb") as f:
+            for _ in range(64):
+                f.write(b"x" * (1 << 20))
+        prepare.hand_over(unigram, 8, 'cpu')
+    """, limits=dict(file_bytes=4 << 20))
+    assert (r.status, r.violations) == ("violation", ("file_too_large",))
+
+
+def test_exiting_without_a_model(run_candidate):
+    r = run_candidate("print('done training, bye')")
+    assert (r.status, r.violations) == ("crash", ("no_handover",))
+    assert "done training, bye" in r.log_tail
+
+
+def test_raising_during_evaluation_returns_the_traceback(run_candidate):
+    r = run_candidate("""
+        calls = []
+        def flaky(x):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("shape mismatch in layer 3")
+            return unigram(x)
+        prepare.hand_over(flaky, 8, 'cpu')
+    """)
+    assert (r.status, r.violations) == ("crash", ("died_during_evaluation",))
+    assert "Traceback" in r.log_tail and "shape mismatch in layer 3" in r.log_tail
+
+
+@pytest.mark.parametrize("body,violation", [
+    ("prepare.hand_over(lambda x: unigram(x) * float('nan'), 8, 'cpu')", "nan_logits"),
+    ("prepare.hand_over(lambda x: unigram(x)[:, :-1], 8, 'cpu')", "bad_logits"),
+    ("prepare.hand_over(lambda x: unigram(x)[..., :100], 8, 'cpu')", "bad_logits"),
+])
+def test_malformed_logits(run_candidate, body, violation):
+    r = run_candidate(body)
+    assert (r.status, r.violations) == ("violation", (violation,))
+
+
+def test_scope_is_checked_before_anything_runs(stdlib_data, tmp_path):
+    parent, tree = tmp_path / "parent", tmp_path / "tree"
+    for d in (parent, tree):
+        d.mkdir()
+        (d / "train.py").write_text("raise SystemExit('must not run')\n")
+        (d / "notes.txt").write_text("same\n")
+    (tree / "notes.txt").write_text("changed\n")
+    (tree / "big.bin").write_bytes(b"0" * 2_000_001)
+    os.symlink("/etc/passwd", tree / "link")
+    r = sandbox.run(str(tree), budget=1, parent=str(parent), data=stdlib_data)
+    assert r.status == "violation" and r.total_seconds < 5
+    assert set(r.violations) >= {"link: link", "file_too_large: big.bin", "outside_editable_file: notes.txt",
+                                 "outside_editable_file: big.bin"}
+
+
+def test_the_baseline_passes_every_check(stdlib_cache, stdlib_data, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
+    r = sandbox.run(os.path.join(ROOT, "model"), budget=8, data=stdlib_data, seed=0)
+    assert r.status == "ok", r.log_tail
+    rows = prepare.eval_rows(stdlib_data.val, stdlib_data.val_docs)
+    b = stdlib_data.token_bytes[rows[:, 1:]]
+    assert r.val_bpb < 0.9 * (b > 0).sum() * math.log2(stdlib_data.vocab_size) / b.sum()
+    assert r.num_steps and r.num_steps > 5
+
+
+def test_cli_json_and_exit_codes(stdlib_cache, tmp_path):
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(stdlib_cache), AUTORESEARCH_PROFILE="cpu")
+    bad = subprocess.run([sys.executable, "-m", "node", "experiment", str(tmp_path / "nope.py")], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: no such file")
+    (tmp_path / "train.py").write_text("print('no model')\n")
+    r = subprocess.run([sys.executable, "-m", "node", "experiment", str(tmp_path / "train.py"), "--budget", "2", "--json"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    import json
+    out = json.loads(r.stdout)
+    assert out["status"] == "crash" and out["violations"] == ["no_handover"] and out["val_bpb"] is None
