@@ -52,7 +52,7 @@ def no_process_with(marker):
 def test_honest_model_is_scored_by_the_harness(run_candidate, stdlib_data):
     r = run_candidate("prepare.hand_over(unigram, 8, 'cpu')")
     assert r.status == "ok" and r.violations == ()
-    assert r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-9)
+    assert r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-6)  # float32 reductions may sum in another order
     assert "network-namespace" in r.isolation and "pid-namespace" in r.isolation
     assert r.hardware.backend == "cpu" and r.hardware.data_fingerprint == stdlib_data.fingerprint
 
@@ -62,7 +62,7 @@ def test_a_printed_metric_counts_for_nothing(run_candidate, stdlib_data):
         print("val_bpb:          0.000001")
         prepare.hand_over(unigram, 8, 'cpu')
     """)
-    assert r.status == "ok" and r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-9)
+    assert r.status == "ok" and r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-6)  # float32 reductions may sum in another order
     assert r.val_bpb > 1
 
 
