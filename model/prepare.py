@@ -507,22 +507,25 @@ def bpb_counts(logits, targets, token_bytes):
     return nats.cpu().double().sum().item(), int(nbytes.sum().item())  # float64 on the CPU (MPS has none)
 
 
+def eval_batches(rows, batch_size):
+    """(batch, real rows) over `rows`; the last batch is padded with copies of its first
+    row to full size, so the model never sees a new shape, and only `real` rows count."""
+    for i in range(0, len(rows), batch_size):
+        batch = rows[i:i + batch_size]
+        yield np.concatenate([batch, np.repeat(batch[:1], batch_size - len(batch), 0)]), len(batch)
+
+
 def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_tokens=EVAL_TOKENS):
     """Bits per byte of `logits_fn` (inputs (B, T) -> logits (B, T, V)) on the pinned
-    validation rows. The last batch is padded to full size so shapes never change.
-    One call returns at most 2^30 logits: past 2^31 compiled kernels index out of range."""
+    validation rows. One call returns at most 2^30 logits (4 GiB of float32)."""
     import torch
     batch_size = max(1, min(batch_size, 2**30 // (seq_len * len(data.token_bytes))))
-    rows = torch.from_numpy(eval_rows(data.val, data.val_docs, seq_len, eval_tokens))
+    rows = eval_rows(data.val, data.val_docs, seq_len, eval_tokens)
     token_bytes = torch.from_numpy(data.token_bytes).to(device)
     nats, nbytes = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = rows[i:i + batch_size]
-            real = len(batch)
-            if real < batch_size:
-                batch = torch.cat([batch, batch[:1].expand(batch_size - real, -1)])
-            batch = batch.to(device)
+        for batch, real in eval_batches(rows, batch_size):
+            batch = torch.from_numpy(batch).to(device)
             logits = logits_fn(batch[:, :-1])
             for j in range(0, real, 8):  # bounded memory for the float32 softmax
                 k = min(j + 8, real)

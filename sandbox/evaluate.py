@@ -29,14 +29,11 @@ def evaluate(forward, rows, token_bytes, batch_size, rng, probes=2):
     """val_bpb of `forward` (int32 (B, T) -> float32 (B, T, V)) on `rows` (N, T + 1),
     with `probes` causality probes hidden among the batches."""
     V = len(token_bytes)
-    batches = []
-    for i in range(0, len(rows), batch_size):
-        b = rows[i:i + batch_size]
-        batches.append((np.concatenate([b, np.repeat(b[:1], batch_size - len(b), 0)]), len(b)))
-    probed = set(rng.choice(len(batches), size=min(probes, len(batches)), replace=False).tolist())
+    n_batches = -(-len(rows) // batch_size)
+    probed = set(rng.choice(n_batches, size=min(probes, n_batches), replace=False).tolist())
     tb = torch.from_numpy(np.asarray(token_bytes))
     nats, nbytes = 0.0, 0
-    for k, (batch, real) in enumerate(batches):
+    for k, (batch, real) in enumerate(prepare.eval_batches(rows, batch_size)):
         x = np.ascontiguousarray(batch[:, :-1], dtype=np.int32)
         shape = (*x.shape, V)
         if k in probed:
