@@ -88,10 +88,10 @@ def _descendants(pid):
     return out
 
 
-def _tree_peak_mb(pid):
-    """Sum of the peak resident sizes (VmHWM) of pid and its descendants."""
+def _peak_mb(pids):
+    """Sum of the peak resident sizes (VmHWM) of these processes."""
     total = 0
-    for p in [pid, *_descendants(pid)]:
+    for p in pids:
         try:
             with open(f"/proc/{p}/status") as f:
                 total += next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
@@ -137,7 +137,8 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     scratch = tempfile.mkdtemp(prefix="autoresearch-candidate-")
     shutil.copy(os.path.join(candidate, scope.EDITABLE), os.path.join(scratch, scope.EDITABLE))
     ours, theirs = socket.socketpair()
-    log_path = os.path.join(scratch, ".log")
+    log_fd, log_path = tempfile.mkstemp(prefix="autoresearch-log-")  # outside the candidate's folder
+    os.close(log_fd)
     deadline = budget + limits["startup"]  # for the hand-over
     hard_limit = deadline + limits["grace"] + limits["evaluation"]
     status, violations, val_bpb, handover, rss = None, [], None, None, 0.0
@@ -150,7 +151,8 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
         # training: wait for the hand-over, watching the process tree and the clock
         while status is None and handover is None:
             ready, _, _ = select.select([ours], [], [], 0.2)
-            rss = max(rss, _tree_peak_mb(proc.pid))
+            tree = _descendants(proc.pid)
+            rss = max(rss, _peak_mb([proc.pid, *tree]))
             if ready:
                 try:
                     header, _ = prepare.recv_frame(ours, 0)
@@ -166,7 +168,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                         status, violations = "violation", ["bad_handover"]
             elif proc.poll() is not None:
                 status, violations = _exit_status(proc, log_path)
-            elif len(_descendants(proc.pid)) > limits["processes"]:
+            elif len(tree) > limits["processes"]:
                 status, violations = "violation", ["too_many_processes"]
             elif time.time() - t0 > deadline + limits["grace"]:
                 status = "timeout"
@@ -174,7 +176,8 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
             status, violations = "violation", ["over_budget"]
         if status is None:  # evaluation, driven from here
             ours.settimeout(max(1.0, hard_limit - (time.time() - t0)))
-            rows = prepare.eval_rows(data.val, data.val_docs)
+            rows = prepare.eval_rows(data.val, data.val_docs, prepare.PROFILES[profile]["max_seq_len"],
+                                     prepare.PROFILES[profile]["eval_tokens"])
             rng = np.random.default_rng(seed)
             try:
                 val_bpb = evaluate.evaluate(evaluate.RemoteModel(ours, data.vocab_size), rows, data.token_bytes,
@@ -193,11 +196,12 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                 except subprocess.TimeoutExpired:
                     pass
     finally:
-        rss = max(rss, _tree_peak_mb(proc.pid))
+        rss = max(rss, _peak_mb([proc.pid, *_descendants(proc.pid)]))
         _kill(proc)
         ours.close()
         with open(log_path, "rb") as f:
             log = f.read()[-65536:].decode("utf-8", "replace")
+        os.remove(log_path)
         shutil.rmtree(scratch, ignore_errors=True)
     return result(status, violations, val_bpb if status == "ok" else None, handover, log, rss)
 

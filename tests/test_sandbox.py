@@ -130,6 +130,16 @@ def test_filling_the_disk_is_stopped(run_candidate):
     assert (r.status, r.violations) == ("violation", ("file_too_large",))
 
 
+def test_deleting_its_log_changes_nothing(run_candidate):
+    r = run_candidate("""
+        for name in os.listdir("."):
+            if name != "train.py":
+                os.remove(name)
+        prepare.hand_over(unigram, 8, 'cpu')
+    """)
+    assert r.status == "ok"
+
+
 def test_exiting_without_a_model(run_candidate):
     r = run_candidate("print('done training, bye')")
     assert (r.status, r.violations) == ("crash", ("no_handover",))
