@@ -1,3 +1,4 @@
+import math
 import os
 import subprocess
 import sys
@@ -38,3 +39,12 @@ def stdlib_data(stdlib_cache):
     fp = (stdlib_cache / "current").read_text().strip()
     folder = str(stdlib_cache / "data" / fp[:16])
     return prepare.Data(folder, prepare.verify(folder))
+
+
+def uniform_bpb(data):
+    """val_bpb of a uniform guess over the vocabulary: where an untrained model starts
+    (its output layer is initialised near zero)."""
+    import prepare
+    rows = prepare.eval_rows(data.val, data.val_docs)
+    b = data.token_bytes[rows[:, 1:]]
+    return (b > 0).sum() * math.log2(data.vocab_size) / b.sum()

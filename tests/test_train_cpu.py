@@ -1,13 +1,9 @@
-import math
 import os
 import re
 import subprocess
 import sys
 
-import numpy as np
-
-import prepare
-from conftest import ROOT
+from conftest import ROOT, uniform_bpb
 
 
 def test_tiny_cpu_training_beats_the_untrained_model(stdlib_cache, stdlib_data):
@@ -19,11 +15,8 @@ def test_tiny_cpu_training_beats_the_untrained_model(stdlib_cache, stdlib_data):
     for key in ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth"):
         assert key in summary, key
-    # untrained: the output layer starts at ~zero, i.e. a uniform guess over the vocabulary
-    rows = prepare.eval_rows(stdlib_data.val, stdlib_data.val_docs)
-    b = stdlib_data.token_bytes[rows[:, 1:]]
-    uniform_bpb = (b > 0).sum() * math.log2(stdlib_data.vocab_size) / b.sum()
-    assert float(summary["val_bpb"]) < 0.8 * uniform_bpb, (summary["val_bpb"], uniform_bpb)
+    untrained = uniform_bpb(stdlib_data)
+    assert float(summary["val_bpb"]) < 0.8 * untrained, (summary["val_bpb"], untrained)
     assert float(summary["training_seconds"]) >= 15
 
 
