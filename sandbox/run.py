@@ -211,10 +211,31 @@ def _batch_size(profile, data):
     return max(1, min(64, 2**26 // (prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size)))
 
 
-def _kill(proc):
+def _kill(proc, patience=10.0):
+    """Kill the candidate's whole tree and return only once every member is gone:
+    killing a namespace's first process ends the others asynchronously, and a member
+    that left the process group is reached by its pid."""
+    tree = _descendants(proc.pid)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
     proc.kill()
     proc.wait()
+    end = time.time() + patience
+    while time.time() < end and any(_alive(pid) for pid in tree):
+        time.sleep(0.02)
+
+
+def _alive(pid):
+    """Running or stopped; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
