@@ -168,6 +168,7 @@ def encode_docs(tok, docs, progress=None, batch=256):
 # ---------------------------------------------------------------------------
 
 DATA_FILES = ("tokenizer.json", "token_bytes.npy", "train.bin", "train_docs.npy", "val.bin", "val_docs.npy")
+TRAIN_FILES = ("manifest.json", "tokenizer.json", "token_bytes.npy", "train.bin", "train_docs.npy")  # what a candidate sees
 
 
 def _sha256(path):
@@ -287,14 +288,16 @@ class _Progress:
 class Data:
     """One prepared, verified dataset. Token arrays are memory-mapped."""
 
-    def __init__(self, folder, manifest):
+    def __init__(self, folder, manifest, validation=True):
         self.folder, self.manifest = folder, manifest
         self.fingerprint = manifest["fingerprint"]
         self.vocab_size, self.bos_id = manifest["vocab_size"], manifest["bos_id"]
         self.train = np.memmap(os.path.join(folder, "train.bin"), dtype=np.uint16, mode="r")
         self.train_docs = np.load(os.path.join(folder, "train_docs.npy"))
-        self.val = np.memmap(os.path.join(folder, "val.bin"), dtype=np.uint16, mode="r")
-        self.val_docs = np.load(os.path.join(folder, "val_docs.npy"))
+        self.val = self.val_docs = None
+        if validation:
+            self.val = np.memmap(os.path.join(folder, "val.bin"), dtype=np.uint16, mode="r")
+            self.val_docs = np.load(os.path.join(folder, "val_docs.npy"))
         self.token_bytes = np.load(os.path.join(folder, "token_bytes.npy"))
         # the manifest's own numbers are not hashed: check them against hashed files
         if len(self.token_bytes) != self.vocab_size or self.token_bytes[self.bos_id] != 0:
@@ -320,6 +323,9 @@ def load_data(fingerprint=None):
     folder = os.path.join(cache_dir(), "data", fp[:16])
     if not os.path.isdir(folder):
         raise DataError(f"no prepared data with fingerprint {fp[:16]} in {cache_dir()}")
+    if os.environ.get(HARNESS_ENV):  # a candidate: the harness verified these files and shows it the training split only
+        with open(os.path.join(folder, "manifest.json")) as f:
+            return Data(folder, json.load(f), validation=False)
     return Data(folder, verify(folder))
 
 
@@ -580,17 +586,24 @@ def recv_frame(sock, max_bytes):
     return header, _recv_exact(sock, size) if size else b""
 
 
-def hand_over(logits_fn, batch_size, device):
-    """train.py's last call. Standalone: evaluate here and return val_bpb. Under the
+def hand_over(logits_fn, batch_size, device, data=None):
+    """train.py's last call. Standalone: evaluate here on `data` (the Data it trained
+    on, else load_data()) and return val_bpb. Under the
     sandbox: serve `logits_fn` (inputs (B, T) -> logits (B, T, V)) to the harness,
-    which computes the metric itself, and return nan."""
+    which computes the metric itself, and return nan. On CUDA the logits stay on the
+    GPU: they go into one buffer that the harness maps (CUDA IPC), and only the
+    request and the reply's header cross the socket."""
     fd = os.environ.get(HARNESS_ENV)
     if fd is None:
-        return evaluate_bpb(logits_fn, load_data(), batch_size, device)
+        return evaluate_bpb(logits_fn, data or load_data(), batch_size, device)
     import socket
     import torch
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     sock = socket.socket(fileno=int(fd))
     send_frame(sock, {"op": "ready", "batch_size": batch_size, "device": str(device)})
+    shared = export = address = None
     with torch.no_grad():
         while True:
             header, payload = recv_frame(sock, 1 << 30)
@@ -598,10 +611,93 @@ def hand_over(logits_fn, batch_size, device):
                 break
             rows, cols = header["shape"]
             x = torch.frombuffer(payload, dtype=torch.int32).view(rows, cols).to(device).long()
-            logits = logits_fn(x).float().cpu().contiguous()
-            send_frame(sock, {"op": "logits", "shape": list(logits.shape), "dtype": "float32"}, logits.numpy().tobytes())
+            logits = logits_fn(x)
+            reply = {"op": "logits", "shape": list(logits.shape), "dtype": "float32"}
+            if header.get("ipc"):
+                if shared is None or shared.numel() < logits.numel():
+                    if shared is not None:
+                        cuda_free(address)
+                    address, shared = cuda_alloc(logits.numel(), device)
+                    export = cuda_ipc_export(address)
+                shared[:logits.numel()].view(logits.shape).copy_(logits)
+                torch.cuda.synchronize(device)
+                send_frame(sock, dict(reply, ipc=export))
+            else:
+                send_frame(sock, reply, logits.float().cpu().contiguous().numpy().tobytes())
     sock.close()
+    if shared is not None:
+        cuda_free(address)
     return float("nan")
+
+
+# CUDA IPC through the driver API. The buffer is allocated with cuMemAlloc, outside
+# torch's caching allocator: its expandable segments cannot be shared this way, and
+# a handle names a whole allocation, which here holds nothing but the logits.
+
+def _libcuda():
+    import ctypes
+
+    class IpcHandle(ctypes.Structure):
+        _fields_ = [("reserved", ctypes.c_char * 64)]
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.IpcHandle = IpcHandle
+    return lib
+
+
+def _cuda_check(rc, what):
+    if rc != 0:
+        raise RuntimeError(f"{what} failed: CUDA error {rc}")
+
+
+class CudaArray:
+    """float32 memory at a device address, for torch.as_tensor (zero copy)."""
+
+    def __init__(self, address, shape):
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": "<f4", "data": (address, False), "version": 3}
+
+
+def cuda_alloc(numel, device):
+    """(address, float32 tensor over it) of a fresh allocation on `device`."""
+    import ctypes
+    import torch
+    with torch.cuda.device(device):
+        ptr = ctypes.c_uint64()
+        _cuda_check(_libcuda().cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(numel * 4)), "cuMemAlloc")
+        return ptr.value, torch.as_tensor(CudaArray(ptr.value, (numel,)), device=device)
+
+
+def cuda_free(address):
+    import ctypes
+    _cuda_check(_libcuda().cuMemFree_v2(ctypes.c_uint64(address)), "cuMemFree")
+
+
+def cuda_ipc_export(address):
+    """{"handle": hex, "offset": 0} for an allocation another process can map."""
+    import ctypes
+    cu = _libcuda()
+    handle = cu.IpcHandle()
+    _cuda_check(cu.cuIpcGetMemHandle(ctypes.byref(handle), ctypes.c_uint64(address)), "cuIpcGetMemHandle")
+    return {"handle": bytes(handle).hex(), "offset": 0}
+
+
+def cuda_ipc_open(handle, device):
+    """Map another process's allocation on `device`: (address, size in bytes)."""
+    import ctypes
+    import torch
+    cu = _libcuda()
+    torch.cuda.init()
+    with torch.cuda.device(device):
+        torch.empty(1, device=device)  # the device's primary context is current
+        h = cu.IpcHandle.from_buffer_copy(handle)
+        ptr, base, size = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_size_t()
+        _cuda_check(cu.cuIpcOpenMemHandle_v2(ctypes.byref(ptr), h, ctypes.c_uint(1)), "cuIpcOpenMemHandle")
+        _cuda_check(cu.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
+    return ptr.value, size.value
+
+
+def cuda_ipc_close(address):
+    import ctypes
+    _cuda_check(_libcuda().cuIpcCloseMemHandle(ctypes.c_uint64(address)), "cuIpcCloseMemHandle")
 
 
 # ---------------------------------------------------------------------------

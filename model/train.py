@@ -391,8 +391,10 @@ timed_steps = step - UNTIMED_STEPS
 mfu = 100 * flops_per_token * batch_tokens * timed_steps / train_seconds / peak if peak and train_seconds else 0.0
 del adam, muon  # free optimizer state before evaluation
 model.eval()
+t_eval = time.time()
 with autocast:  # the harness evaluates (uncompiled: no extra compilation; attention: SDPA, dense mask)
-    val_bpb = prepare.hand_over(model, DEVICE_BATCH_SIZE, DEVICE)
+    val_bpb = prepare.hand_over(model, DEVICE_BATCH_SIZE, DEVICE, data)
+eval_seconds = time.time() - t_eval
 peak_mb = torch.cuda.max_memory_allocated() / 2**20 if DEVICE == "cuda" else 0.0
 
 print("---")
@@ -400,6 +402,7 @@ print(f"val_bpb:          {val_bpb:.6f}")
 print(f"training_seconds: {train_seconds:.1f}")
 print(f"total_seconds:    {time.time() - T_START:.1f}")
 print(f"startup_seconds:  {first_step_seconds:.1f}")
+print(f"eval_seconds:     {eval_seconds:.1f}")
 print(f"peak_vram_mb:     {peak_mb:.1f}")
 print(f"mfu_percent:      {mfu:.2f}")
 print(f"total_tokens_M:   {step * batch_tokens / 1e6:.1f}")

@@ -18,20 +18,21 @@ class ModelError(Exception):
 
 
 def check_logits(logits, shape):
-    if not isinstance(logits, np.ndarray) or logits.dtype != np.float32 or logits.shape != shape:
+    if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or tuple(logits.shape) != shape:
         raise ModelError("bad_logits")
-    if not np.isfinite(logits).all():
+    if not torch.isfinite(logits).all():
         raise ModelError("nan_logits")
     return logits
 
 
-def evaluate(forward, rows, token_bytes, batch_size, rng, probes=2):
-    """val_bpb of `forward` (int32 (B, T) -> float32 (B, T, V)) on `rows` (N, T + 1),
-    with `probes` causality probes hidden among the batches."""
+def evaluate(forward, rows, token_bytes, batch_size, rng, probes=2, device="cpu"):
+    """val_bpb of `forward` (int32 (B, T) -> float32 (B, T, V) on `device`) on `rows`
+    (N, T + 1), with `probes` causality probes hidden among the batches. A reply may
+    live in a buffer the next call overwrites: what is kept is copied."""
     V = len(token_bytes)
     n_batches = -(-len(rows) // batch_size)
     probed = set(rng.choice(n_batches, size=min(probes, n_batches), replace=False).tolist())
-    tb = torch.from_numpy(np.asarray(token_bytes))
+    tb = torch.from_numpy(np.asarray(token_bytes)).to(device)
     nats, nbytes = 0.0, 0
     for k, (batch, real) in enumerate(prepare.eval_batches(rows, batch_size)):
         x = np.ascontiguousarray(batch[:, :-1], dtype=np.int32)
@@ -39,18 +40,20 @@ def evaluate(forward, rows, token_bytes, batch_size, rng, probes=2):
         if k in probed:
             px, cuts = probe_inputs(x, rows, rng, V)
             if rng.random() < 0.5:
-                logits = check_logits(forward(x), shape)
+                logits = check_logits(forward(x), shape).clone()
                 plogits = check_logits(forward(px), shape)
             else:
-                plogits = check_logits(forward(px), shape)
+                plogits = check_logits(forward(px), shape).clone()
                 logits = check_logits(forward(x), shape)
             for r, cut in enumerate(cuts):
-                if np.abs(logits[r, :cut + 1] - plogits[r, :cut + 1]).max() > PROBE_TOLERANCE:
+                if (logits[r, :cut + 1] - plogits[r, :cut + 1]).abs().max().item() > PROBE_TOLERANCE:
                     raise ModelError("non_causal")
         else:
             logits = check_logits(forward(x), shape)
-        n, b = prepare.bpb_counts(torch.from_numpy(logits[:real]), torch.from_numpy(batch[:real, 1:]), tb)
-        nats, nbytes = nats + n, nbytes + b
+        targets = torch.from_numpy(batch[:real, 1:]).to(device)
+        for j in range(0, real, 8):  # bounded memory for the float32 softmax
+            n, b = prepare.bpb_counts(logits[j:j + 8], targets[j:j + 8], tb)
+            nats, nbytes = nats + n, nbytes + b
     return nats / (math.log(2) * nbytes)
 
 
@@ -75,14 +78,59 @@ class RemoteModel:
     def __init__(self, sock, vocab_size):
         self.sock, self.vocab_size = sock, vocab_size
 
-    def __call__(self, x):
+    def request(self, x, **extra):
         B, T = x.shape
-        prepare.send_frame(self.sock, {"op": "forward", "shape": [B, T]}, x.tobytes())
+        prepare.send_frame(self.sock, {"op": "forward", "shape": [B, T], **extra}, x.tobytes())
         try:
-            header, payload = prepare.recv_frame(self.sock, B * T * self.vocab_size * 4)
+            header, payload = prepare.recv_frame(self.sock, 0 if extra else B * T * self.vocab_size * 4)
         except ValueError:
             raise ModelError("bad_logits") from None
-        if header.get("op") != "logits" or header.get("dtype") != "float32" or header.get("shape") != [B, T, self.vocab_size] \
-                or len(payload) != B * T * self.vocab_size * 4:
+        if header.get("op") != "logits" or header.get("dtype") != "float32" or header.get("shape") != [B, T, self.vocab_size]:
             raise ModelError("bad_logits")
-        return np.frombuffer(payload, dtype=np.float32).reshape(B, T, self.vocab_size)
+        return header, payload
+
+    def __call__(self, x):
+        _, payload = self.request(x)
+        if len(payload) != x.size * self.vocab_size * 4:
+            raise ModelError("bad_logits")
+        return torch.frombuffer(payload, dtype=torch.float32).view(*x.shape, self.vocab_size)
+
+    def close(self):
+        pass
+
+
+class CudaIpcModel(RemoteModel):
+    """Requests over the socket; the logits stay in the candidate's GPU buffer, mapped
+    here once (CUDA IPC) and read in place: no copy through the socket."""
+
+    def __init__(self, sock, vocab_size, device):
+        super().__init__(sock, vocab_size)
+        self.device, self.handle, self.address, self.size = torch.device(device), None, None, 0
+
+    def __call__(self, x):
+        torch.cuda.synchronize(self.device)  # done reading the last reply before the candidate overwrites it
+        header, _ = self.request(x, ipc=True)
+        ipc = header.get("ipc")
+        try:
+            handle, offset = bytes.fromhex(ipc["handle"]), ipc["offset"]
+        except (TypeError, KeyError, ValueError, AttributeError):
+            raise ModelError("bad_logits") from None
+        nbytes = x.size * self.vocab_size * 4
+        if len(handle) != 64 or type(offset) is not int or offset < 0 or offset % 4:
+            raise ModelError("bad_logits")
+        if handle != self.handle:
+            self.close()
+            try:
+                self.address, self.size = prepare.cuda_ipc_open(handle, self.device)
+            except RuntimeError:
+                raise ModelError("bad_logits") from None
+            self.handle = handle
+        if offset + nbytes > self.size:
+            raise ModelError("bad_logits")
+        return torch.as_tensor(prepare.CudaArray(self.address + offset, (*x.shape, self.vocab_size)), device=self.device)
+
+    def close(self):
+        if self.address is not None:
+            torch.cuda.synchronize(self.device)
+            prepare.cuda_ipc_close(self.address)
+            self.handle = self.address = None

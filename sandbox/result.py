@@ -48,6 +48,7 @@ class Result:
     val_bpb: float | None            # computed by the harness; only when status == "ok"
     training_seconds: float          # wall seconds from launch to the model hand-over (startup included)
     total_seconds: float             # wall seconds of the whole run
+    evaluation_seconds: float | None  # hand-over to the end of the harness's evaluation
     peak_memory_mb: float            # peak resident memory of the candidate's processes
     num_steps: int | None            # as the candidate printed it: informational, untrusted
     tokens: int | None               # likewise

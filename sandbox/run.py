@@ -3,6 +3,8 @@ limit; the harness evaluates the model the candidate hands over and returns a Re
 
 import ctypes
 import functools
+import glob
+import json
 import os
 import re
 import resource
@@ -32,19 +34,84 @@ LOG_TAIL_LINES = 40
 MODEL_DIR = os.path.dirname(os.path.abspath(prepare.__file__))
 
 
+BASE_ISOLATION = ("process-group", "parent-death-signal", "rlimits", "scrubbed-environment", "scratch-copy")
+SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/sys")
+DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
+CONFINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confine.py")
+
+
 @functools.cache
 def isolation():
-    """The strongest confinement this machine allows: (command prefix, names)."""
-    base = ("process-group", "parent-death-signal", "rlimits", "scrubbed-environment", "scratch-copy")
-    ns = ["--net", "--pid", "--fork", "--kill-child=SIGKILL"]
-    if sys.platform.startswith("linux") and shutil.which("unshare"):
-        for prefix in (["unshare", *ns], ["unshare", "--user", "--map-root-user", *ns]):
-            try:
-                if subprocess.run([*prefix, "true"], capture_output=True, timeout=10).returncode == 0:
-                    return prefix, base + ("network-namespace", "pid-namespace")
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-    return [], base
+    """The strongest confinement this machine allows: (kind, command prefix, names).
+    "view": own mount, pid and network namespaces, a filesystem showing only the
+    system, the training split and the scratch folder, no privileges; "namespaces":
+    own pid and network namespaces only; "none"."""
+    if not (sys.platform.startswith("linux") and shutil.which("unshare")):
+        return "none", [], BASE_ISOLATION
+    users = [[], ["--user", "--map-root-user"]] if os.geteuid() == 0 else [["--user", "--map-root-user"]]
+    for user in users:
+        prefix = ["unshare", *user, "--mount", "--pid", "--net", "--fork", "--kill-child=SIGKILL", "--propagation", "private"]
+        who = "user-nobody" if not user else "no-capabilities"
+        with tempfile.TemporaryDirectory(prefix="autoresearch-probe-") as tmp:
+            root, scratch = os.path.join(tmp, "root"), os.path.join(tmp, "scratch")
+            os.mkdir(root), os.mkdir(scratch)
+            if _works(_view_command(prefix, root, scratch, [sys.executable, "-c", "import numpy, torch"], _candidate_uid(prefix), [])):
+                return "view", prefix, BASE_ISOLATION + ("network-namespace", "pid-namespace", "mount-namespace",
+                                                         "validation-hidden", "read-only-outside-scratch", who)
+    for user in users:
+        prefix = ["unshare", *user, "--net", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"]
+        if _works([*prefix, "true"]):
+            return "namespaces", prefix, BASE_ISOLATION + ("network-namespace", "pid-namespace")
+    return "none", [], BASE_ISOLATION
+
+
+def _works(cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _candidate_uid(prefix):
+    """nobody when the harness is really root; else the namespace's root without capabilities."""
+    if "--user" in prefix:
+        return None
+    try:
+        import pwd
+        return pwd.getpwnam("nobody").pw_uid
+    except (ImportError, KeyError):
+        return 65534
+
+
+def _python_dirs():
+    """What the interpreter and its packages need, besides the system folders."""
+    import site
+    import sysconfig
+    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable)),
+            site.getusersitepackages(), *site.getsitepackages(), *sysconfig.get_paths().values()}
+    for mod in (np, __import__("torch")):
+        dirs.add(os.path.dirname(os.path.dirname(os.path.realpath(mod.__file__))))
+    return sorted(d for d in dirs if d and os.path.isdir(d) and os.path.realpath(d) != "/")
+
+
+def _view_command(prefix, root, scratch, argv, uid, shown, writable=(), hidden=()):
+    """The command that runs argv inside the confined view (see confine.py), built on
+    the empty folder `root`."""
+    spec = dict(root=root, ro=[*SYSTEM_DIRS, *_python_dirs(), MODEL_DIR, *shown],
+                rw=[scratch, *writable], hide=list(hidden), uid=uid, cwd=scratch, argv=argv, shm_bytes=1 << 30,
+                devices=[*DEVICES, *sorted(glob.glob("/dev/nvidia*")), *sorted(glob.glob("/dev/dri"))])
+    if uid is not None:
+        for path in (scratch, *writable):
+            _chown_tree(path, uid)
+    return [*prefix, sys.executable, "-I", CONFINE, json.dumps(spec)]
+
+
+def _chown_tree(path, uid):
+    if os.stat(path).st_uid == uid:
+        return
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.lchown(name, uid, uid)
 
 
 def _confine(limits):
@@ -100,9 +167,10 @@ def _peak_mb(pids):
     return total / 1024
 
 
-def _scrubbed_env(scratch, fd, data, profile, budget):
-    keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR") if k in os.environ}
+def _scrubbed_env(scratch, fd, data, profile, budget, compiled):
+    keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES") if k in os.environ}
     return dict(keep, HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR, PYTHONUNBUFFERED="1",
+                TORCHINDUCTOR_CACHE_DIR=compiled, TRITON_CACHE_DIR=os.path.join(compiled, "triton"),
                 PYTHONDONTWRITEBYTECODE="1", AUTORESEARCH_CACHE=prepare.cache_dir(), AUTORESEARCH_DATA=data.fingerprint,
                 AUTORESEARCH_PROFILE=profile, AUTORESEARCH_TIME_BUDGET=str(budget), **{prepare.HARNESS_ENV: str(fd)})
 
@@ -112,21 +180,25 @@ def _summary_value(log, key):
     return float(m[-1]) if m else None
 
 
-def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None, probes=2, limits=None):
+def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None, probes=2, limits=None, hide=(),
+        progress=None):
     """Run the tree at `candidate` (a folder with train.py); never raises for what
-    the candidate does. `limits` overrides entries of the profile's LIMITS."""
+    the candidate does. `limits` overrides entries of the profile's LIMITS; `hide`
+    names more paths the candidate must not see (the node's home); `progress` is
+    called as progress(phase, seconds elapsed, budget seconds left) while it runs."""
     t0 = time.time()
     profile = profile or prepare.PROFILE
     budget = float(budget if budget is not None else prepare.TIME_BUDGET)
     data = data or prepare.load_data()
     limits = dict(LIMITS[profile], **(limits or {}))
-    prefix, confinement = isolation()
+    kind, prefix, confinement = isolation()
     hardware = HardwareTag.detect(budget, profile, data.fingerprint)
 
-    def result(status, violations=(), val_bpb=None, handover=None, log="", rss=0.0):
+    def result(status, violations=(), val_bpb=None, handover=None, log="", rss=0.0, evaluated=None):
         steps, tokens_m = _summary_value(log, "num_steps"), _summary_value(log, "total_tokens_M")
         return Result(status=status, val_bpb=val_bpb, training_seconds=round(handover if handover else time.time() - t0, 2),
                       total_seconds=round(time.time() - t0, 2), peak_memory_mb=round(rss, 1),
+                      evaluation_seconds=round(evaluated - handover, 2) if evaluated else None,
                       num_steps=int(steps) if steps is not None else None,
                       tokens=int(tokens_m * 1e6) if tokens_m is not None else None, violations=tuple(violations),
                       hardware=hardware, isolation=confinement, log_tail="\n".join(log.splitlines()[-LOG_TAIL_LINES:]))
@@ -139,18 +211,31 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     ours, theirs = socket.socketpair()
     log_fd, log_path = tempfile.mkstemp(prefix="autoresearch-log-")  # outside the candidate's folder
     os.close(log_fd)
+    compiled = os.path.join(prepare.cache_dir(), "sandbox-compile")  # shared by candidates, not by the harness
+    os.makedirs(compiled, exist_ok=True)
+    argv = [sys.executable, scope.EDITABLE]
+    root = tempfile.mkdtemp(prefix="autoresearch-root-")
+    if kind == "view":
+        secret = [os.path.join(data.folder, n) for n in prepare.DATA_FILES if n not in prepare.TRAIN_FILES]
+        command = _view_command(prefix, root, scratch, argv, _candidate_uid(prefix),
+                                [os.path.join(data.folder, n) for n in prepare.TRAIN_FILES], [compiled],
+                                [*secret, log_path, *map(os.path.abspath, hide)])
+    else:
+        command = [*prefix, *argv]
     deadline = budget + limits["startup"]  # for the hand-over
     hard_limit = deadline + limits["grace"] + limits["evaluation"]
-    status, violations, val_bpb, handover, rss = None, [], None, None, 0.0
+    status, violations, val_bpb, handover, ready, evaluated, rss = None, [], None, None, None, None, 0.0
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen([*prefix, sys.executable, scope.EDITABLE], cwd=scratch, stdin=subprocess.DEVNULL,
-                                stdout=log_file, stderr=subprocess.STDOUT, pass_fds=[theirs.fileno()],
-                                env=_scrubbed_env(scratch, theirs.fileno(), data, profile, budget), preexec_fn=_confine(limits))
+        proc = subprocess.Popen(command, cwd=scratch, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                pass_fds=[theirs.fileno()], env=_scrubbed_env(scratch, theirs.fileno(), data, profile, budget, compiled),
+                                preexec_fn=_confine(limits))
     theirs.close()
     try:
         # training: wait for the hand-over, watching the process tree and the clock
         while status is None and handover is None:
             ready, _, _ = select.select([ours], [], [], 0.2)
+            if progress:
+                progress("training", time.time() - t0, deadline - (time.time() - t0))
             tree = _descendants(proc.pid)
             rss = max(rss, _peak_mb([proc.pid, *tree]))
             if ready:
@@ -159,7 +244,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                 except (ValueError, EOFError, OSError):
                     header = None
                 if header is not None and header.get("op") == "ready":
-                    handover = time.time() - t0
+                    handover, ready = time.time() - t0, header
                 else:  # a closed or garbled channel: it exited, or it broke the protocol
                     try:
                         proc.wait(timeout=2)
@@ -175,14 +260,19 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
         if status is None and handover > deadline:
             status, violations = "violation", ["over_budget"]
         if status is None:  # evaluation, driven from here
+            if progress:
+                progress("evaluating", time.time() - t0, 0)
             ours.settimeout(max(1.0, hard_limit - (time.time() - t0)))
             rows = prepare.eval_rows(data.val, data.val_docs, prepare.PROFILES[profile]["max_seq_len"],
                                      prepare.PROFILES[profile]["eval_tokens"])
             rng = np.random.default_rng(seed)
+            device = _cuda_device(ready.get("device"))
+            model = evaluate.CudaIpcModel(ours, data.vocab_size, device) if device else evaluate.RemoteModel(ours, data.vocab_size)
             try:
-                val_bpb = evaluate.evaluate(evaluate.RemoteModel(ours, data.vocab_size), rows, data.token_bytes,
-                                            _batch_size(profile, data), rng, probes=probes)
-                status = "ok"
+                val_bpb = evaluate.evaluate(model, rows, data.token_bytes, _batch_size(profile, data, shared=bool(device)),
+                                            rng, probes=probes, device=device or "cpu")
+                status, evaluated = "ok", time.time() - t0
+                model.close()
                 prepare.send_frame(ours, {"op": "done"})
             except evaluate.ModelError as e:
                 status, violations = "violation", [str(e)]
@@ -190,6 +280,13 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                 status = "timeout"
             except (EOFError, OSError):
                 status, violations = "crash", ["died_during_evaluation"]
+            except RuntimeError:  # CUDA refused what the candidate's buffer turned into
+                status, violations = "crash", ["evaluation_error"]
+            finally:
+                try:
+                    model.close()
+                except RuntimeError:
+                    pass
             if status == "ok":
                 try:
                     proc.wait(timeout=10)
@@ -203,12 +300,24 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
             log = f.read()[-65536:].decode("utf-8", "replace")
         os.remove(log_path)
         shutil.rmtree(scratch, ignore_errors=True)
-    return result(status, violations, val_bpb if status == "ok" else None, handover, log, rss)
+        os.rmdir(root)
+    return result(status, violations, val_bpb if status == "ok" else None, handover, log, rss, evaluated)
 
 
-def _batch_size(profile, data):
-    """Rows per evaluation call: at most 2^26 logits (256 MiB of float32) per reply."""
-    return max(1, min(64, 2**26 // (prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size)))
+def _batch_size(profile, data, shared):
+    """Rows per evaluation call: at most 2^30 logits (4 GiB of float32) in a shared GPU
+    buffer, as in-process evaluation; 2^26 (256 MiB) through the socket."""
+    cap = 2**30 if shared else 2**26
+    return max(1, min(64, cap // (prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size)))
+
+
+def _cuda_device(name):
+    """The CUDA device the candidate's logits live on, when this process can map them."""
+    m = re.fullmatch(r"cuda:(\d+)", name or "")
+    if not m:
+        return None
+    import torch
+    return f"cuda:{m[1]}" if torch.cuda.is_available() and int(m[1]) < torch.cuda.device_count() else None
 
 
 def _kill(proc, patience=10.0):

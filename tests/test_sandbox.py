@@ -110,6 +110,74 @@ def test_no_network(run_candidate):
     assert "ConnectionRefusedError" in r.log_tail or "unreachable" in r.log_tail
 
 
+view = pytest.mark.skipif(sandbox.isolation()[0] != "view", reason="this machine allows no private filesystem view")
+
+
+@view
+def test_the_validation_split_is_out_of_reach(run_candidate, stdlib_data):
+    r = run_candidate(f"""
+        folder = {stdlib_data.folder!r}
+        print("listing:", sorted(os.listdir(folder)))
+        for name in ("val.bin", "val_docs.npy"):
+            try:
+                open(os.path.join(folder, name), "rb").read(16)
+                print("READ", name)
+            except OSError as e:
+                print("refused", name, type(e).__name__)
+        prepare.hand_over(unigram, 8, 'cpu')
+    """)
+    assert r.status == "ok" and "READ" not in r.log_tail
+    assert r.log_tail.count("refused") == 2 and "val.bin" not in r.log_tail.split("listing:")[1].splitlines()[0]
+    assert r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-6)
+
+
+@view
+def test_writes_outside_the_scratch_folder_fail(run_candidate, stdlib_data, tmp_path):
+    outside = tmp_path / "outside.txt"
+    targets = [os.path.join(ROOT, "model", "prepare.py"), os.path.join(stdlib_data.folder, "train.bin"), str(outside),
+               os.path.join(os.path.dirname(stdlib_data.folder), "new.bin"), "/etc/escape", "/tmp/escape", "/escape"]
+    before = {t: open(t, "rb").read() for t in targets[:2]}
+    r = run_candidate(f"""
+        for path in {targets!r}:
+            try:
+                with open(path, "ab") as f:
+                    f.write(b"pwned")
+                print("WROTE", path)
+            except OSError as e:
+                print("refused", type(e).__name__)
+        with open("mine.txt", "w") as f:  # its own folder is writable
+            f.write("ok")
+        prepare.hand_over(unigram, 8, 'cpu')
+    """)
+    assert r.status == "ok" and "WROTE" not in r.log_tail and r.log_tail.count("refused") == len(targets)
+    assert {t: open(t, "rb").read() for t in targets[:2]} == before and not outside.exists()
+    assert not any(os.path.exists(p) for p in ("/etc/escape", "/tmp/escape", "/escape"))
+
+
+@view
+def test_no_secret_environment_no_other_processes_no_root(run_candidate, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test-secret")
+    r = run_candidate("""
+        found = [k for k, v in os.environ.items() if "secret" in v]
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                try:
+                    found += [pid] if b"secret" in open(f"/proc/{pid}/environ", "rb").read() else []
+                except OSError:
+                    pass
+        print("pids:", sorted(int(p) for p in os.listdir("/proc") if p.isdigit()), "me:", os.getpid(), "found:", found)
+        try:
+            os.setuid(0)
+            print("BECAME ROOT")
+        except OSError:
+            print("no root")
+        prepare.hand_over(unigram, 8, 'cpu')
+    """)
+    assert r.status == "ok" and "found: []" in r.log_tail and "no root" in r.log_tail
+    assert "pids: [1] me: 1" in r.log_tail  # nothing of the harness's side is visible
+    assert "user-nobody" in r.isolation or "no-capabilities" in r.isolation
+
+
 def test_too_many_processes(run_candidate):
     r = run_candidate("""
         procs = [subprocess.Popen(["sleep", "314.1"]) for _ in range(100)]
