@@ -32,3 +32,25 @@ with profile(activities=[ProfilerActivity.CUDA]) as p:
         step()
     torch.cuda.synchronize()
 print(p.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+
+def kind(name):  # kernel name -> share-table row
+    n = name.lower()
+    if "flex" in n:
+        return "flex attention backward" if "backward" in n else "flex attention forward"
+    if "nvjet" in n or "gemm" in n or "cutlass" in n or "xmma" in n:
+        return "matrix products (cuBLAS)"
+    if "softmax" in n:
+        return "log-softmax (cross-entropy)"
+    if n.startswith("triton_"):
+        return "other fused Triton kernels (norms, activations, casts, optimizer)"
+    return "other: " + name[:40]
+
+shares = {}
+for e in p.key_averages():
+    t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+    if t > 0:
+        shares[kind(e.key)] = shares.get(kind(e.key), 0) + t
+total = sum(shares.values())
+print(f"kernel time per step {total / 3e3:.1f} ms; shares:")
+for k, t in sorted(shares.items(), key=lambda kv: -kv[1])[:12]:
+    print(f"  {100 * t / total:5.1f} %  {t / 3e3:6.1f} ms  {k}")

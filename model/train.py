@@ -20,6 +20,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import prepare
 
 prepare.use_compile_cache()
+# Bytecode of torch's sources, kept beside the compile cache, written there even under
+# PYTHONDONTWRITEBYTECODE (site-packages stays untouched): where no usable .pyc files ship,
+# a warm start then skips recompiling ~2000 modules (~5 s on the H100 machine).
+sys.pycache_prefix = sys.pycache_prefix or os.path.join(prepare.cache_dir(), "pycache")
+sys.dont_write_bytecode = False
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 
 import torch
@@ -41,26 +46,33 @@ DEVICE = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is
 if DEVICE == "cuda":  # H100-class GPU
     DEPTH = 8                  # transformer blocks
     MODEL_DIM = 512            # residual stream width
-    DEVICE_BATCH_SIZE = 128    # rows per forward pass (lower it if memory runs out)
-    TOTAL_BATCH_SIZE = 2**18   # tokens per optimizer step; twice the steps of 2**19, 0.480 vs 0.487 on the H100
+    DEVICE_BATCH_SIZE = 64     # rows per forward pass (lower it if memory runs out)
+    TOTAL_BATCH_SIZE = 2**17   # tokens per optimizer step: small batches, many steps (bench/RESULTS.md)
 else:  # CPU or Apple MPS: a model small enough to learn within a minute
     DEPTH = 4
     MODEL_DIM = 128
     DEVICE_BATCH_SIZE = 8
     TOTAL_BATCH_SIZE = 8 * 256
 HEAD_DIM = 128 if DEVICE == "cuda" else 32  # per attention head
-WINDOW_PATTERN = "SSSL"    # per layer: S = half-context sliding window, L = full; the last layer is always L
+WINDOW_PATTERN = "SSSL"    # per layer: S = sliding window of SHORT_WINDOW tokens, L = full; the last layer is always L
+SHORT_WINDOW = prepare.MAX_SEQ_LEN // 2
+ROPE_BASE = 200_000
 MLP_RATIO = 4              # hidden width of the ReLU^2 MLP
 LOGIT_SOFTCAP = 15         # tanh cap on the output logits
 UNTIMED_STEPS = 10 if DEVICE == "cuda" else 0  # first steps (compilation) do not count against the budget
 
-EMBEDDING_LR = 0.6         # Adam, token and value embeddings
-UNEMBEDDING_LR = 0.004     # Adam, lm_head
+EMBEDDING_LR = 0.9         # Adam, token and value embeddings
+UNEMBEDDING_LR = 0.005     # Adam, lm_head
 SCALAR_LR = 0.5            # Adam, per-layer residual scalars
 MATRIX_LR = 0.04           # Muon, every matrix inside the blocks
-WEIGHT_DECAY = 0.2         # Muon's cautious weight decay, decayed to 0 with progress
+WEIGHT_DECAY = 0.15        # Muon's cautious weight decay, decayed to 0 with progress
+ADAM_WEIGHT_DECAY = dict(embedding=0.001, value_embedding=0.003, lm_head=0.01)  # AdamW's, decoupled
+INIT_SCALE = 0.68          # of the block matrices' uniform init (std 1/sqrt(dim) at 1)
+X0_LAMBDA_INIT = 0.05      # per-layer weight of the first layer's input, mixed back into the stream
 ADAM_BETAS = (0.8, 0.95)
-WARMDOWN_RATIO = 0.5       # final fraction of the budget over which the LR falls linearly to 0
+WARMDOWN_RATIO = 0.75      # final fraction of the budget over which the LR falls linearly...
+FINAL_LR_FRAC = 0.05       # ...to this fraction of its peak
+MUON_MOMENTUM_WARMUP = 200 # steps over which Muon's momentum rises from 0.85 to 0.95
 
 SEQ_LEN = prepare.MAX_SEQ_LEN
 TIME_BUDGET = prepare.TIME_BUDGET
@@ -149,9 +161,9 @@ class Block(nn.Module):
     def forward(self, x, ve, cos, sin, docs, window, masks):
         B, T, _ = x.shape
         h = norm(x)
-        q = self.c_q(h).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(h).view(B, T, self.n_head, self.head_dim)
-        v = self.c_v(h).view(B, T, self.n_head, self.head_dim)
+        # one matrix product for q, k and v (Muon still sees three matrices)
+        qkv = F.linear(h, torch.cat([self.c_q.weight, self.c_k.weight, self.c_v.weight]))
+        q, k, v = qkv.view(B, T, 3 * self.n_head, self.head_dim).split(self.n_head, dim=2)
         if ve is not None:  # value residual: token-dependent values mixed in per head
             v = v + 2 * torch.sigmoid(self.ve_gate(h[..., :32])).unsqueeze(-1) * ve.view_as(v)
         q, k = norm(rotate(q, cos, sin)), norm(rotate(k, cos, sin))
@@ -171,17 +183,17 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(MODEL_DIM, n_head, i in self.value_layers) for i in range(DEPTH)])
         self.lm_head = nn.Linear(MODEL_DIM, vocab_size, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(DEPTH))
-        self.x0_lambdas = nn.Parameter(torch.full((DEPTH,), 0.1))
-        self.windows = [SEQ_LEN // 2 if WINDOW_PATTERN[i % len(WINDOW_PATTERN)] == "S" else SEQ_LEN for i in range(DEPTH)]
+        self.x0_lambdas = nn.Parameter(torch.full((DEPTH,), X0_LAMBDA_INIT))
+        self.windows = [SHORT_WINDOW if WINDOW_PATTERN[i % len(WINDOW_PATTERN)] == "S" else SEQ_LEN for i in range(DEPTH)]
         self.windows[-1] = SEQ_LEN
-        freq = 1.0 / 10000 ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM)
+        freq = 1.0 / ROPE_BASE ** (torch.arange(0, HEAD_DIM, 2, dtype=torch.float32) / HEAD_DIM)
         angle = torch.outer(torch.arange(SEQ_LEN, dtype=torch.float32), freq)[None, :, None, :]
         self.register_buffer("cos", angle.cos(), persistent=False)
         self.register_buffer("sin", angle.sin(), persistent=False)
 
     @torch.no_grad()
     def init_weights(self):
-        s = (3 / MODEL_DIM) ** 0.5  # uniform bound with std 1/sqrt(dim)
+        s = INIT_SCALE * (3 / MODEL_DIM) ** 0.5  # uniform bound with std INIT_SCALE/sqrt(dim)
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for ve in self.value_embeds.values():
@@ -288,9 +300,11 @@ class Muon(torch.optim.Optimizer):
 
 def make_optimizers(model):
     dim_scale = (MODEL_DIM / 768) ** -0.5  # Adam LRs were tuned at width 768
+    wd = ADAM_WEIGHT_DECAY
     adam_groups = [
-        dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * dim_scale),
-        dict(params=[model.wte.weight, *model.value_embeds.parameters()], lr=EMBEDDING_LR * dim_scale),
+        dict(params=[model.lm_head.weight], lr=UNEMBEDDING_LR * dim_scale, weight_decay=wd["lm_head"]),
+        dict(params=[model.wte.weight], lr=EMBEDDING_LR * dim_scale, weight_decay=wd["embedding"]),
+        dict(params=list(model.value_embeds.parameters()), lr=EMBEDDING_LR * dim_scale, weight_decay=wd["value_embedding"]),
         dict(params=[model.resid_lambdas], lr=SCALAR_LR * 0.01),
         dict(params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
     ]
@@ -345,12 +359,13 @@ while True:
     sync()
     t0 = time.time()
     progress = min(train_seconds / TIME_BUDGET, 1.0)
-    lr_mult = min(1.0, (1.0 - progress) / WARMDOWN_RATIO) if WARMDOWN_RATIO > 0 else 1.0
+    cooldown = min(1.0, (1.0 - progress) / WARMDOWN_RATIO) if WARMDOWN_RATIO > 0 else 1.0
+    lr_mult = cooldown + (1.0 - cooldown) * FINAL_LR_FRAC
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lr_mult
     for group in muon.param_groups:
-        group["momentum"] = 0.85 + 0.10 * min(step / 300, 1.0)
+        group["momentum"] = 0.85 + 0.10 * min(step / MUON_MOMENTUM_WARMUP, 1.0)
         group["weight_decay"] = WEIGHT_DECAY * (1 - progress)
     for _ in range(grad_accum):
         with autocast:

@@ -45,7 +45,7 @@ def test_block_layout_and_forward_match_the_dense_mask(window, p):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (compiled flex attention)")
-@pytest.mark.parametrize("window", [1024, 2048])
+@pytest.mark.parametrize("window", [256, 1024, 2048])
 def test_compiled_flex_forward_and_backward_match_sdpa_on_gpu(window):
     g = attention_section()
     B, H, T, D = 8, 4, 2048, 128
