@@ -14,7 +14,11 @@ mkdir -p "$OUT"
 source bench/h100_corpus.sh
 AUTORESEARCH_TIME_BUDGET=${SHORT:-20} python3 model/train.py > "$OUT/inprocess.log" 2>&1 || { tail -30 "$OUT/inprocess.log"; exit 1; }
 grep -A20 '^---' "$OUT/inprocess.log"
-if [ "${WARM:-1}" = 1 ]; then cp -a "$AUTORESEARCH_CACHE/inductor/." "$AUTORESEARCH_CACHE/sandbox-compile/"; fi
+if [ "${WARM:-1}" = 1 ]; then
+  mkdir -p "$AUTORESEARCH_CACHE/sandbox-compile"
+  cp -a "$AUTORESEARCH_CACHE/inductor/." "$AUTORESEARCH_CACHE/sandbox-compile/"
+  cp -a "$AUTORESEARCH_CACHE/pycache" "$AUTORESEARCH_CACHE/sandbox-compile/" 2>/dev/null || true
+fi
 python3 -m node experiment model/train.py --budget "${BUDGET:-300}" --json > "$OUT/sandbox.json" 2> "$OUT/sandbox.err" || true
 python3 - "$OUT/inprocess.log" "$OUT/sandbox.json" <<'PY'
 import json, re, sys

@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 
 def experiment(args):
@@ -37,6 +38,8 @@ def experiment(args):
         print(f"val_bpb:          {r.val_bpb:.6f}" if r.val_bpb is not None else "val_bpb:          -")
         print(f"training_seconds: {r.training_seconds:.1f}  (launch to hand-over)")
         print(f"total_seconds:    {r.total_seconds:.1f}")
+        if r.evaluation_seconds is not None:
+            print(f"eval_seconds:     {r.evaluation_seconds:.1f}  (the harness's evaluation)")
         print(f"peak_memory_mb:   {r.peak_memory_mb:.0f}")
         print(f"hardware:         {r.hardware.accelerator} x{r.hardware.count} ({r.hardware.backend}, {r.hardware.framework}, "
               f"profile {r.hardware.profile}, budget {r.hardware.budget_seconds:g}s, data {r.hardware.data_fingerprint[:16]})")
@@ -46,9 +49,144 @@ def experiment(args):
     return 0 if result.status == "ok" else 1
 
 
+def _detect_profile():
+    try:
+        import torch
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
+
+
+def _settings(args):
+    from node import config
+    overrides = {k: getattr(args, k, None) for k in config.SETTINGS}
+    s = config.load(args.config, overrides)
+    s["profile"] = s["profile"] or _detect_profile()
+    s["budget"] = s["budget"] or (float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300)) if s["profile"] == "gpu"
+                                  else config.CPU_BUDGET)
+    os.environ["AUTORESEARCH_PROFILE"] = s["profile"]  # read when the harness is imported
+    return s
+
+
+def _data(source):
+    """The prepared data, preparing `source` first when there is none."""
+    from model import prepare
+    try:
+        return prepare.load_data()
+    except prepare.DataError as e:
+        if "no prepared data in" not in str(e):
+            raise
+    print(f"no prepared data yet: preparing --source {source} (once; cached in {prepare.cache_dir()})", flush=True)
+    if prepare.main(["--source", source]) != 0:
+        raise prepare.DataError(f"could not prepare --source {source}")
+    return prepare.load_data()
+
+
+def join(args):
+    from model import prepare
+    from node import config, home as homes, loop
+    try:
+        s = _settings(args)
+        home = os.path.abspath(args.home or homes.default_home())
+        os.makedirs(home, exist_ok=True)
+        data = _data(s["data"])
+        node = loop.Node(home, s, data)
+    except (config.ConfigError, prepare.DataError, homes.HomeError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"node home {home} | profile {s['profile']} | budget {s['budget']:g}s | proposer {node.proposer.name} | "
+          f"data {data.fingerprint[:16]}", flush=True)
+    try:
+        node.run()
+    except homes.HomeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        node.close()
+    st = loop.status(home)
+    print(f"done: {st['experiments']} experiments, {st['kept']} kept, {st['crashed']} crashed; best val_bpb "
+          f"{st['best_val_bpb']:.6f} (baseline {st['baseline_val_bpb']:.6f}, noise {st['noise']:.6f})"
+          if st["best_val_bpb"] is not None else "done", flush=True)
+    return 0
+
+
+def status(args):
+    import json
+    from node import home as homes, loop
+    try:
+        st = loop.status(os.path.abspath(args.home or homes.default_home()))
+    except homes.HomeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(st))
+        return 0
+    fmt = lambda v, f: format(v, f) if v is not None else "-"
+    print(f"best val_bpb:   {fmt(st['best_val_bpb'], '.6f')}  (commit {(st['best_commit'] or '-')[:7]})")
+    print(f"baseline:       {fmt(st['baseline_val_bpb'], '.6f')}")
+    print(f"noise (sd):     {fmt(st['noise'], '.6f')}")
+    print(f"experiments:    {st['experiments']} ({st['kept']} kept, {st['discarded']} discarded, {st['crashed']} crashed); "
+          f"{st['runs']} runs in all")
+    print(f"duty cycle:     {fmt(st['duty_cycle'] and 100 * st['duty_cycle'], '.1f')} %  (budgeted training / wall)")
+    print(f"running:        {'yes, up ' + fmt(st['uptime_seconds'], '.0f') + ' s' if st['running'] else 'no'}")
+    return 0
+
+
+def suggest(args):
+    from node import home as homes
+    home = os.path.abspath(args.home or homes.default_home())
+    queue = os.path.join(home, "queue")
+    if not os.path.isdir(queue):
+        print(f"error: no node home at {home}", file=sys.stderr)
+        return 2
+    if args.note is not None:
+        if not args.note.strip():
+            print("error: the note is empty", file=sys.stderr)
+            return 2
+        body, ext = args.note.strip() + "\n", ".note"
+    else:
+        try:
+            with open(args.patch) as f:
+                body = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            print(f"error: cannot read {args.patch}: {e}", file=sys.stderr)
+            return 2
+        touched = {line[6:].split("\t")[0] for line in body.splitlines() if line.startswith("+++ b/") or line.startswith("--- a/")}
+        if not touched:
+            print(f"error: {args.patch} is not a unified diff (git diff format)", file=sys.stderr)
+            return 2
+        if touched != {"train.py"}:
+            print(f"error: the patch touches {', '.join(sorted(touched))}; only train.py may change", file=sys.stderr)
+            return 2
+        ext = ".patch"
+    name = f"{time.time():.6f}-{os.getpid()}{ext}"
+    tmp = os.path.join(queue, "." + name)
+    with open(tmp, "w") as f:
+        f.write(body)
+    os.replace(tmp, os.path.join(queue, name))
+    print(f"queued {name}: it runs next" if ext == ".patch" else f"queued note {name} for the proposer")
+    return 0
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m node", description="An autoresearch-swarm node.")
-    sub = ap.add_subparsers(dest="command", required=True)
+    from node import config
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["prepare"]:  # everything after it belongs to model.prepare, --help included
+        from model import prepare
+        return prepare.main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m node", description=(
+        "An autoresearch-swarm node: evolves train.py by experiments in a sandbox, keeping only what beats "
+        "the measured noise."))
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    jn = sub.add_parser("join", help="run the research loop (forever, or --max-experiments N)",
+                        description="Start the node: prepare data if needed, run the baseline, then propose, run and "
+                                    "keep or discard experiments until stopped (Ctrl-C stops cleanly; kill -9 is safe too).")
+    jn.add_argument("--home", help="node folder (default: ~/.cache/autoresearch-swarm/node); one node per home")
+    jn.add_argument("--config", help="a TOML file of settings (see configs/); flags override it")
+    for key, (default, kind, text) in config.SETTINGS.items():
+        jn.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, help=text + (f" [{default}]" if default is not None else ""))
+
     ex = sub.add_parser("experiment", help="run one candidate train.py in the sandbox and report its result",
                         description="Run one candidate train.py in the sandbox: confined, under the budget, "
                                     "its val_bpb computed by the harness. Exit 0 if ok, 1 otherwise.")
@@ -56,10 +194,30 @@ def main(argv=None):
     ex.add_argument("--budget", type=float, help="training seconds (default: $AUTORESEARCH_TIME_BUDGET or 300)")
     ex.add_argument("--profile", choices=["gpu", "cpu"], help="evaluation profile (default: gpu with CUDA, else cpu)")
     ex.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+    st = sub.add_parser("status", help="best val_bpb, experiments run/kept/crashed, noise, uptime",
+                        description="Report a node's state from its store (works while it runs).")
+    st.add_argument("--home", help="node folder (default: ~/.cache/autoresearch-swarm/node)")
+    st.add_argument("--json", action="store_true", help="one JSON object")
+
+    sg = sub.add_parser("suggest", help="queue a diff to run next, or a note for the LLM proposer",
+                        description="Queue a person's suggestion: a unified diff of train.py (run next, like any "
+                                    "candidate) or --note TEXT (context for the Claude proposer).")
+    sg.add_argument("--home", help="node folder (default: ~/.cache/autoresearch-swarm/node)")
+    what = sg.add_mutually_exclusive_group(required=True)
+    what.add_argument("patch", nargs="?", metavar="PATCH_FILE", help="a git-style diff touching only train.py")
+    what.add_argument("--note", help="a note for the proposer")
+
+    pr = sub.add_parser("prepare", help="prepare data and tokenizer (python -m model.prepare)", add_help=False,
+                        description="Prepare the training and validation data; arguments go to python -m model.prepare.")
+    pr.add_argument("rest", nargs=argparse.REMAINDER)
+
     args = ap.parse_args(argv)
-    if args.budget is not None and not args.budget > 0:
-        ap.error("--budget must be a positive number of seconds")
-    return experiment(args)
+    if args.command == "experiment":
+        if args.budget is not None and not args.budget > 0:
+            ap.error("--budget must be a positive number of seconds")
+        return experiment(args)
+    return {"join": join, "status": status, "suggest": suggest}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -26,9 +26,11 @@ from sandbox.result import HardwareTag, Result
 # Seconds beyond the training budget: `startup` to start (imports, compilation); a hand-over
 # later than budget + startup is over budget, and none by `grace` seconds more is a timeout;
 # then `evaluation` seconds to serve the validation batches. Sizes bound the candidate.
+# `probes`: causality-probe batches (each one more forward pass: on the GPU profile one
+# batch is 64 rows of 2048 tokens, each row probed at its own random cut).
 LIMITS = {
-    "gpu": dict(startup=120, grace=30, evaluation=180, processes=64, file_bytes=4 << 30),
-    "cpu": dict(startup=30, grace=10, evaluation=120, processes=64, file_bytes=4 << 30),
+    "gpu": dict(startup=120, grace=30, evaluation=180, processes=64, file_bytes=4 << 30, probes=1),
+    "cpu": dict(startup=30, grace=10, evaluation=120, processes=64, file_bytes=4 << 30, probes=2),
 }
 LOG_TAIL_LINES = 40
 MODEL_DIR = os.path.dirname(os.path.abspath(prepare.__file__))
@@ -171,6 +173,7 @@ def _scrubbed_env(scratch, fd, data, profile, budget, compiled):
     keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES") if k in os.environ}
     return dict(keep, HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR, PYTHONUNBUFFERED="1",
                 TORCHINDUCTOR_CACHE_DIR=compiled, TRITON_CACHE_DIR=os.path.join(compiled, "triton"),
+                PYTHONPYCACHEPREFIX=os.path.join(compiled, "pycache"),
                 PYTHONDONTWRITEBYTECODE="1", AUTORESEARCH_CACHE=prepare.cache_dir(), AUTORESEARCH_DATA=data.fingerprint,
                 AUTORESEARCH_PROFILE=profile, AUTORESEARCH_TIME_BUDGET=str(budget), **{prepare.HARNESS_ENV: str(fd)})
 
@@ -180,7 +183,7 @@ def _summary_value(log, key):
     return float(m[-1]) if m else None
 
 
-def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None, probes=2, limits=None, hide=(),
+def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None, probes=None, limits=None, hide=(),
         progress=None):
     """Run the tree at `candidate` (a folder with train.py); never raises for what
     the candidate does. `limits` overrides entries of the profile's LIMITS; `hide`
@@ -231,6 +234,10 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                                 preexec_fn=_confine(limits))
     theirs.close()
     try:
+        # while the candidate starts: what the evaluation needs, so that it starts at once
+        rows = prepare.eval_rows(data.val, data.val_docs, prepare.PROFILES[profile]["max_seq_len"],
+                                 prepare.PROFILES[profile]["eval_tokens"])
+        _warm_cuda(hardware)
         # training: wait for the hand-over, watching the process tree and the clock
         while status is None and handover is None:
             ready, _, _ = select.select([ours], [], [], 0.2)
@@ -263,14 +270,13 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
             if progress:
                 progress("evaluating", time.time() - t0, 0)
             ours.settimeout(max(1.0, hard_limit - (time.time() - t0)))
-            rows = prepare.eval_rows(data.val, data.val_docs, prepare.PROFILES[profile]["max_seq_len"],
-                                     prepare.PROFILES[profile]["eval_tokens"])
             rng = np.random.default_rng(seed)
             device = _cuda_device(ready.get("device"))
             model = evaluate.CudaIpcModel(ours, data.vocab_size, device) if device else evaluate.RemoteModel(ours, data.vocab_size)
             try:
                 val_bpb = evaluate.evaluate(model, rows, data.token_bytes, _batch_size(profile, data, shared=bool(device)),
-                                            rng, probes=probes, device=device or "cpu")
+                                            rng, probes=limits["probes"] if probes is None else probes,
+                                            device=device or "cpu")
                 status, evaluated = "ok", time.time() - t0
                 model.close()
                 prepare.send_frame(ours, {"op": "done"})
@@ -309,6 +315,13 @@ def _batch_size(profile, data, shared):
     buffer, as in-process evaluation; 2^26 (256 MiB) through the socket."""
     cap = 2**30 if shared else 2**26
     return max(1, min(64, cap // (prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size)))
+
+
+def _warm_cuda(hardware):
+    """Create this process's CUDA context now (about a second), not when evaluation starts."""
+    if hardware.backend == "cuda":
+        import torch
+        torch.empty(1, device="cuda")
 
 
 def _cuda_device(name):

@@ -1,0 +1,68 @@
+"""Node settings: embedded defaults, then a TOML file (--config), then command-line flags."""
+
+import os
+import tomllib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name: (default, type, help)
+SETTINGS = {
+    "budget": (None, float, "training seconds per experiment (default: the profile's: 300 on a GPU, 30 on CPU)"),
+    "profile": (None, str, "evaluation profile, gpu or cpu (default: gpu with CUDA, else cpu)"),
+    "data": ("stdlib", str, "data source prepared on first start when no data is ready (see python -m node prepare)"),
+    "proposer": ("auto", str, "offline, claude, or auto (offline until the Claude proposer lands)"),
+    "seed": (0, int, "seed of the offline proposer"),
+    "max_experiments": (0, int, "stop after this many experiments (0: run until stopped)"),
+    "baseline_runs": (2, int, "runs of the unmodified tree at the start, to measure the noise"),
+    "remeasure_every": (8, int, "re-measure the current best after this many experiments"),
+    "max_reruns": (2, int, "extra runs of a thin win before it is kept or dropped"),
+    "keep_sigmas": (2.0, float, "a keep must beat the best by this many standard errors"),
+    "noise_floor": (0.0005, float, "smallest run-to-run noise assumed, in val_bpb"),
+}
+CPU_BUDGET = 30.0
+
+
+class ConfigError(Exception):
+    pass
+
+
+def load(path=None, overrides=None):
+    """Settings as a dict: defaults < the file at path < overrides (None values ignored)."""
+    out = {k: v[0] for k, v in SETTINGS.items()}
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+        for key, value in raw.items():
+            if key not in SETTINGS:
+                raise ConfigError(f"config {path}: unknown key '{key}' (known: {', '.join(SETTINGS)})")
+            out[key] = _typed(key, value, path)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            out[key] = _typed(key, value, "the command line")
+    if out["profile"] not in (None, "gpu", "cpu"):
+        raise ConfigError(f"profile must be gpu or cpu, not {out['profile']!r}")
+    if out["proposer"] not in ("auto", "offline", "claude"):
+        raise ConfigError(f"proposer must be offline, claude or auto, not {out['proposer']!r}")
+    for key in ("budget", "noise_floor", "keep_sigmas"):
+        if out[key] is not None and not out[key] > 0:
+            raise ConfigError(f"{key} must be positive, not {out[key]}")
+    for key in ("max_experiments", "max_reruns", "remeasure_every"):
+        if out[key] < 0:
+            raise ConfigError(f"{key} must not be negative, not {out[key]}")
+    if out["baseline_runs"] < 2:
+        raise ConfigError("baseline_runs must be at least 2: the noise is measured from them")
+    return out
+
+
+def _typed(key, value, where):
+    kind = SETTINGS[key][1]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {value!r}")
+    return value

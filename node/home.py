@@ -1,0 +1,192 @@
+"""A node's home folder: the git tree, the identity key, the durable store of every
+experiment, and the two journals derived from it (results.tsv, events.jsonl).
+
+    HOME/tree/          git repository holding the editable train.py (branch "node")
+    HOME/identity.key   Ed25519 private key, mode 0600
+    HOME/store.sqlite   every experiment and the current best: the source of truth
+    HOME/results.tsv    autoresearch's columns, rewritten from the store at start
+    HOME/events.jsonl   one JSON object per event
+    HOME/queue/         suggestions waiting to run (python -m node suggest)
+    HOME/lock           held by the running node
+"""
+
+import fcntl
+import json
+import os
+import sqlite3
+import time
+
+import orjson
+
+RESULTS_COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description")
+
+
+class HomeError(Exception):
+    pass
+
+
+def default_home():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "autoresearch-swarm", "node")
+
+
+class Lock:
+    """One node per home: an flock held for the node's life (released by the kernel on any death)."""
+
+    def __init__(self, home):
+        self.path = os.path.join(home, "lock")
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            raise HomeError(f"another node (pid {holder}) is running on {home}; stop it or use another --home") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self):
+        os.close(self.fd)
+
+
+def identity_key(home):
+    """The node's Ed25519 private key, created on first start (mode 0600)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    path = os.path.join(home, "identity.key")
+    if not os.path.exists(path):
+        raw = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(raw)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    with open(path, "rb") as f:
+        return serialization.load_pem_private_key(f.read(), password=None)
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS experiments (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,          -- baseline | candidate | suggestion | rerun | remeasure
+    started REAL NOT NULL,
+    finished REAL,
+    parent TEXT NOT NULL,        -- commit the candidate was made from
+    commit_ TEXT,                -- the candidate's commit
+    description TEXT NOT NULL,
+    proposer TEXT NOT NULL,
+    status TEXT NOT NULL,        -- running | keep | discard | crash | interrupted | rejected
+    val_bpb REAL,
+    memory_gb REAL,
+    noise REAL,                  -- the noise estimate when it was decided
+    edit TEXT,                   -- the proposer's structured edit (JSON), for the offline proposer
+    result TEXT                  -- the sandbox result (JSON)
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, at REAL NOT NULL, text TEXT NOT NULL);
+"""
+
+
+class Store:
+    """SQLite, every write a durable transaction."""
+
+    def __init__(self, path):
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def get(self, key, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def start(self, kind, parent, commit, description, proposer, edit=None):
+        cur = self.db.execute(
+            "INSERT INTO experiments (kind, started, parent, commit_, description, proposer, status, edit) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
+            (kind, time.time(), parent, commit, description, proposer, json.dumps(edit) if edit is not None else None))
+        return cur.lastrowid
+
+    def finish(self, exp_id, status, val_bpb=None, memory_gb=None, noise=None, result=None, best=None):
+        """Record an outcome, and when `best` is given make it the kept commit, atomically."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("UPDATE experiments SET status = ?, finished = ?, val_bpb = ?, memory_gb = ?, noise = ?, "
+                            "result = ? WHERE id = ?", (status, time.time(), val_bpb, memory_gb, noise, result, exp_id))
+            if best is not None:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES ('best_commit', ?)", (best,))
+
+    def set(self, key, value):
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
+
+    def experiments(self):
+        return self.db.execute("SELECT * FROM experiments ORDER BY id").fetchall()
+
+    def mark_interrupted(self):
+        """Runs that were under way, or measured but not yet decided, when the node died."""
+        return self.db.execute("UPDATE experiments SET status = 'interrupted', finished = coalesce(finished, ?) "
+                               "WHERE status IN ('running', 'measured')", (time.time(),)).rowcount
+
+    def add_note(self, text):
+        self.db.execute("INSERT INTO notes (at, text) VALUES (?, ?)", (time.time(), text))
+
+    def notes(self):
+        return [r["text"] for r in self.db.execute("SELECT text FROM notes ORDER BY id")]
+
+
+def results_row(exp):
+    """One results.tsv line (autoresearch's columns) for a finished experiment, or None."""
+    if exp["status"] not in ("keep", "discard", "crash"):
+        return None
+    desc = " ".join(exp["description"].split())  # one line, no tabs
+    return "\t".join([(exp["commit_"] or exp["parent"])[:7], f"{exp['val_bpb'] or 0.0:.6f}",
+                      f"{exp['memory_gb'] or 0.0:.1f}", exp["status"], desc])
+
+
+def write_results(path, experiments):
+    """Rewrite results.tsv from the store, atomically."""
+    lines = ["\t".join(RESULTS_COLUMNS)] + [r for r in map(results_row, experiments) if r]
+    _atomic_write(path, "\n".join(lines) + "\n")
+
+
+def append_results(path, exp):
+    row = results_row(exp)
+    if row:
+        _append(path, (row + "\n").encode())
+
+
+class Events:
+    """events.jsonl: appended and fsynced; a torn last line from a crash is cut at start."""
+
+    def __init__(self, path):
+        self.path = path
+        if os.path.exists(path):
+            with open(path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+
+    def __call__(self, event, **fields):
+        _append(self.path, orjson.dumps({"t": round(time.time(), 3), "event": event, **fields}) + b"\n")
+
+
+def _append(path, data):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,205 @@
+"""Proposers: given what the node knows, return the next candidate train.py.
+
+The offline proposer needs no key: it edits the constants block of train.py (the
+assignments at the top level, or inside `if DEVICE == "cuda":` / `else:` for this
+machine's branch), one parameter and direction at a time, chosen by a UCB bandit over
+what the node has measured, and now and then combines two near-misses. Reproducible
+under a seed: the same history and seed give the same proposal.
+"""
+
+import dataclasses
+import math
+import random
+import re
+
+ASSIGN = re.compile(r"^(?P<indent>[ \t]*)(?P<name>[A-Z][A-Z0-9_]*)(?P<eq>[ \t]*=[ \t]*)(?P<value>[^#\n]*?)"
+                    r"(?P<rest>[ \t]*(#[^\n]*)?)$", re.M)
+NUMBER = r"\d+(?:\.\d*)?(?:[eE][-+]?\d+)?"
+# what is tried first, before the bandit has data: the usual winners of short-budget runs
+PRIOR = ("MATRIX_LR", "TOTAL_BATCH_SIZE", "EMBEDDING_LR", "WARMDOWN_RATIO", "UNEMBEDDING_LR", "DEPTH", "MODEL_DIM",
+         "WEIGHT_DECAY", "SCALAR_LR", "WINDOW_PATTERN", "MLP_RATIO")
+
+
+@dataclasses.dataclass(frozen=True)
+class Proposal:
+    source: str          # the whole candidate train.py
+    description: str     # one line
+    edit: dict | None = None  # structured form, for proposers that learn from history
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    source: str          # the current best train.py
+    history: list        # finished experiments, oldest first: dicts with edit, status, val_bpb, parent_bpb
+    noise: float         # run-to-run standard deviation of val_bpb
+    backend: str         # cuda | mps | cpu
+    notes: list          # people's notes (python -m node suggest --note)
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant:
+    name: str
+    value: object        # int, float or str
+    kind: str            # float | pow2 | int | pattern
+    span: tuple          # (start, end) of the value text in the source
+    power_form: bool     # written as 2**k
+
+
+def constants(source, backend):
+    """The tunable constants of this machine's branch, by name."""
+    branch, out, pos = None, {}, 0
+    mine = "cuda" if backend == "cuda" else "other"
+    for line in source.splitlines(keepends=True):
+        start, pos = pos, pos + len(line)
+        stripped = line.strip()
+        if stripped and not line[0].isspace():  # a top-level line opens or closes a device branch
+            branch = ("cuda" if stripped.startswith('if DEVICE == "cuda"') else
+                      "other" if stripped.split("#")[0].strip() == "else:" and branch == "cuda" else None)
+        m = ASSIGN.match(line.rstrip("\n"))
+        if not m or (m["indent"] and branch != mine):
+            continue
+        c = _parse(m["name"], m["value"].strip(), start + m.start("value"), start + m.start("value") + len(m["value"].rstrip()))
+        if c:
+            out[c.name] = c
+    return out
+
+
+def _parse(name, text, start, end):
+    if re.fullmatch(r"2\s*\*\*\s*\d+", text):
+        return Constant(name, 2 ** int(text.split("**")[1]), "pow2", (start, end), True)
+    if re.fullmatch(r"\d+\s*\*\s*\d+", text):
+        a, b = map(int, text.split("*"))
+        v = a * b
+        return Constant(name, v, "pow2" if v & (v - 1) == 0 else "int", (start, end), False)
+    if re.fullmatch(r"\d+", text):
+        v = int(text)
+        if v <= 0:
+            return None
+        return Constant(name, v, "pow2" if v >= 2 and v & (v - 1) == 0 and v > 16 else "int", (start, end), False)
+    if re.fullmatch(NUMBER, text):
+        v = float(text)
+        return Constant(name, v, "float", (start, end), False) if v > 0 else None
+    if re.fullmatch(r'"[SL]+"', text):
+        return Constant(name, text[1:-1], "pattern", (start, end), False)
+    return None
+
+
+def step(c, direction, scale=1.0):
+    """The constant's new value one step in `direction` (up/down), or None."""
+    if c.kind == "float":
+        f = 1.5 ** scale
+        v = c.value * f if direction == "up" else c.value / f
+        if c.value <= 1 and "RATIO" in c.name:
+            v = min(v, 0.95)
+        return float(f"{v:.3g}") if float(f"{v:.3g}") != c.value else None
+    if c.kind == "pow2":
+        v = c.value * 2 if direction == "up" else c.value // 2
+        return v if v >= 1 else None
+    if c.kind == "int":
+        v = c.value + 1 if direction == "up" else c.value - 1
+        return v if v >= 1 else None
+    pattern = c.value
+    if direction == "up":  # one more full-context layer
+        i = pattern.rfind("S")
+        return pattern[:i] + "L" + pattern[i + 1:] if i >= 0 else None
+    i = pattern.find("L")
+    return pattern[:i] + "S" + pattern[i + 1:] if 0 <= i < len(pattern) - 1 else (pattern[:-1] + "S" + "L" if pattern != "L" else None)
+
+
+def render(c, value):
+    if c.kind == "pattern":
+        return f'"{value}"'
+    if c.power_form:
+        return f"2**{int(math.log2(value))}"
+    return repr(value)
+
+
+def apply(source, consts, changes):
+    """source with each (name, new value) written in place."""
+    for name, value in sorted(changes, key=lambda nv: consts[nv[0]].span[0], reverse=True):
+        s, e = consts[name].span
+        source = source[:s] + render(consts[name], value) + source[e:]
+    return source
+
+
+class OfflineProposer:
+    name = "offline"
+
+    def __init__(self, seed=0, combine_every=4):
+        self.seed, self.combine_every = seed, combine_every
+
+    def propose(self, ctx):
+        consts = constants(ctx.source, ctx.backend)
+        if not consts:
+            return None
+        rng = random.Random(f"{self.seed}:{len(ctx.history)}")
+        stats = self._stats(ctx)
+        tried = sum(1 for h in ctx.history if h.get("edit"))
+        if tried and tried % self.combine_every == 0:
+            combo = self._combine(ctx, consts, stats)
+            if combo:
+                return combo
+        arms = [(n, d) for n in consts for d in ("up", "down")]
+        order = {n: i for i, n in enumerate(PRIOR)}
+        arms.sort(key=lambda a: (order.get(a[0], len(PRIOR)), rng.random()))
+        total = sum(s[0] for s in stats.values()) + 1
+
+        def score(arm):
+            n, mean = stats.get(arm, (0, 0.0))
+            if n == 0:
+                return float("inf")
+            return mean + 1.5 * math.sqrt(math.log(total) / n)
+        for arm in sorted(arms, key=lambda a: -score(a)):  # stable: prior order among untried arms
+            n_tries = stats.get(arm, (0, 0.0))[0]
+            new = step(consts[arm[0]], arm[1], scale=1.0 / (1 + n_tries))
+            if new is not None:
+                return self._proposal(ctx.source, consts, [(arm[0], arm[1], new)])
+        return None
+
+    def _stats(self, ctx):
+        """Per (name, direction): tries and mean reward in noise units (crash: -3)."""
+        acc = {}
+        for h in ctx.history:
+            changes = (h.get("edit") or {}).get("changes") or []
+            if len(changes) != 1:
+                continue
+            arm = (changes[0]["name"], changes[0]["dir"])
+            if h["status"] == "crash":
+                r = -3.0
+            elif h.get("val_bpb") is not None and h.get("parent_bpb") is not None:
+                r = max(-3.0, min(3.0, (h["parent_bpb"] - h["val_bpb"]) / max(ctx.noise, 1e-9)))
+            else:
+                continue
+            n, s = acc.get(arm, (0, 0.0))
+            acc[arm] = (n + 1, s + r)
+        return {a: (n, s / n) for a, (n, s) in acc.items()}
+
+    def _combine(self, ctx, consts, stats):
+        """The two best single-parameter near-misses (better, not kept) on different parameters, together."""
+        near = [(mean, arm) for arm, (n, mean) in stats.items() if 0 < mean and arm[0] in consts]
+        near.sort(reverse=True)
+        picked, names = [], set()
+        for _, (name, d) in near:
+            if name not in names:
+                picked.append((name, d))
+                names.add(name)
+        if len(picked) < 2:
+            return None
+        changes = [(n, d, step(consts[n], d)) for n, d in picked[:2]]
+        if any(v is None for _, _, v in changes):
+            return None
+        return self._proposal(ctx.source, consts, changes)
+
+    @staticmethod
+    def _proposal(source, consts, changes):
+        new = apply(source, consts, [(n, v) for n, _, v in changes])
+        desc = "; ".join(f"{n} {render(consts[n], consts[n].value)} -> {render(consts[n], v)}" for n, _, v in changes)
+        edit = {"changes": [{"name": n, "dir": d, "old": consts[n].value, "new": v} for n, d, v in changes]}
+        return Proposal(new, desc, edit)
+
+
+def make(name, seed=0):
+    """The proposer for a setting (offline | claude | auto)."""
+    if name == "claude":
+        raise ValueError("the Claude proposer is not built yet: use --proposer offline (auto uses it for now)")
+    return OfflineProposer(seed)

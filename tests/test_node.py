@@ -1,0 +1,195 @@
+"""The node: settings, proposer, noise-aware keeping, the real loop on CPU, kill -9
+recovery, the lock, suggestions and status."""
+import difflib
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from node import config, gittree, home as homes, loop, proposer as proposers
+
+BASELINE = open(os.path.join(ROOT, "model", "train.py")).read()
+
+
+def node_cli(*args, env, timeout=600):
+    return subprocess.run([sys.executable, "-m", "node", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def env(stdlib_cache, stdlib_data):
+    return dict(os.environ, AUTORESEARCH_CACHE=str(stdlib_cache), AUTORESEARCH_DATA=stdlib_data.fingerprint)
+
+
+# -- settings ---------------------------------------------------------------
+
+def test_config_files_and_overrides(tmp_path):
+    s = config.load(os.path.join(ROOT, "configs", "cpu.toml"), {"budget": 7, "seed": None})
+    assert s["profile"] == "cpu" and s["budget"] == 7.0 and s["seed"] == 0
+    assert config.load(os.path.join(ROOT, "configs", "default.toml"))["budget"] == 300
+    bad = tmp_path / "bad.toml"
+    bad.write_text("budget = 10\nbugdet = 3\n")
+    with pytest.raises(config.ConfigError, match="unknown key 'bugdet'"):
+        config.load(str(bad))
+    bad.write_text('budget = "soon"\n')
+    with pytest.raises(config.ConfigError, match="budget must be float"):
+        config.load(str(bad))
+    bad.write_text("budget = [\n")
+    with pytest.raises(config.ConfigError, match="not valid TOML"):
+        config.load(str(bad))
+
+
+def test_a_broken_config_is_one_line_and_exit_2(env, tmp_path):
+    (tmp_path / "c.toml").write_text("bugdet = 3\n")
+    r = node_cli("join", "--home", str(tmp_path / "home"), "--config", str(tmp_path / "c.toml"), env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown key 'bugdet'" in r.stderr
+    assert not (tmp_path / "home" / "store.sqlite").exists()
+
+
+# -- the offline proposer ---------------------------------------------------
+
+def test_constants_follow_the_device_branch():
+    cpu, cuda = proposers.constants(BASELINE, "cpu"), proposers.constants(BASELINE, "cuda")
+    assert cpu["DEPTH"].value == 4 and cuda["DEPTH"].value == 8
+    assert cpu["TOTAL_BATCH_SIZE"].value == 2048 and cuda["TOTAL_BATCH_SIZE"].kind == "pow2"
+    assert cuda["TOTAL_BATCH_SIZE"].value > 2**14
+    assert {"MATRIX_LR", "WARMDOWN_RATIO", "WINDOW_PATTERN"} <= set(cpu)
+
+
+def test_proposals_are_real_one_line_diffs_reproducible_under_a_seed():
+    ctx = proposers.Context(BASELINE, [], 0.01, "cpu", [])
+    a, b = proposers.OfflineProposer(3).propose(ctx), proposers.OfflineProposer(3).propose(ctx)
+    assert a == b and a.source != BASELINE and "\n" not in a.description
+    changed = [(x, y) for x, y in zip(BASELINE.splitlines(), a.source.splitlines()) if x != y]
+    assert len(changed) == 1 and changed[0][0].split("=")[0] == changed[0][1].split("=")[0]
+    compile(a.source, "train.py", "exec")
+
+
+def test_the_bandit_learns_from_history():
+    p = proposers.OfflineProposer(0)
+    first = p.propose(proposers.Context(BASELINE, [], 0.01, "cpu", []))
+    change = first.edit["changes"][0]
+    crashed = [dict(edit=first.edit, status="crash", val_bpb=None, parent_bpb=3.0)]
+    second = p.propose(proposers.Context(BASELINE, crashed, 0.01, "cpu", []))
+    assert second.edit["changes"][0]["name"] + second.edit["changes"][0]["dir"] != change["name"] + change["dir"]
+    # two near-misses on different parameters get combined
+    near = [dict(edit={"changes": [{"name": n, "dir": "up", "old": 0, "new": 0}]}, status="discard", val_bpb=2.99,
+                 parent_bpb=3.0) for n in ("MATRIX_LR", "EMBEDDING_LR", "SCALAR_LR", "WEIGHT_DECAY")]
+    combo = p.propose(proposers.Context(BASELINE, near, 0.01, "cpu", []))
+    assert len(combo.edit["changes"]) == 2 and ";" in combo.description
+
+
+# -- noise-aware keeping ----------------------------------------------------
+
+def test_noise_and_verdicts():
+    assert loop.noise({"a": [1.0, 1.02], "b": [2.0]}, 0.001) == pytest.approx(0.0141421, rel=1e-4)
+    assert loop.noise({"a": [1.0]}, 0.003) == 0.003
+    best = [3.00, 3.02]
+    assert loop.verdict(best, [2.90], 0.01, 2.0, 1) == "keep"
+    assert loop.verdict(best, [3.005], 0.01, 2.0, 1) == "rerun"  # better, but within the noise
+    assert loop.verdict(best, [3.005], 0.01, 2.0, 0) == "discard"
+    assert loop.verdict(best, [3.05], 0.01, 2.0, 1) == "discard"
+
+
+# -- the real loop ----------------------------------------------------------
+
+def test_join_runs_a_baseline_and_experiments(env, tmp_path):
+    import pandas
+    home = tmp_path / "home"
+    r = node_cli("join", "--home", str(home), "--config", os.path.join(ROOT, "configs", "cpu.toml"), "--budget", "3",
+                 "--max-experiments", "2", "--max-reruns", "0", env=env)
+    assert r.returncode == 0, r.stderr
+    table = pandas.read_csv(home / "results.tsv", sep="\t")
+    assert list(table.columns) == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert list(table.description[:2]) == ["baseline", "baseline (repeat 1, noise)"] and len(table) == 4
+    assert set(table.status) <= {"keep", "discard", "crash"}
+    st = json.loads(node_cli("status", "--home", str(home), "--json", env=env).stdout)
+    assert st["experiments"] == 2 and st["kept"] + st["crashed"] + st["discarded"] == 2 and st["best_val_bpb"] > 0
+    tree = gittree.Tree(str(home / "tree"))
+    assert tree.is_clean() and tree.head() == st["best_commit"]
+    assert oct(os.stat(home / "identity.key").st_mode & 0o777) == "0o600"
+    events = [json.loads(line) for line in open(home / "events.jsonl")]
+    assert [e["event"] for e in events].count("result") == 4
+
+
+def test_a_second_node_on_one_home_is_refused(env, tmp_path, stdlib_data):
+    home = str(tmp_path / "home")
+    os.makedirs(home)
+    lock = homes.Lock(home)
+    try:
+        r = node_cli("join", "--home", home, "--budget", "2", env=env)
+        assert r.returncode == 2 and "another node" in r.stderr and r.stderr.count("\n") == 1
+    finally:
+        lock.release()
+
+
+def check_consistent(home, data):
+    """Open the home as a restarting node does, and check tree, store and results.tsv agree."""
+    s = config.load(os.path.join(ROOT, "configs", "cpu.toml"))
+    node = loop.Node(home, dict(s, profile="cpu", budget=2.0), data, out=open(os.devnull, "w"))
+    try:
+        exps = node.store.experiments()
+        assert not [e for e in exps if e["status"] in ("running", "measured")]
+        assert node.tree.is_clean() and node.tree.head() == node.best()
+        kept = [e for e in exps if e["status"] == "keep" and e["kind"] != "baseline" and e["kind"] != "remeasure"]
+        assert all(node.tree.git("merge-base", "--is-ancestor", e["commit_"], node.best(), check=False) == "" for e in kept)
+        rows = open(os.path.join(home, "results.tsv")).read().splitlines()[1:]
+        assert len(rows) == sum(e["status"] in ("keep", "discard", "crash") for e in exps)
+        return len(exps)
+    finally:
+        node.close()
+
+
+def test_kill_9_at_random_instants_loses_nothing(env, tmp_path, stdlib_data):
+    home = str(tmp_path / "home")
+    rng = random.Random(7)
+    seen = 0
+    for i in range(6):
+        p = subprocess.Popen([sys.executable, "-m", "node", "join", "--home", home, "--profile", "cpu", "--budget", "1",
+                              "--max-reruns", "0"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+        time.sleep(rng.uniform(1.0, 12.0))
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        n = check_consistent(home, stdlib_data)
+        assert n >= seen  # no row of the store ever disappears
+        seen = n
+    deadline = time.time() + 5  # the candidates die with the node (parent-death signal), within moments
+    while subprocess.run(["pgrep", "-f", "autoresearch-candidate-"], capture_output=True).stdout and time.time() < deadline:
+        time.sleep(0.1)
+    assert subprocess.run(["pgrep", "-f", "autoresearch-candidate-"], capture_output=True).stdout == b""
+
+
+def test_suggestions_run_next_and_bad_ones_are_refused(env, tmp_path, stdlib_data, stdlib_cache, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
+    home = tmp_path / "home"
+    r = node_cli("suggest", "--home", str(home), "--note", "try more", env=env)
+    assert r.returncode == 2 and "no node home" in r.stderr
+    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), budget=2.0, max_experiments=1, max_reruns=0)
+    node = loop.Node(str(home), s, stdlib_data, out=open(os.devnull, "w"))
+    node.close()
+    patch = tmp_path / "p.diff"
+    new = re.sub(r"^WARMDOWN_RATIO = [0-9.]+", "WARMDOWN_RATIO = 0.61", BASELINE, flags=re.M)
+    diff = "".join(difflib.unified_diff(BASELINE.splitlines(True), new.splitlines(True), "a/train.py", "b/train.py"))
+    patch.write_text(diff)
+    assert node_cli("suggest", "--home", str(home), str(patch), env=env).returncode == 0
+    assert node_cli("suggest", "--home", str(home), "--note", "deeper might pay off", env=env).returncode == 0
+    other = tmp_path / "other.diff"
+    other.write_text(diff.replace("train.py", "prepare.py"))
+    r = node_cli("suggest", "--home", str(home), str(other), env=env)
+    assert r.returncode == 2 and "only train.py" in r.stderr
+    node = loop.Node(str(home), s, stdlib_data, out=open(os.devnull, "w"))
+    try:
+        node.run()
+        exps = node.store.experiments()
+        assert [e["kind"] for e in exps][-1] == "suggestion" and "WARMDOWN_RATIO = 0.61" in node.tree.read(exps[-1]["commit_"])
+        assert node.store.notes() == ["deeper might pay off"]
+    finally:
+        node.close()
