@@ -549,6 +549,7 @@ def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_
 # length, a JSON header, then `header["bytes"]` raw bytes.
 
 HARNESS_ENV = "AUTORESEARCH_HARNESS_FD"  # set by the sandbox: the socket's file descriptor
+SHARED_ENV = "AUTORESEARCH_HARNESS_SHM"  # "fd:bytes" of a sealed shared-memory file for CPU logits
 MAX_HEADER = 4096
 
 
@@ -603,7 +604,11 @@ def hand_over(logits_fn, batch_size, device, data=None):
         device = torch.device("cuda", torch.cuda.current_device())
     sock = socket.socket(fileno=int(fd))
     send_frame(sock, {"op": "ready", "batch_size": batch_size, "device": str(device)})
-    shared = export = address = None
+    shared = export = address = host = None
+    if os.environ.get(SHARED_ENV):
+        import mmap
+        shm_fd, size = map(int, os.environ[SHARED_ENV].split(":"))
+        host = torch.frombuffer(mmap.mmap(shm_fd, size), dtype=torch.float32)
     with torch.no_grad():
         while True:
             header, payload = recv_frame(sock, 1 << 30)
@@ -613,7 +618,10 @@ def hand_over(logits_fn, batch_size, device, data=None):
             x = torch.frombuffer(payload, dtype=torch.int32).view(rows, cols).to(device).long()
             logits = logits_fn(x)
             reply = {"op": "logits", "shape": list(logits.shape), "dtype": "float32"}
-            if header.get("ipc"):
+            if header.get("shm") and host is not None and logits.numel() <= host.numel():
+                host[:logits.numel()].view(logits.shape).copy_(logits)  # into the harness's memory: no copy on the way
+                send_frame(sock, dict(reply, shm=True))
+            elif header.get("ipc"):
                 if shared is None or shared.numel() < logits.numel():
                     if shared is not None:
                         cuda_free(address)

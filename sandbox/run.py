@@ -2,9 +2,11 @@
 limit; the harness evaluates the model the candidate hands over and returns a Result."""
 
 import ctypes
+import fcntl
 import functools
 import glob
 import json
+import mmap
 import os
 import re
 import resource
@@ -212,6 +214,8 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     scratch = tempfile.mkdtemp(prefix="autoresearch-candidate-")
     shutil.copy(os.path.join(candidate, scope.EDITABLE), os.path.join(scratch, scope.EDITABLE))
     ours, theirs = socket.socketpair()
+    shm_fd, shm = _shared_memory(_batch_size(profile, data, shared=False) * prepare.PROFILES[profile]["max_seq_len"]
+                                 * data.vocab_size * 4)
     log_fd, log_path = tempfile.mkstemp(prefix="autoresearch-log-")  # outside the candidate's folder
     os.close(log_fd)
     compiled = os.path.join(prepare.cache_dir(), "sandbox-compile")  # shared by candidates, not by the harness
@@ -230,9 +234,12 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     status, violations, val_bpb, handover, ready, evaluated, rss = None, [], None, None, None, None, 0.0
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, cwd=scratch, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                pass_fds=[theirs.fileno()], env=_scrubbed_env(scratch, theirs.fileno(), data, profile, budget, compiled),
+                                pass_fds=[theirs.fileno(), shm_fd], env=dict(
+                                    _scrubbed_env(scratch, theirs.fileno(), data, profile, budget, compiled),
+                                    **{prepare.SHARED_ENV: f"{shm_fd}:{len(shm)}"}),
                                 preexec_fn=_confine(limits))
     theirs.close()
+    os.close(shm_fd)
     try:
         # while the candidate starts: what the evaluation needs, so that it starts at once
         rows = prepare.eval_rows(data.val, data.val_docs, prepare.PROFILES[profile]["max_seq_len"],
@@ -272,9 +279,12 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
             ours.settimeout(max(1.0, hard_limit - (time.time() - t0)))
             rng = np.random.default_rng(seed)
             device = _cuda_device(ready.get("device"))
-            model = evaluate.CudaIpcModel(ours, data.vocab_size, device) if device else evaluate.RemoteModel(ours, data.vocab_size)
+            model = (evaluate.CudaIpcModel(ours, data.vocab_size, device) if device else
+                     evaluate.SharedMemoryModel(ours, data.vocab_size, shm))
             try:
-                val_bpb = evaluate.evaluate(model, rows, data.token_bytes, _batch_size(profile, data, shared=bool(device)),
+                asked = ready.get("batch_size") if type(ready.get("batch_size")) is int else 1 << 30
+                batch = max(1, min(asked, _batch_size(profile, data, shared=bool(device))))  # as in-process, within the cap
+                val_bpb = evaluate.evaluate(model, rows, data.token_bytes, batch,
                                             rng, probes=limits["probes"] if probes is None else probes,
                                             device=device or "cpu")
                 status, evaluated = "ok", time.time() - t0
@@ -315,6 +325,15 @@ def _batch_size(profile, data, shared):
     buffer, as in-process evaluation; 2^26 (256 MiB) through the socket."""
     cap = 2**30 if shared else 2**26
     return max(1, min(64, cap // (prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size)))
+
+
+def _shared_memory(size):
+    """(fd, mapping) of a fresh shared-memory file of `size` bytes, sealed so that
+    the candidate, which gets the fd, cannot shrink it under the harness's mapping."""
+    fd = os.memfd_create("autoresearch-logits", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+    return fd, mmap.mmap(fd, size)
 
 
 def _warm_cuda(hardware):
