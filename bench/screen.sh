@@ -6,11 +6,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
-export AUTORESEARCH_CACHE=/tmp/autoresearch-bench AUTORESEARCH_PROFILE=gpu PYTHONUNBUFFERED=1
-srcs=(--source /opt --source /usr/local/lib)
-for d in /usr/lib/python3*; do [ -d "$d" ] && srcs+=(--source "$d"); done
-t=$(date +%s); python3 -m model.prepare "${srcs[@]}" --ext .py > "$OUT/prepare.log" 2>&1; echo "prepare $(( $(date +%s) - t )) s"
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader
+t=$(date +%s); source bench/h100_corpus.sh > /dev/null; echo "prepare $(( $(date +%s) - t )) s"
+cat "$OUT/gpu.txt"
 AUTORESEARCH_TIME_BUDGET=60 python3 model/train.py > "$OUT/new60.log" 2>&1; grep -E "^(step 0001|val_bpb|mfu|num_steps|startup)" "$OUT/new60.log"; tail -3 "$OUT/new60.log"
 AUTORESEARCH_TIME_BUDGET=2 python3 model/train.py > "$OUT/warm.log" 2>&1; grep startup "$OUT/warm.log"
 AUTORESEARCH_TIME_BUDGET=2 python3 -m cProfile -o /tmp/warm.prof model/train.py > /dev/null 2>&1

@@ -3,10 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
-export AUTORESEARCH_CACHE=/tmp/autoresearch-bench AUTORESEARCH_PROFILE=gpu PYTHONUNBUFFERED=1
-srcs=(--source /opt --source /usr/local/lib)
-for d in /usr/lib/python3*; do [ -d "$d" ] && srcs+=(--source "$d"); done
-t=$(date +%s); python3 -m model.prepare "${srcs[@]}" --ext .py > "$OUT/prepare.log" 2>&1; echo "prepare $(( $(date +%s) - t )) s"
+t=$(date +%s); source bench/h100_corpus.sh > /dev/null; echo "prepare $(( $(date +%s) - t )) s"
 python3 -c "import sys, os, torch; d = os.path.dirname(torch.__file__); print('dont_write_bytecode', sys.flags.dont_write_bytecode, 'torch dir writable', os.access(d, os.W_OK), 'pycache there', os.path.isdir(d + '/__pycache__'))"
 for f in "$@"; do
   n=$(basename "$f" .py)
