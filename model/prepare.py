@@ -579,7 +579,7 @@ def recv_frame(sock, max_bytes):
         raise ValueError(f"frame header of {n} bytes")
     try:
         header = json.loads(_recv_exact(sock, n))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise ValueError("frame header is not JSON") from None
     size = header.get("bytes") if isinstance(header, dict) else None
     if not isinstance(size, int) or not 0 <= size <= max_bytes:

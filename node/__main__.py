@@ -96,6 +96,11 @@ def join(args):
         return 2
     print(f"node home {home} | profile {s['profile']} | budget {s['budget']:g}s | proposer {node.proposer.name} | "
           f"data {data.fingerprint[:16]}", flush=True)
+    from sandbox import run as sandbox
+    kind, _, names = sandbox.isolation()
+    if kind != "view":
+        print(f"WARNING: this machine allows no private filesystem view for candidates (isolation: {', '.join(names)}): "
+              "they can read what this user can read, the validation split included. Results record it.", flush=True)
     try:
         node.run()
     except homes.HomeError as e:

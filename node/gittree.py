@@ -17,11 +17,11 @@ class Tree:
     def __init__(self, path):
         self.path = path
 
-    def git(self, *args, check=True):
+    def git(self, *args, check=True, strip=True):
         r = subprocess.run(["git", *IDENTITY, *args], cwd=self.path, capture_output=True, text=True)
         if check and r.returncode != 0:
             raise GitError(f"git {' '.join(args)}: {(r.stderr or r.stdout).strip()}")
-        return r.stdout.strip()
+        return r.stdout.strip() if strip else r.stdout
 
     @property
     def file(self):
@@ -41,7 +41,7 @@ class Tree:
         return self.git("rev-parse", "HEAD")
 
     def read(self, commit="HEAD"):
-        return self.git("show", f"{commit}:{EDITABLE}")
+        return self.git("show", f"{commit}:{EDITABLE}", strip=False)
 
     def commit(self, source, message):
         with open(self.file, "w") as f:

@@ -4,13 +4,15 @@ Causality probes are mixed in: a copy of a real batch whose tokens after a rando
 cut come from other validation rows; logits up to the cut must not move."""
 
 import math
+import socket
+import time
 
 import numpy as np
 import torch
 
 from model import prepare
 
-PROBE_TOLERANCE = 1e-2  # absolute, on soft-capped logits; batch-invariant causal models give ~0
+PROBE_TOLERANCE = 1e-2  # absolute, on soft-capped logits; the sandbox sets one per profile
 
 
 class ModelError(Exception):
@@ -25,10 +27,11 @@ def check_logits(logits, shape):
     return logits
 
 
-def evaluate(forward, rows, token_bytes, batch_size, rng, probes=2, device="cpu"):
+def evaluate(forward, rows, token_bytes, batch_size, rng, probes=2, device="cpu", stats=None, tolerance=PROBE_TOLERANCE):
     """val_bpb of `forward` (int32 (B, T) -> float32 (B, T, V) on `device`) on `rows`
     (N, T + 1), with `probes` causality probes hidden among the batches. A reply may
-    live in a buffer the next call overwrites: what is kept is copied."""
+    live in a buffer the next call overwrites: what is kept is copied. `stats`, a dict,
+    gets the largest logit change the probes saw ("probe_max_diff")."""
     V = len(token_bytes)
     n_batches = -(-len(rows) // batch_size)
     probed = set(rng.choice(n_batches, size=min(probes, n_batches), replace=False).tolist())
@@ -46,7 +49,10 @@ def evaluate(forward, rows, token_bytes, batch_size, rng, probes=2, device="cpu"
                 plogits = check_logits(forward(px), shape).clone()
                 logits = check_logits(forward(x), shape)
             for r, cut in enumerate(cuts):
-                if (logits[r, :cut + 1] - plogits[r, :cut + 1]).abs().max().item() > PROBE_TOLERANCE:
+                diff = (logits[r, :cut + 1] - plogits[r, :cut + 1]).abs().max().item()
+                if stats is not None:
+                    stats["probe_max_diff"] = max(stats.get("probe_max_diff", 0.0), diff)
+                if diff > tolerance:
                     raise ModelError("non_causal")
         else:
             logits = check_logits(forward(x), shape)
@@ -54,7 +60,10 @@ def evaluate(forward, rows, token_bytes, batch_size, rng, probes=2, device="cpu"
         for j in range(0, real, 8):  # bounded memory for the float32 softmax
             n, b = prepare.bpb_counts(logits[j:j + 8], targets[j:j + 8], tb)
             nats, nbytes = nats + n, nbytes + b
-    return nats / (math.log(2) * nbytes)
+    bpb = nats / (math.log(2) * nbytes)
+    if not math.isfinite(bpb):  # replies are read in place: one rewritten after its check
+        raise ModelError("nan_logits")
+    return bpb
 
 
 def probe_inputs(x, rows, rng, vocab_size):
@@ -78,8 +87,14 @@ class RemoteModel:
     def __init__(self, sock, vocab_size):
         self.sock, self.vocab_size = sock, vocab_size
 
+    deadline = float("inf")  # time.time() by which the whole evaluation must be done
+
     def request(self, x, **extra):
         B, T = x.shape
+        left = self.deadline - time.time()
+        if left <= 0:
+            raise socket.timeout("evaluation past the wall limit")
+        self.sock.settimeout(min(left, 3600))
         prepare.send_frame(self.sock, {"op": "forward", "shape": [B, T], **extra}, x.tobytes())
         try:
             header, payload = prepare.recv_frame(self.sock, 0 if extra else B * T * self.vocab_size * 4)

@@ -53,6 +53,7 @@ class Result:
     num_steps: int | None            # as the candidate printed it: informational, untrusted
     tokens: int | None               # likewise
     violations: tuple[str, ...]      # named checks that failed
+    probe_max_diff: float | None     # largest change of a logit before a probe's cut (see LIMITS' probe_tolerance)
     hardware: HardwareTag
     isolation: tuple[str, ...]       # what confined the candidate on this machine
     log_tail: str                    # the last lines of its output (a traceback on a crash)

@@ -28,11 +28,13 @@ from sandbox.result import HardwareTag, Result
 # Seconds beyond the training budget: `startup` to start (imports, compilation); a hand-over
 # later than budget + startup is over budget, and none by `grace` seconds more is a timeout;
 # then `evaluation` seconds to serve the validation batches. Sizes bound the candidate.
-# `probes`: causality-probe batches (each one more forward pass: on the GPU profile one
-# batch is 64 rows of 2048 tokens, each row probed at its own random cut).
+# `probe_rows`: rows checked for causality, each at its own random cut, in whole probe
+# batches of the candidate's batch size (each batch one more forward pass); a logit before
+# the cut may move by `probe_tolerance` (honest CPU runs: exactly 0; the GPU figure is
+# not measured yet: Result.probe_max_diff reports it).
 LIMITS = {
-    "gpu": dict(startup=120, grace=30, evaluation=180, processes=64, file_bytes=4 << 30, probes=1),
-    "cpu": dict(startup=30, grace=10, evaluation=120, processes=64, file_bytes=4 << 30, probes=2),
+    "gpu": dict(startup=120, grace=30, evaluation=180, processes=64, file_bytes=4 << 30, probe_rows=64, probe_tolerance=1e-2),
+    "cpu": dict(startup=30, grace=10, evaluation=120, processes=64, file_bytes=4 << 30, probe_rows=16, probe_tolerance=1e-4),
 }
 LOG_TAIL_LINES = 40
 MODEL_DIR = os.path.dirname(os.path.abspath(prepare.__file__))
@@ -186,11 +188,12 @@ def _summary_value(log, key):
 
 
 def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None, probes=None, limits=None, hide=(),
-        progress=None):
+        progress=None, trusted=False):
     """Run the tree at `candidate` (a folder with train.py); never raises for what
     the candidate does. `limits` overrides entries of the profile's LIMITS; `hide`
     names more paths the candidate must not see (the node's home); `progress` is
-    called as progress(phase, seconds elapsed, budget seconds left) while it runs."""
+    called as progress(phase, seconds elapsed, budget seconds left) while it runs;
+    `trusted` (the shipped baseline only) lets the run write the shared compile cache."""
     t0 = time.time()
     profile = profile or prepare.PROFILE
     budget = float(budget if budget is not None else prepare.TIME_BUDGET)
@@ -199,6 +202,8 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     kind, prefix, confinement = isolation()
     hardware = HardwareTag.detect(budget, profile, data.fingerprint)
 
+    stats = {}
+
     def result(status, violations=(), val_bpb=None, handover=None, log="", rss=0.0, evaluated=None):
         steps, tokens_m = _summary_value(log, "num_steps"), _summary_value(log, "total_tokens_M")
         return Result(status=status, val_bpb=val_bpb, training_seconds=round(handover if handover else time.time() - t0, 2),
@@ -206,6 +211,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                       evaluation_seconds=round(evaluated - handover, 2) if evaluated else None,
                       num_steps=int(steps) if steps is not None else None,
                       tokens=int(tokens_m * 1e6) if tokens_m is not None else None, violations=tuple(violations),
+                      probe_max_diff=stats.get("probe_max_diff"),
                       hardware=hardware, isolation=confinement, log_tail="\n".join(log.splitlines()[-LOG_TAIL_LINES:]))
 
     problems = scope.check_tree(candidate, parent)
@@ -218,14 +224,21 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                                  * data.vocab_size * 4)
     log_fd, log_path = tempfile.mkstemp(prefix="autoresearch-log-")  # outside the candidate's folder
     os.close(log_fd)
-    compiled = os.path.join(prepare.cache_dir(), "sandbox-compile")  # shared by candidates, not by the harness
-    os.makedirs(compiled, exist_ok=True)
+    # Compile caches: a trusted run (the shipped baseline) fills the shared one; any other
+    # run gets its own copy, which dies with it: nothing it writes reaches a later run.
+    shared_cache = os.path.join(prepare.cache_dir(), "sandbox-compile")
+    os.makedirs(shared_cache, exist_ok=True)
+    if trusted:
+        compiled = shared_cache
+    else:
+        compiled = os.path.join(scratch, ".compile")
+        shutil.copytree(shared_cache, compiled, symlinks=True)
     argv = [sys.executable, scope.EDITABLE]
     root = tempfile.mkdtemp(prefix="autoresearch-root-")
     if kind == "view":
         secret = [os.path.join(data.folder, n) for n in prepare.DATA_FILES if n not in prepare.TRAIN_FILES]
         command = _view_command(prefix, root, scratch, argv, _candidate_uid(prefix),
-                                [os.path.join(data.folder, n) for n in prepare.TRAIN_FILES], [compiled],
+                                [os.path.join(data.folder, n) for n in prepare.TRAIN_FILES], [shared_cache] if trusted else [],
                                 [*secret, log_path, *map(os.path.abspath, hide)])
     else:
         command = [*prefix, *argv]
@@ -253,6 +266,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
             tree = _descendants(proc.pid)
             rss = max(rss, _peak_mb([proc.pid, *tree]))
             if ready:
+                ours.settimeout(2.0)  # a frame begun must finish: a stalled one is a broken protocol
                 try:
                     header, _ = prepare.recv_frame(ours, 0)
                 except (ValueError, EOFError, OSError):
@@ -276,17 +290,17 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
         if status is None:  # evaluation, driven from here
             if progress:
                 progress("evaluating", time.time() - t0, 0)
-            ours.settimeout(max(1.0, hard_limit - (time.time() - t0)))
             rng = np.random.default_rng(seed)
             device = _cuda_device(ready.get("device"))
             model = (evaluate.CudaIpcModel(ours, data.vocab_size, device) if device else
                      evaluate.SharedMemoryModel(ours, data.vocab_size, shm))
+            model.deadline = t0 + hard_limit  # for the whole evaluation, not per reply
             try:
                 asked = ready.get("batch_size") if type(ready.get("batch_size")) is int else 1 << 30
                 batch = max(1, min(asked, _batch_size(profile, data, shared=bool(device))))  # as in-process, within the cap
                 val_bpb = evaluate.evaluate(model, rows, data.token_bytes, batch,
-                                            rng, probes=limits["probes"] if probes is None else probes,
-                                            device=device or "cpu")
+                                            rng, probes=-(-limits["probe_rows"] // batch) if probes is None else probes,
+                                            device=device or "cpu", stats=stats, tolerance=limits["probe_tolerance"])
                 status, evaluated = "ok", time.time() - t0
                 model.close()
                 prepare.send_frame(ours, {"op": "done"})
@@ -345,7 +359,7 @@ def _warm_cuda(hardware):
 
 def _cuda_device(name):
     """The CUDA device the candidate's logits live on, when this process can map them."""
-    m = re.fullmatch(r"cuda:(\d+)", name or "")
+    m = re.fullmatch(r"cuda:(\d+)", name) if isinstance(name, str) else None
     if not m:
         return None
     import torch

@@ -178,6 +178,30 @@ def test_no_secret_environment_no_other_processes_no_root(run_candidate, monkeyp
     assert "user-nobody" in r.isolation or "no-capabilities" in r.isolation
 
 
+@view
+def test_nothing_a_candidate_writes_reaches_a_later_run(run_candidate, stdlib_cache):
+    shared = stdlib_cache / "sandbox-compile"
+    r = run_candidate("""
+        for var in ("TORCHINDUCTOR_CACHE_DIR", "PYTHONPYCACHEPREFIX"):
+            os.makedirs(os.environ[var], exist_ok=True)
+            with open(os.path.join(os.environ[var], "trojan.py"), "w") as f:
+                f.write("stolen validation rows")
+        prepare.hand_over(unigram, 8, 'cpu')
+    """)
+    assert r.status == "ok"
+    assert not [p for p in shared.rglob("trojan.py")]  # it wrote into its own copy, gone with it
+
+
+@pytest.mark.parametrize("frame", [b"\0\0\0\x10{", b"\0\0\x0f\xa0" + b"[" * 4000])
+def test_a_broken_hand_over_frame_is_a_violation_not_a_hang(run_candidate, frame):
+    r = run_candidate(f"""
+        sock = socket.socket(fileno=int(os.environ[prepare.HARNESS_ENV]))
+        sock.sendall({frame!r})
+        time.sleep(60)
+    """)
+    assert (r.status, r.violations) == ("violation", ("bad_handover",)) and r.total_seconds < 20
+
+
 def test_too_many_processes(run_candidate):
     r = run_candidate("""
         procs = [subprocess.Popen(["sleep", "314.1"]) for _ in range(100)]
@@ -199,9 +223,10 @@ def test_filling_the_disk_is_stopped(run_candidate):
 
 def test_deleting_its_log_changes_nothing(run_candidate):
     r = run_candidate("""
+        import shutil
         for name in os.listdir("."):
             if name != "train.py":
-                os.remove(name)
+                shutil.rmtree(name) if os.path.isdir(name) else os.remove(name)
         prepare.hand_over(unigram, 8, 'cpu')
     """)
     assert r.status == "ok"
