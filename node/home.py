@@ -49,6 +49,21 @@ class Lock:
         os.close(self.fd)
 
 
+def lock_held(home):
+    """Whether a node is running on this home now."""
+    try:
+        fd = os.open(os.path.join(home, "lock"), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def identity_key(home):
     """The node's Ed25519 private key, created on first start (mode 0600)."""
     from cryptography.hazmat.primitives import serialization
@@ -111,12 +126,18 @@ class Store:
             (kind, time.time(), parent, commit, description, proposer, json.dumps(edit) if edit is not None else None))
         return cur.lastrowid
 
-    def finish(self, exp_id, status, val_bpb=None, memory_gb=None, noise=None, result=None, best=None):
-        """Record an outcome, and when `best` is given make it the kept commit, atomically."""
+    def finish(self, exp_id, status, val_bpb=None, memory_gb=None, noise=None, result=None):
+        """Record a run's outcome."""
+        self.db.execute("UPDATE experiments SET status = ?, finished = ?, val_bpb = ?, memory_gb = ?, noise = ?, "
+                        "result = ? WHERE id = ?", (status, time.time(), val_bpb, memory_gb, noise, result, exp_id))
+
+    def decide(self, ids, status, best=None):
+        """Give measured runs their final status and, when `best` is given, make it the
+        kept commit: one transaction."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("UPDATE experiments SET status = ?, finished = ?, val_bpb = ?, memory_gb = ?, noise = ?, "
-                            "result = ? WHERE id = ?", (status, time.time(), val_bpb, memory_gb, noise, result, exp_id))
+            self.db.executemany("UPDATE experiments SET status = ? WHERE id = ? AND status = 'measured'",
+                                [(status, i) for i in ids])
             if best is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('best_commit', ?)", (best,))
 
@@ -136,6 +157,15 @@ class Store:
 
     def notes(self):
         return [r["text"] for r in self.db.execute("SELECT text FROM notes ORDER BY id")]
+
+
+def measurements(experiments):
+    """commit -> val_bpb of every scored run of it that counts (decided, or awaiting its decision)."""
+    out = {}
+    for e in experiments:
+        if e["val_bpb"] is not None and e["status"] in ("keep", "discard", "measured"):
+            out.setdefault(e["commit_"], []).append(e["val_bpb"])
+    return out
 
 
 def results_row(exp):

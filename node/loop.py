@@ -85,12 +85,7 @@ class Node:
         return self.store.get("best_commit")
 
     def measurements(self):
-        """commit -> val_bpb of every finished, scored run of it."""
-        out = {}
-        for e in self.store.experiments():
-            if e["val_bpb"] is not None and e["status"] in ("keep", "discard", "measured"):
-                out.setdefault(e["commit_"], []).append(e["val_bpb"])
-        return out
+        return homes.measurements(self.store.experiments())
 
     def noise(self):
         return noise(self.measurements(), self.s["noise_floor"])
@@ -141,12 +136,7 @@ class Node:
 
     def decide(self, ids, status, best=None):
         """Give every run of one candidate its final status (and move the best), then journal it."""
-        with self.store.db:
-            self.store.db.execute("BEGIN IMMEDIATE")
-            self.store.db.executemany("UPDATE experiments SET status = ? WHERE id = ? AND status = 'measured'",
-                                      [(status, i) for i in ids])
-            if best is not None:
-                self.store.db.execute("INSERT OR REPLACE INTO meta VALUES ('best_commit', ?)", (best,))
+        self.store.decide(ids, status, best)
         rows = {e["id"]: e for e in self.store.experiments()}
         for i in ids:
             homes.append_results(self.results, rows[i])
@@ -278,10 +268,7 @@ def status(home):
     store = homes.Store(path)
     exps = store.experiments()
     best = store.get("best_commit")
-    m = {}
-    for e in exps:
-        if e["val_bpb"] is not None and e["status"] in ("keep", "discard", "measured"):
-            m.setdefault(e["commit_"], []).append(e["val_bpb"])
+    m = homes.measurements(exps)
     cands = [e for e in exps if e["kind"] in ("candidate", "suggestion") and e["status"] in ("keep", "discard", "crash")]
     results = [json.loads(e["result"]) for e in exps if e["result"]]
     trained = sum(r["hardware"]["budget_seconds"] for r in results if r["status"] == "ok")  # the budgeted training
@@ -292,7 +279,7 @@ def status(home):
                kept=sum(e["status"] == "keep" for e in cands), crashed=sum(e["status"] == "crash" for e in cands),
                discarded=sum(e["status"] == "discard" for e in cands), runs=len(exps),
                noise=noise(m, 0.0), uptime_seconds=round(time.time() - started, 1) if started else None,
-               running=_running(home), duty_cycle=round(trained / spent, 4) if spent else None)
+               running=homes.lock_held(home), duty_cycle=round(trained / spent, 4) if spent else None)
     store.db.close()
     return out
 
@@ -313,18 +300,3 @@ def _wall(exps):
 def _first_baseline(exps):
     xs = [e["val_bpb"] for e in exps if e["kind"] == "baseline" and e["val_bpb"] is not None]
     return sum(xs) / len(xs) if xs else None
-
-
-def _running(home):
-    import fcntl
-    try:
-        fd = os.open(os.path.join(home, "lock"), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
