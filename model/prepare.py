@@ -35,6 +35,8 @@ except ImportError:  # imported as top-level `prepare` (python model/train.py)
 # ---------------------------------------------------------------------------
 
 VOCAB_SIZE = 8192
+
+
 def _budget():
     raw = os.environ.get("AUTORESEARCH_TIME_BUDGET", "300")
     try:
@@ -92,6 +94,10 @@ def use_compile_cache():
 
 class DataError(Exception):
     """Prepared data that is missing or does not match its fingerprint."""
+
+
+class NoDataError(DataError):
+    """Nothing has been prepared in this cache yet."""
 
 
 # ---------------------------------------------------------------------------
@@ -319,7 +325,7 @@ def load_data(fingerprint=None):
             with open(os.path.join(cache_dir(), "current")) as f:
                 fp = f.read().strip()
         except OSError:
-            raise DataError(f"no prepared data in {cache_dir()}: run `python -m model.prepare --source stdlib` first") from None
+            raise NoDataError(f"no prepared data in {cache_dir()}: run `python -m model.prepare --source stdlib` first") from None
     folder = os.path.join(cache_dir(), "data", fp[:16])
     if not os.path.isdir(folder):
         raise DataError(f"no prepared data with fingerprint {fp[:16]} in {cache_dir()}")

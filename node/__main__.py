@@ -49,22 +49,15 @@ def experiment(args):
     return 0 if result.status == "ok" else 1
 
 
-def _detect_profile():
-    try:
-        import torch
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
-
-
 def _settings(args):
     from node import config
     overrides = {k: getattr(args, k, None) for k in config.SETTINGS}
     s = config.load(args.config, overrides)
-    s["profile"] = s["profile"] or _detect_profile()
-    s["budget"] = s["budget"] or (float(os.environ.get("AUTORESEARCH_TIME_BUDGET", 300)) if s["profile"] == "gpu"
-                                  else config.CPU_BUDGET)
-    os.environ["AUTORESEARCH_PROFILE"] = s["profile"]  # read when the harness is imported
+    if s["profile"]:
+        os.environ["AUTORESEARCH_PROFILE"] = s["profile"]  # read when the harness is imported
+    from model import prepare
+    s["profile"] = prepare.PROFILE  # else the harness's own choice: gpu with CUDA, cpu without
+    s["budget"] = s["budget"] or (prepare.TIME_BUDGET if s["profile"] == "gpu" else config.CPU_BUDGET)
     return s
 
 
@@ -73,9 +66,8 @@ def _data(source):
     from model import prepare
     try:
         return prepare.load_data()
-    except prepare.DataError as e:
-        if "no prepared data in" not in str(e):
-            raise
+    except prepare.NoDataError:
+        pass
     print(f"no prepared data yet: preparing --source {source} (once; cached in {prepare.cache_dir()})", flush=True)
     if prepare.main(["--source", source]) != 0:
         raise prepare.DataError(f"could not prepare --source {source}")
