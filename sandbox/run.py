@@ -260,12 +260,12 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
         _warm_cuda(hardware)
         # training: wait for the hand-over, watching the process tree and the clock
         while status is None and handover is None:
-            ready, _, _ = select.select([ours], [], [], 0.2)
+            readable, _, _ = select.select([ours], [], [], 0.2)
             if progress:
                 progress("training", time.time() - t0, deadline - (time.time() - t0))
             tree = _descendants(proc.pid)
             rss = max(rss, _peak_mb([proc.pid, *tree]))
-            if ready:
+            if readable:
                 ours.settimeout(2.0)  # a frame begun must finish: a stalled one is a broken protocol
                 try:
                     header, _ = prepare.recv_frame(ours, 0)
