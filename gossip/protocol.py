@@ -140,6 +140,13 @@ class Node:
         """Join through the seeds."""
         return [self._message(a, "join", {"hello": self.hello}, now) for a in self.seeds if a != self.address]
 
+    def add_seed(self, address, now):
+        """Another address to join through (found by discovery): kept with the seeds, joined now."""
+        if address == self.address or address in self.seeds:
+            return []
+        self.seeds.append(address)
+        return [self._message(address, "join", {"hello": self.hello}, now)]
+
     def load(self, records):
         """Records the store already holds (after a restart): served and digested, not delivered."""
         for r in records:
@@ -239,6 +246,10 @@ class Node:
                  "score": round(by_node.get(m.id, {}).get("score", 0.0), 2),
                  "counts": dict(by_node.get(m.id, {}).get("counts", {}))} for m in self.members.values()]
 
+    def banned(self, now):
+        """Connections refused now."""
+        return sum(1 for a in self.accounts.values() if a.banned_until > now)
+
     def rejected(self):
         """Counted reasons over all connections, the banned ones included."""
         total = Counter()
@@ -325,6 +336,8 @@ class Node:
             m = self.members.get(mid)
             if m and m.state == "alive" and inc >= m.incarnation:
                 out += self._suspect(m, now)
+                self.seq += 1  # check a rumour ourselves: any answer from the member clears it
+                out.append(self._message(m.address, "ping", {"seq": self.seq, **self._piggyback(True)}, now))
         return out
 
     def _suspect(self, m, now):

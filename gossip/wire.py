@@ -182,6 +182,7 @@ def make_record(identity, type_, body, ts_ms):
     encoded = canonical({**unsigned, "id": rid, "sig": sig})
     if len(encoded) > LIMITS.bin_bytes - 1024:
         raise WireError("oversize", f"record of {len(encoded)} bytes")
+    unpack(encoded)  # the limits every receiver applies (string, array, map sizes, depth)
     return Record(type_, identity.public_key, int(ts_ms), body, rid, sig, encoded)
 
 
