@@ -126,6 +126,16 @@ def status(args):
           f"{st['runs']} runs in all")
     print(f"duty cycle:     {fmt(st['duty_cycle'] and 100 * st['duty_cycle'], '.1f')} %  (budgeted training / wall)")
     print(f"running:        {'yes, up ' + fmt(st['uptime_seconds'], '.0f') + ' s' if st['running'] else 'no'}")
+    print(f"node id:        {st['node_id'] or '-'}" + (f"  at {st['address']}" if st["address"] else ""))
+    if st["running"]:
+        print(f"peers:          {len(st['peers'])}" + (f"  (records held: {st['records']})" if st["records"] is not None else ""))
+        for p in sorted(st["peers"], key=lambda p: p["last_seen_s"]):
+            hw = p["hardware"]
+            tag = f"{hw.get('accelerator', '?')} x{hw.get('count', '?')} {hw.get('backend', '?')} {hw.get('profile', '')}"
+            print(f"  {p['id']}  {p['address']:<21}  {tag:<40}  seen {p['last_seen_s']:.0f}s ago"
+                  + (f"  [{p['state']}]" if p["state"] != "alive" else ""))
+        if st["rejected"]:
+            print("rejected input: " + ", ".join(f"{k} {v}" for k, v in sorted(st["rejected"].items())))
     return 0
 
 
@@ -182,7 +192,13 @@ def main(argv=None):
     jn.add_argument("--home", help="node folder (default: ~/.cache/autoresearch-swarm/node); one node per home")
     jn.add_argument("--config", help="a TOML file of settings (see configs/); flags override it")
     for key, (default, kind, text) in config.SETTINGS.items():
-        jn.add_argument("--" + key.replace("_", "-"), dest=key, type=kind, help=text + (f" [{default}]" if default is not None else ""))
+        if key == "seeds":
+            jn.add_argument("--seed", dest=key, action="append", metavar="HOST:PORT", help=text)
+        elif kind is bool:
+            jn.add_argument("--no-" + key, dest=key, action="store_const", const=False, help=text)
+        else:
+            jn.add_argument("--" + key.replace("_", "-"), dest=key, type=kind,
+                            help=text + (f" [{default}]" if default is not None else ""))
 
     ex = sub.add_parser("experiment", help="run one candidate train.py in the sandbox and report its result",
                         description="Run one candidate train.py in the sandbox: confined, under the budget, "

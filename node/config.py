@@ -11,7 +11,10 @@ SETTINGS = {
     "profile": (None, str, "evaluation profile, gpu or cpu (default: gpu with CUDA, else cpu)"),
     "data": ("stdlib", str, "data source prepared on first start when no data is ready (see python -m node prepare)"),
     "proposer": ("auto", str, "offline, claude, or auto (offline until the Claude proposer lands)"),
-    "seed": (0, int, "seed of the offline proposer"),
+    "proposer_seed": (0, int, "seed of the offline proposer"),
+    "listen": ("0.0.0.0:7645", str, "HOST:PORT the gossip socket binds (port 0: any free one; 'off': no network)"),
+    "seeds": ([], list, "HOST:PORT of peers to join through (repeat --seed); mDNS finds peers on the LAN"),
+    "mdns": (True, bool, "do not look for peers on the LAN by mDNS (config: mdns = false)"),
     "max_experiments": (0, int, "stop after this many experiments (0: run until stopped)"),
     "baseline_runs": (2, int, "runs of the unmodified tree at the start, to measure the noise"),
     "remeasure_every": (8, int, "re-measure the current best after this many experiments"),
@@ -54,6 +57,10 @@ def load(path=None, overrides=None):
     for key in ("max_experiments", "max_reruns", "remeasure_every"):
         if out[key] < 0:
             raise ConfigError(f"{key} must not be negative, not {out[key]}")
+    if out["listen"] != "off":
+        _address(out["listen"], "listen", allow_zero=True)
+    for seed in out["seeds"]:
+        _address(seed, "seed")
     if out["baseline_runs"] < 2:
         raise ConfigError("baseline_runs must be at least 2: the noise is measured from them")
     return out
@@ -63,6 +70,16 @@ def _typed(key, value, where):
     kind = SETTINGS[key][1]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool):
+    if kind is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: {key} must be a list of strings, not {value!r}")
+        return list(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {value!r}")
     return value
+
+
+def _address(text, key, allow_zero=False):
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not (0 if allow_zero else 1) <= int(port) <= 65535:
+        raise ConfigError(f"{key} must be HOST:PORT (e.g. 192.168.1.20:7645), not {text!r}")

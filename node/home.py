@@ -2,7 +2,7 @@
 experiment, and the two journals derived from it (results.tsv, events.jsonl).
 
     HOME/tree/          git repository holding the editable train.py (branch "node")
-    HOME/identity.key   Ed25519 private key, mode 0600
+    HOME/identity.key   Ed25519 private key, mode 0600 (gossip.identity)
     HOME/store.sqlite   every experiment and the current best: the source of truth
     HOME/results.tsv    autoresearch's columns, rewritten from the store at start
     HOME/events.jsonl   one JSON object per event
@@ -62,25 +62,6 @@ def lock_held(home):
         return True
     finally:
         os.close(fd)
-
-
-def identity_key(home):
-    """The node's Ed25519 private key, created on first start (mode 0600)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
-    path = os.path.join(home, "identity.key")
-    if not os.path.exists(path):
-        raw = ed25519.Ed25519PrivateKey.generate().private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        tmp = path + ".tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    with open(path, "rb") as f:
-        return serialization.load_pem_private_key(f.read(), password=None)
 
 
 SCHEMA = """

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 
+from gossip.identity import Identity
 from node import gittree, home as homes, proposer as proposers
 
 BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "train.py")
@@ -55,12 +56,13 @@ class Node:
         self.tty = out.isatty()
         os.makedirs(os.path.join(home, "queue"), exist_ok=True)
         self.lock = homes.Lock(home)
-        homes.identity_key(home)
+        self.identity = Identity.load(os.path.join(home, "identity.key"))
+        self.network = None
         self.store = homes.Store(os.path.join(home, "store.sqlite"))
         self.events = homes.Events(os.path.join(home, "events.jsonl"))
         self.results = os.path.join(home, "results.tsv")
         self.tree = gittree.Tree(os.path.join(home, "tree"))
-        self.proposer = proposers.make(settings["proposer"], settings["seed"])
+        self.proposer = proposers.make(settings["proposer"], settings["proposer_seed"])
         self.backend = None
         self._recover()
 
@@ -233,6 +235,7 @@ class Node:
         """The loop; returns when max_experiments are done, the proposer is exhausted, or on a signal."""
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
+            self.join_network()
             self.baseline()
             done = 0
             while not self.s["max_experiments"] or done < self.s["max_experiments"]:
@@ -255,7 +258,25 @@ class Node:
     def _stop(self, signum, frame):
         raise Stop()
 
+    def join_network(self):
+        """Start gossip beside the loop (settings listen, seeds, mdns; listen 'off': none)."""
+        if self.s["listen"] == "off":
+            return
+        from node.network import Network
+        from sandbox.result import HardwareTag
+        import dataclasses
+        tag = HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint)
+        self.network = Network(self.home, self.identity, self.s, dataclasses.asdict(tag), self.events, self.say)
+        try:
+            self.network.start()
+        except Exception as e:  # the I/O edge: a port in use, no such address, no permission
+            self.network = None
+            raise homes.HomeError(f"cannot start gossip on {self.s['listen']}: {e} "
+                                  "(pick another with --listen HOST:PORT, port 0 for any, or --listen off)") from None
+
     def close(self):
+        if self.network:
+            self.network.stop()
         self.store.db.close()
         self.lock.release()
 
@@ -281,6 +302,14 @@ def status(home):
                noise=noise(m, 0.0), uptime_seconds=round(time.time() - started, 1) if started else None,
                running=homes.lock_held(home), duty_cycle=round(trained / spent, 4) if spent else None)
     store.db.close()
+    from node.network import snapshot
+    snap = snapshot(home) if out["running"] else None
+    out["node_id"] = Identity.load(key).id if os.path.exists(key := os.path.join(home, "identity.key")) else None
+    out["address"] = snap["address"] if snap else None
+    out["peers"] = [{"id": p["id"], "address": p["address"], "hardware": p["meta"], "state": p["state"],
+                     "last_seen_s": p["last_seen_s"], "score": p["score"]} for p in (snap or {}).get("peers", [])]
+    out["rejected"] = (snap or {}).get("rejected", {})
+    out["records"] = (snap or {}).get("records")
     return out
 
 

@@ -31,8 +31,8 @@ def env(stdlib_cache, stdlib_data):
 # -- settings ---------------------------------------------------------------
 
 def test_config_files_and_overrides(tmp_path):
-    s = config.load(os.path.join(ROOT, "configs", "cpu.toml"), {"budget": 7, "seed": None})
-    assert s["profile"] == "cpu" and s["budget"] == 7.0 and s["seed"] == 0
+    s = config.load(os.path.join(ROOT, "configs", "cpu.toml"), {"budget": 7, "proposer_seed": None})
+    assert s["profile"] == "cpu" and s["budget"] == 7.0 and s["proposer_seed"] == 0
     assert config.load(os.path.join(ROOT, "configs", "default.toml"))["budget"] == 300
     bad = tmp_path / "bad.toml"
     bad.write_text("budget = 10\nbugdet = 3\n")
@@ -44,6 +44,12 @@ def test_config_files_and_overrides(tmp_path):
     bad.write_text("budget = [\n")
     with pytest.raises(config.ConfigError, match="not valid TOML"):
         config.load(str(bad))
+    bad.write_text('seeds = ["10.0.0.2:7645", "nohost"]\n')
+    with pytest.raises(config.ConfigError, match="seed must be HOST:PORT"):
+        config.load(str(bad))
+    with pytest.raises(config.ConfigError, match="listen must be HOST:PORT"):
+        config.load(None, {"listen": "0.0.0.0:99999"})
+    assert config.load(None, {"seeds": ["a.lan:7645"], "mdns": False})["seeds"] == ["a.lan:7645"]
 
 
 def test_a_broken_config_is_one_line_and_exit_2(env, tmp_path):
@@ -104,7 +110,7 @@ def test_join_runs_a_baseline_and_experiments(env, tmp_path):
     import pandas
     home = tmp_path / "home"
     r = node_cli("join", "--home", str(home), "--config", os.path.join(ROOT, "configs", "cpu.toml"), "--budget", "3",
-                 "--max-experiments", "2", "--max-reruns", "0", env=env)
+                 "--max-experiments", "2", "--max-reruns", "0", "--listen", "127.0.0.1:0", "--no-mdns", env=env)
     assert r.returncode == 0, r.stderr
     table = pandas.read_csv(home / "results.tsv", sep="\t")
     assert list(table.columns) == ["commit", "val_bpb", "memory_gb", "status", "description"]
@@ -124,7 +130,7 @@ def test_a_second_node_on_one_home_is_refused(env, tmp_path, stdlib_data):
     os.makedirs(home)
     lock = homes.Lock(home)
     try:
-        r = node_cli("join", "--home", home, "--budget", "2", env=env)
+        r = node_cli("join", "--home", home, "--budget", "2", "--listen", "off", env=env)
         assert r.returncode == 2 and "another node" in r.stderr and r.stderr.count("\n") == 1
     finally:
         lock.release()
@@ -133,7 +139,7 @@ def test_a_second_node_on_one_home_is_refused(env, tmp_path, stdlib_data):
 def check_consistent(home, data):
     """Open the home as a restarting node does, and check tree, store and results.tsv agree."""
     s = config.load(os.path.join(ROOT, "configs", "cpu.toml"))
-    node = loop.Node(home, dict(s, profile="cpu", budget=2.0), data, out=open(os.devnull, "w"))
+    node = loop.Node(home, dict(s, profile="cpu", budget=2.0, listen="off"), data, out=open(os.devnull, "w"))
     try:
         exps = node.store.experiments()
         assert not [e for e in exps if e["status"] in ("running", "measured")]
@@ -153,7 +159,7 @@ def test_kill_9_at_random_instants_loses_nothing(env, tmp_path, stdlib_data):
     seen = 0
     for i in range(6):
         p = subprocess.Popen([sys.executable, "-m", "node", "join", "--home", home, "--profile", "cpu", "--budget", "1",
-                              "--max-reruns", "0"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              "--max-reruns", "0", "--listen", "127.0.0.1:0", "--no-mdns"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
         time.sleep(rng.uniform(1.0, 12.0))
         os.kill(p.pid, signal.SIGKILL)
@@ -172,7 +178,8 @@ def test_suggestions_run_next_and_bad_ones_are_refused(env, tmp_path, stdlib_dat
     home = tmp_path / "home"
     r = node_cli("suggest", "--home", str(home), "--note", "try more", env=env)
     assert r.returncode == 2 and "no node home" in r.stderr
-    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), budget=2.0, max_experiments=1, max_reruns=0)
+    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), budget=2.0, max_experiments=1, max_reruns=0,
+             listen="off")
     node = loop.Node(str(home), s, stdlib_data, out=open(os.devnull, "w"))
     node.close()
     patch = tmp_path / "p.diff"
@@ -193,3 +200,46 @@ def test_suggestions_run_next_and_bad_ones_are_refused(env, tmp_path, stdlib_dat
         assert node.store.notes() == ["deeper might pay off"]
     finally:
         node.close()
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_join_through_a_seed_and_status_lists_peers(env, tmp_path):
+    port = _free_port()
+    common = ["--profile", "cpu", "--budget", "1", "--max-reruns", "0", "--no-mdns"]
+    homes_ = [str(tmp_path / "a"), str(tmp_path / "b")]
+    procs = [subprocess.Popen([sys.executable, "-m", "node", "join", "--home", homes_[0], "--listen", f"127.0.0.1:{port}",
+                               *common], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
+    procs.append(subprocess.Popen([sys.executable, "-m", "node", "join", "--home", homes_[1], "--listen", "127.0.0.1:0",
+                                   "--seed", f"127.0.0.1:{port}", *common], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+    try:
+        deadline, seen = time.time() + 90, None
+        while time.time() < deadline:
+            rs = [node_cli("status", "--home", h, "--json", env=env) for h in homes_]
+            st = [json.loads(r.stdout) if r.returncode == 0 else {"peers": []} for r in rs]  # homes appear at start
+            if all(s["peers"] for s in st):
+                seen = st
+                break
+            assert all(p.poll() is None for p in procs), [p.stdout.read() for p in procs if p.poll() is not None]
+            time.sleep(1)
+        assert seen, "the nodes did not see each other within 90 s"
+        a, b = seen
+        assert a["address"] == f"127.0.0.1:{port}" and b["address"].startswith("127.0.0.1:")
+        assert [(p["id"], p["address"]) for p in a["peers"]] == [(b["node_id"], b["address"])]
+        assert [(p["id"], p["address"]) for p in b["peers"]] == [(a["node_id"], a["address"])]
+        assert a["peers"][0]["hardware"]["backend"] == "cpu" and a["peers"][0]["last_seen_s"] < 30
+        text = node_cli("status", "--home", homes_[0], env=env).stdout
+        assert "peers:          1" in text and b["node_id"] in text
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert "gossip: node" in outs[0] and "member joined" in outs[0]
+    assert not os.path.exists(os.path.join(homes_[0], "peers.json"))  # a stopped node shows no live peers

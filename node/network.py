@@ -1,0 +1,80 @@
+"""The node on the network: the gossip service started beside the research loop, its events
+in the node's journal, and a snapshot of the peers for `python -m node status`.
+
+    HOME/gossip.sqlite  every valid record received or published (durable before forwarded)
+    HOME/peers.json     the peers as the running node sees them, rewritten every few seconds
+"""
+
+import json
+import os
+import threading
+import time
+
+from gossip.store import Store
+from gossip.transport import Service
+
+SNAPSHOT_S = 2.0
+
+
+class Network:
+    def __init__(self, home, identity, settings, meta, events, say):
+        self.home, self.events, self.say = home, events, say
+        self.path = os.path.join(home, "peers.json")
+        self.store = Store(os.path.join(home, "gossip.sqlite"))
+        self.service = Service(identity, listen=settings["listen"], seeds=settings["seeds"], store=self.store,
+                               meta=meta, mdns=settings["mdns"], on_event=self._event, on_record=self._record)
+        self.stopping = threading.Event()
+        self.thread = None
+
+    def start(self):
+        self.service.start()
+        self.say(f"gossip: node {self.service.identity.id} at {self.service.address}"
+                 + (f", seeds {', '.join(self.service.seeds)}" if self.service.seeds else "")
+                 + ("" if self.service.mdns else ", mDNS off"))
+        self.events("listen", address=self.service.address, id=self.service.identity.id)
+        self.thread = threading.Thread(target=self._snapshots, name="peers-snapshot", daemon=True)
+        self.thread.start()
+
+    def publish(self, record):
+        self.service.publish(record)
+
+    def _event(self, event):
+        self.events("gossip_" + event.kind, **{k: v for k, v in event.detail.items() if isinstance(v, (str, int, float))})
+        if event.kind in ("member_joined", "member_dead", "member_left", "peer_banned", "mdns_unavailable"):
+            who = event.detail.get("id", "")
+            where = event.detail.get("address", "")
+            self.say(f"gossip: {event.kind.replace('_', ' ')} {who} {where}".rstrip())
+
+    def _record(self, record):
+        self.events("gossip_record", id=record.id.hex(), type=record.type, author=record.author_id)
+
+    def _snapshots(self):
+        while not self.stopping.wait(SNAPSHOT_S):
+            self.write_snapshot()
+
+    def write_snapshot(self):
+        snap = dict(self.service.status(), t=time.time(), pid=os.getpid())
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(snap, f)
+        os.replace(tmp, self.path)
+
+    def stop(self):
+        self.stopping.set()
+        if self.thread:
+            self.thread.join()
+        try:
+            self.service.stop()
+        finally:
+            if os.path.exists(self.path):
+                os.remove(self.path)  # a stopped node has no live peers to show
+            self.store.close()
+
+
+def snapshot(home):
+    """The running node's last peers snapshot, or None."""
+    try:
+        with open(os.path.join(home, "peers.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
