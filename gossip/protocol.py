@@ -117,7 +117,7 @@ class Node:
         self.hello = self._hello(now)
         self.seeds = list(seeds)
         self.members = {}                   # id -> Member
-        self.dead = OrderedDict()           # id -> (incarnation, address), most recent last
+        self.dead = OrderedDict()           # id -> (incarnation, address, last heard from), most recent last
         self.records = {}                   # id -> Record
         self.hours = {}                     # hour -> [count, xor of ids, ids]
         self.accounts = OrderedDict()       # connection -> Account
@@ -225,7 +225,7 @@ class Node:
             if not self.members:
                 out += [self._message(a, "join", join, now) for a in self.seeds if a != self.address]
             if self.dead:
-                _, (_, address) = self.rng.choice(list(self.dead.items()))
+                _, (_, address, _) = self.rng.choice(list(self.dead.items()))
                 out.append(self._message(address, "join", join, now))
             elif self.seeds and self.rng.random() < 0.25:  # islands of a partial view find the rest
                 out.append(self._message(self.rng.choice(self.seeds), "join", join, now))
@@ -263,7 +263,7 @@ class Node:
         payload = {"address": self.address, "incarnation": self.incarnation, "meta": self.meta}
         return wire.make_message(self.identity, "hello", payload, int(now * 1000), self.address)
 
-    def _learn(self, blob, acct, now, direct=False):
+    def _learn(self, blob, acct, now, direct=False, said_ms=None):
         """A relayed or direct `hello`: add or refresh the member it describes."""
         try:
             msg = wire.decode_message(blob, int(now * 1000), fresh=False)
@@ -276,8 +276,9 @@ class Node:
             if inc > self.incarnation:  # a former life of ours outranks us (clock went back): step past it
                 return self._refute(inc, now)
             return []
-        if mid in self.dead and self.dead[mid][0] >= inc:
-            return []
+        if mid in self.dead and self.dead[mid][0] >= inc and not (
+                direct and acct.node == mid and said_ms is not None and said_ms > self.dead[mid][2] * 1000):
+            return []  # dead at this incarnation: back only on its own word, said since we last heard it
         m = self.members.get(mid)
         if m:
             if inc > m.incarnation:
@@ -297,7 +298,7 @@ class Node:
 
     def _spread(self, blob):
         n = len(self.members) + 1
-        self.updates.append([blob, 3 * math.ceil(math.log2(n + 1))])
+        self.updates.insert(0, [blob, 3 * math.ceil(math.log2(n + 1))])  # newest first
 
     def _refute(self, inc, now):
         self.incarnation = max(self.incarnation, inc) + 1
@@ -307,6 +308,7 @@ class Node:
 
     def _piggyback(self, own):
         members = [self.hello] if own else []
+        self.updates.sort(key=lambda u: -u[1])  # least sent first (stable sort: newest first among equals)
         for u in self.updates[:self.config.piggyback]:
             members.append(u[0])
             u[1] -= 1
@@ -320,11 +322,12 @@ class Node:
         self.suspicions = [s for s in self.suspicions if s[1] > 0]
         return {"members": members, "suspects": suspects}
 
-    def _absorb(self, payload, acct, now):
+    def _absorb(self, payload, acct, now, said_ms=None):
         out, fresh = [], 0
         for blob in payload["members"]:
             known = len(self.members)
-            out += self._learn(blob, acct, now, direct=(fresh == 0 and blob is payload["members"][0]))
+            out += self._learn(blob, acct, now, direct=(fresh == 0 and blob is payload["members"][0]),
+                               said_ms=said_ms)
             fresh += len(self.members) > known
             if fresh >= self.config.intro_per_message:
                 break
@@ -347,7 +350,7 @@ class Node:
 
     def _remove(self, m, kind):
         del self.members[m.id]
-        self.dead[m.id] = (m.incarnation, m.address)
+        self.dead[m.id] = (m.incarnation, m.address, m.last_seen)
         while len(self.dead) > self.config.max_view:
             self.dead.popitem(last=False)
         return Event(kind, {"id": m.id, "address": m.address})
@@ -383,24 +386,24 @@ class Node:
         return []
 
     def _on_hello(self, msg, acct, now):
-        return self._learn(msg.encoded, acct, now, direct=True)
+        return self._learn(msg.encoded, acct, now, direct=True, said_ms=msg.ts)
 
     def _on_join(self, msg, acct, now):
-        out = self._learn(msg.payload["hello"], acct, now, direct=True)
+        out = self._learn(msg.payload["hello"], acct, now, direct=True, said_ms=msg.ts)
         sample = self.rng.sample(list(self.members.values()), min(len(self.members), self.config.intro_per_message - 1))
         blobs = [self.hello] + [x.hello for x in sample if x.id != msg.sender_id]
         return out + [self._message(msg.address, "welcome", {"members": blobs}, now)]
 
     def _on_welcome(self, msg, acct, now):
-        return self._absorb({"members": msg.payload["members"], "suspects": []}, acct, now)
+        return self._absorb({"members": msg.payload["members"], "suspects": []}, acct, now, msg.ts)
 
     def _on_ping(self, msg, acct, now):
-        out = self._absorb(msg.payload, acct, now)
+        out = self._absorb(msg.payload, acct, now, msg.ts)
         out.append(self._message(msg.address, "ack", {"seq": msg.payload["seq"], **self._piggyback(False)}, now))
         return out
 
     def _on_ack(self, msg, acct, now):
-        out = self._absorb(msg.payload, acct, now)
+        out = self._absorb(msg.payload, acct, now, msg.ts)
         seq = msg.payload["seq"]
         if seq in self.relays:
             address, their_seq = self.relays.pop(seq)
@@ -462,6 +465,9 @@ class Node:
                 out += self._penalize(acct, e.reason, now)
                 if acct.banned_until > now:
                     return out
+                continue
+            if record.id in self.records:  # the same record in other bytes (decoding accepts any key order)
+                acct.counts["duplicate"] += 1
                 continue
             self._keep(record)
             self.wanted.pop(record.id, None)

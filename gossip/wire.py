@@ -89,6 +89,8 @@ def _check_depth(obj, limit):
             for y in (x.values() if isinstance(x, dict) else x):
                 if isinstance(y, (list, dict)):
                     stack.append((y, d + 1))
+                elif isinstance(y, float) and not math.isfinite(y):
+                    raise WireError("malformed", "non-finite float")
         elif isinstance(x, float) and not math.isfinite(x):
             raise WireError("malformed", "non-finite float")
 
@@ -103,7 +105,8 @@ def _hex_hash(x):
 
 
 def _scalars(x):
-    return isinstance(x, dict) and all(isinstance(v, (str, int, float, bool)) for v in x.values())
+    return isinstance(x, dict) and all(isinstance(k, str) and isinstance(v, (str, int, float, bool))
+                                       for k, v in x.items())
 
 
 def _score(x):
@@ -142,7 +145,7 @@ def check_fields(body, schema, what):
         raise WireError("schema", f"{what} is not a map")
     if set(body) != set(schema):
         missing, extra = set(schema) - set(body), set(body) - set(schema)
-        raise WireError("schema", f"{what}: missing {sorted(missing)} extra {sorted(extra)}")
+        raise WireError("schema", f"{what}: missing {sorted(map(repr, missing))} extra {sorted(map(repr, extra))}"[:200])
     for name, spec in schema.items():
         value = body[name]
         ok = spec(value) if callable(spec) and not isinstance(spec, type) else isinstance(value, spec)
@@ -278,7 +281,7 @@ def decode_message(data, now_ms, limits=LIMITS, fresh=True):
     v, kind, sender, address, ts, payload, sig = obj
     if v != VERSION:
         raise WireError("version", str(v)[:16])
-    if kind not in MESSAGES:
+    if not isinstance(kind, str) or kind not in MESSAGES:
         raise WireError("unknown_type", str(kind)[:32])
     if not (isinstance(sender, bytes) and len(sender) == PUBLIC_KEY_BYTES and _address(address) and isinstance(ts, int)
             and isinstance(sig, bytes) and len(sig) == SIGNATURE_BYTES):
