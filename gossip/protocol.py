@@ -28,6 +28,7 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from gossip import wire
+from gossip.identity import node_id
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,11 @@ class Event:
 
 class Member:
     __slots__ = ("id", "key", "address", "incarnation", "meta", "hello", "state", "suspect_until",
-                 "last_seen", "deliveries", "seed")
+                 "last_seen", "deliveries", "seed", "debt", "debt_at")
 
     def __init__(self, msg, now):
         self.id, self.key, self.seed, self.deliveries = msg.sender_id, msg.sender, False, 0
+        self.debt, self.debt_at = 0.0, now  # unanswered anti-entropy digests, forgiven at DEBT_DECAY per second
         self.state, self.suspect_until, self.last_seen = "alive", 0.0, now
         self.update(msg)
 
@@ -106,6 +108,7 @@ class Account:
 
 
 HOUR_MS, DAY_MS, RECENT_HOURS = 3_600_000, 86_400_000, 48
+DEBT_DECAY = 0.1  # per second: one lost reply sidelines an honest member for ~10 s, a censor for good
 
 
 class Node:
@@ -126,7 +129,9 @@ class Node:
         self.suspicions = []                # [[id, incarnation], sends left]
         self.lazy = []                      # ids to announce next round
         self.wanted = {}                    # id -> (deadline, connection we asked)
+        self._now = now                     # the time of the input being handled
         self.probe = None
+        self.ae_waiting = None              # the member whose digest reply we wait for
         self.probe_order = []
         self.relays = {}                    # our seq -> (requester address, their seq)
         self.seq = 0
@@ -156,6 +161,7 @@ class Node:
         """A record made by this node: delivered, then pushed."""
         if record.id in self.records:
             return []
+        self._now = now
         self._keep(record)
         out = [Deliver(record)]
         out += self._push([record], self._targets(self.config.fanout), now)
@@ -167,6 +173,7 @@ class Node:
         return [self._message(m.address, "leave", payload, now) for m in self._targets(self.config.fanout * 2)]
 
     def receive(self, origin, data, now):
+        self._now = now
         acct = self._account(origin, now)
         if acct.banned_until > now:
             acct.counts["refused"] += 1
@@ -196,6 +203,7 @@ class Node:
         return getattr(self, "_on_" + msg.kind)(msg, acct, now)
 
     def tick(self, now):
+        self._now = now
         out, c, nxt = [], self.config, self.next
         if self.probe:
             out += self._probe_step(now)
@@ -217,7 +225,12 @@ class Node:
             out += self._probe_start(now)
         if now >= nxt["ae"]:
             nxt["ae"] = now + c.ae_interval_s
+            waited = self.members.get(self.ae_waiting)
+            if waited is not None:  # the last digest's reply never came: a member that skips anti-entropy
+                self._owe(waited, 1.0, now)
+            self.ae_waiting = None
             for m in self._targets(1):
+                self.ae_waiting = m.id
                 out.append(self._message(m.address, "digest", {"buckets": self._digest(now), "reply": True}, now))
         if now >= nxt["rejoin"]:
             nxt["rejoin"] = now + c.rejoin_interval_s
@@ -265,6 +278,8 @@ class Node:
 
     def _learn(self, blob, acct, now, direct=False, said_ms=None):
         """A relayed or direct `hello`: add or refresh the member it describes."""
+        if self._known_hello(blob):
+            return []  # the very bytes we hold for that member: nothing new, no signature to check
         try:
             msg = wire.decode_message(blob, int(now * 1000), fresh=False)
         except wire.WireError as e:
@@ -295,6 +310,14 @@ class Node:
         self.dead.pop(mid, None)
         self._spread(msg.encoded)
         return [Event("member_joined", {"id": mid, "address": m.address})]
+
+    def _known_hello(self, blob):
+        try:
+            head = wire.unpack(blob)
+            m = self.members.get(node_id(head[2]))
+        except (wire.WireError, IndexError, KeyError, TypeError):
+            return False
+        return m is not None and m.hello == blob
 
     def _spread(self, blob):
         n = len(self.members) + 1
@@ -513,6 +536,11 @@ class Node:
 
     def _on_digest(self, msg, acct, now):
         address = msg.address
+        if not msg.payload["reply"] and msg.sender_id == self.ae_waiting:
+            self.ae_waiting = None
+            m = self.members.get(msg.sender_id)
+            if m:
+                self._owe(m, -1.0, now)
         theirs = {k: (c, h) for k, c, h in msg.payload["buckets"]}
         mine = {k: (c, h) for k, c, h in self._digest(now)}
         out = []
@@ -536,8 +564,15 @@ class Node:
         return self.rng.sample(pool, min(k, len(pool)))
 
     def _standing(self, mid):
-        """The worst score of the member's connections: one bad connection taints the member."""
-        return min((a.score for a in self.node_accounts.get(mid, ())), default=0.0)
+        """The worst score of the member's connections (one bad connection taints the member),
+        less what it owes in unanswered digests."""
+        m = self.members.get(mid)
+        debt = max(0.0, m.debt - DEBT_DECAY * (self._now - m.debt_at)) if m else 0.0
+        return min((a.score for a in self.node_accounts.get(mid, ())), default=0.0) - debt
+
+    def _owe(self, m, amount, now):
+        m.debt = max(0.0, m.debt - DEBT_DECAY * (now - m.debt_at) + amount)
+        m.debt_at = now
 
     def _account(self, origin, now):
         a = self.accounts.get(origin)

@@ -232,13 +232,22 @@ def _address(x):
 
 # Membership updates (`hello` messages of other nodes, relayed as signed blobs, and suspicions)
 # ride on the membership messages.
-_GOSSIP = {"members": _blobs, "suspects": lambda x: isinstance(x, list) and all(
+# Each relayed hello costs the receiver a signature check: a message carries at most
+# MAX_RELAYED of them (and of suspicions), so no message buys more than ~3 ms of our CPU.
+MAX_RELAYED = 32
+
+
+def _hellos(x):
+    return _blobs(x) and len(x) <= MAX_RELAYED
+
+
+_GOSSIP = {"members": _hellos, "suspects": lambda x: isinstance(x, list) and len(x) <= MAX_RELAYED and all(
     isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) and isinstance(s[1], int) for s in x)}
 
 MESSAGES = {
     "hello": {"address": _address, "incarnation": int, "meta": _scalars},
     "join": {"hello": bytes},
-    "welcome": {"members": _blobs},
+    "welcome": {"members": _hellos},
     "ping": {"seq": int, **_GOSSIP},
     "ack": {"seq": int, **_GOSSIP},
     "ping_req": {"seq": int, "target": _address},
