@@ -164,7 +164,7 @@ class Node:
         self._now = now
         self._keep(record)
         out = [Deliver(record)]
-        out += self._push([record], self._targets(self.config.fanout), now)
+        out += self._push([record], [m.address for m in self._targets(self.config.fanout)], now)
         self.lazy.append(record.id)
         return out
 
@@ -460,18 +460,18 @@ class Node:
         b[1] ^= int.from_bytes(record.id[:16], "big")
         b[2].append(record.id)
 
-    def _push(self, records, targets, now):
+    def _push(self, records, addresses, now):
         out = []
-        for m in targets:
+        for address in addresses:
             batch, size = [], 0
             for r in records:
                 if batch and size + len(r.encoded) > wire.LIMITS.message_bytes // 2:
-                    out.append(self._message(m.address, "push", {"records": batch}, now))
+                    out.append(self._message(address, "push", {"records": batch}, now))
                     batch, size = [], 0
                 batch.append(r.encoded)
                 size += len(r.encoded)
             if batch:
-                out.append(self._message(m.address, "push", {"records": batch}, now))
+                out.append(self._message(address, "push", {"records": batch}, now))
         return out
 
     def _on_push(self, msg, acct, now):
@@ -502,7 +502,7 @@ class Node:
             acct.score = min(10.0, acct.score + 0.1)
         if new:
             targets = [m for m in self._targets(self.config.fanout + 1) if m.id != msg.sender_id][:self.config.fanout]
-            out += self._push(new, targets, now)
+            out += self._push(new, [m.address for m in targets], now)
             self.lazy += [r.id for r in new]
         return out
 
@@ -516,7 +516,7 @@ class Node:
 
     def _on_iwant(self, msg, acct, now):
         have = [self.records[i] for i in msg.payload["ids"] if i in self.records]
-        return self._push(have, [_To(msg.address)], now) if have else []
+        return self._push(have, [msg.address], now) if have else []
 
     # --- anti-entropy --------------------------------------------------------------------------
 
@@ -603,9 +603,4 @@ class Node:
     def _message(self, address, kind, payload, now):
         self.sent[kind] += 1
         return Send(address, wire.make_message(self.identity, kind, payload, int(now * 1000), self.address), kind)
-
-
-@dataclass(frozen=True)
-class _To:
-    address: str
 

@@ -80,6 +80,12 @@ def _typed(key, value, where):
 
 
 def _address(text, key, allow_zero=False):
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or not (0 if allow_zero else 1) <= int(port) <= 65535:
+    """The transport's own parser decides what an address is; a setting also needs a host,
+    and a seed a real port."""
+    from gossip.discovery import split_address
+    try:
+        host, port = split_address(text)
+    except ValueError:
+        host, port = "", 0
+    if not host or host == "*" or port < (0 if allow_zero else 1):
         raise ConfigError(f"{key} must be HOST:PORT (e.g. 192.168.1.20:7645), not {text!r}")
