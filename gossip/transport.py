@@ -175,7 +175,7 @@ class Service:
             self.node = protocol.Node(self.identity, self.address, self.config, seeds=self.seeds, meta=self.meta,
                                       rng=random.Random(), now=now)
             if self.store is not None:
-                records = self.store.records()
+                records = [r for _, r in self.store.since()]  # checked before they were stored
                 self.node.load(records)
                 self.loaded = len(records)
             self._ready.set()

@@ -125,6 +125,9 @@ def status(args):
     print(f"experiments:    {st['experiments']} ({st['kept']} kept, {st['discarded']} discarded, {st['crashed']} crashed); "
           f"{st['runs']} runs in all")
     print(f"duty cycle:     {fmt(st['duty_cycle'] and 100 * st['duty_cycle'], '.1f')} %  (budgeted training / wall)")
+    v = st["verification"]
+    print(f"verification:   {100 * v['share']:.1f} % of run time ({v['seconds']:.0f} s; own research {v['own_seconds']:.0f} s); "
+          + (", ".join(f"{n} {k}" for k, n in sorted(v["verdicts"].items())) or "no verdicts yet"))
     print(f"running:        {'yes, up ' + fmt(st['uptime_seconds'], '.0f') + ' s' if st['running'] else 'no'}")
     print(f"node id:        {st['node_id'] or '-'}" + (f"  at {st['address']}" if st["address"] else ""))
     if st["running"]:
@@ -221,6 +224,23 @@ def main(argv=None):
     what.add_argument("patch", nargs="?", metavar="PATCH_FILE", help="a git-style diff touching only train.py")
     what.add_argument("--note", help="a note for the proposer")
 
+    wt = sub.add_parser("watch", help="a live view of the swarm: peers, verification queue, events, best per tag",
+                        description="A live terminal view of the swarm as this node sees it (Ctrl-C leaves).")
+    wt.add_argument("--home", help="node folder (default: ~/.cache/autoresearch-swarm/node)")
+    wt.add_argument("--once", action="store_true", help="print one plain snapshot and exit")
+    wt.add_argument("--json", action="store_true", help="with --once: the snapshot as one JSON object")
+    wt.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes [2]")
+
+    xp = sub.add_parser("export", help="write the merged best train.py with its signed provenance",
+                        description="Write the best train.py (ours, or the best measured on --tag from records) with a "
+                                    "header naming every improvement from the baseline: author, hardware tag, deltas, "
+                                    "who confirmed it. Exit 2 when there is nothing to export or the chain is broken.")
+    xp.add_argument("--home", help="node folder (default: ~/.cache/autoresearch-swarm/node)")
+    xp.add_argument("-o", "--output", metavar="FILE", help="write here (default: standard output)")
+    xp.add_argument("--tag", help="a hardware tag as watch shows it (default: this node's own best tree)")
+    xp.add_argument("--json", action="store_true", help="write the provenance as JSON instead of the file")
+    xp.add_argument("--verify", action="store_true", help="re-check every signature and replay every diff of the chain")
+
     pr = sub.add_parser("prepare", help="prepare data and tokenizer (python -m model.prepare)", add_help=False,
                         description="Prepare the training and validation data; arguments go to python -m model.prepare.")
     pr.add_argument("rest", nargs=argparse.REMAINDER)
@@ -230,6 +250,12 @@ def main(argv=None):
         if args.budget is not None and not args.budget > 0:
             ap.error("--budget must be a positive number of seconds")
         return experiment(args)
+    if args.command == "watch":
+        from node import watch
+        return watch.main(args)
+    if args.command == "export":
+        from node import export
+        return export.main(args)
     return {"join": join, "status": status, "suggest": suggest}[args.command](args)
 
 

@@ -21,6 +21,8 @@ SETTINGS = {
     "max_reruns": (2, int, "extra runs of a thin win before it is kept or dropped"),
     "keep_sigmas": (2.0, float, "a keep must beat the best by this many standard errors"),
     "noise_floor": (0.0005, float, "smallest run-to-run noise assumed, in val_bpb"),
+    "verify_share": (0.3, float, "share of run time spent verifying peers' improvements when none is strong "
+                                 "(strong ones may take up to 0.75; 0: never verify)"),
 }
 CPU_BUDGET = 30.0
 
@@ -54,6 +56,8 @@ def load(path=None, overrides=None):
     for key in ("budget", "noise_floor", "keep_sigmas"):
         if out[key] is not None and not out[key] > 0:
             raise ConfigError(f"{key} must be positive, not {out[key]}")
+    if not 0 <= out["verify_share"] <= 1:
+        raise ConfigError(f"verify_share must be between 0 and 1, not {out['verify_share']}")
     for key in ("max_experiments", "max_reruns", "remeasure_every"):
         if out[key] < 0:
             raise ConfigError(f"{key} must not be negative, not {out[key]}")

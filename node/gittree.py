@@ -3,6 +3,7 @@ commit, a discard is a hard reset to the kept commit."""
 
 import os
 import subprocess
+import tempfile
 
 BRANCH = "node"
 EDITABLE = "train.py"
@@ -74,3 +75,60 @@ class Tree:
         self.git("apply", patch_path)
         with open(self.file) as f:
             return f.read()
+
+
+def _scratch_git(folder, *args, stdin=None):
+    """git outside any repository (a parent repository must not be found)."""
+    env = dict(os.environ, GIT_CEILING_DIRECTORIES=os.path.dirname(folder))
+    return subprocess.run(["git", *IDENTITY, *args], cwd=folder, capture_output=True, text=True, env=env, input=stdin)
+
+
+def apply_diff(source, diff):
+    """The file that a unified diff of train.py makes of `source`; GitError if it touches anything
+    else (another file, a rename, a mode, binary data) or does not apply."""
+    with tempfile.TemporaryDirectory(prefix="autoresearch-apply-") as d:
+        with open(os.path.join(d, EDITABLE), "w") as f:
+            f.write(source)
+        summary = _scratch_git(d, "apply", "--numstat", "--summary", "-", stdin=diff)
+        if summary.returncode != 0:
+            raise GitError(f"not a diff git can read: {summary.stderr.strip()[:200]}")
+        touched, extra = set(), []
+        for line in summary.stdout.splitlines():
+            parts = line.split("\t")
+            if len(parts) == 3 and parts[0] != "-":
+                touched.add(parts[2])
+            else:
+                extra.append(line.strip())
+        if touched != {EDITABLE} or extra:
+            raise GitError(f"the diff touches {', '.join(sorted(touched) + extra)[:200] or 'nothing'}; "
+                           f"only changes to {EDITABLE} may travel")
+        r = _scratch_git(d, "apply", "-", stdin=diff)
+        if r.returncode != 0:
+            raise GitError(f"the diff does not apply: {r.stderr.strip()[:200]}")
+        with open(os.path.join(d, EDITABLE)) as f:
+            return f.read()
+
+
+def merge3(ours, base, theirs):
+    """git's three-way merge of one file: (merged text, number of conflicts)."""
+    with tempfile.TemporaryDirectory(prefix="autoresearch-merge-") as d:
+        for name, text in (("ours", ours), ("base", base), ("theirs", theirs)):
+            with open(os.path.join(d, name), "w") as f:
+                f.write(text)
+        r = _scratch_git(d, "merge-file", "-p", "ours", "base", "theirs")
+        if r.returncode < 0 or r.returncode > 127:
+            raise GitError(f"git merge-file failed: {r.stderr.strip()[:200]}")
+        return r.stdout, r.returncode
+
+
+def diff_texts(parent, child):
+    """A git-style unified diff of train.py from `parent` to `child`."""
+    with tempfile.TemporaryDirectory(prefix="autoresearch-diff-") as d:
+        for name, text in (("a", parent), ("b", child)):
+            os.makedirs(os.path.join(d, name))
+            with open(os.path.join(d, name, EDITABLE), "w") as f:
+                f.write(text)
+        r = _scratch_git(d, "diff", "--no-index", "--no-color", "--no-ext-diff", f"a/{EDITABLE}", f"b/{EDITABLE}")
+        if r.returncode > 1:
+            raise GitError(f"git diff failed: {r.stderr.strip()[:200]}")
+        return r.stdout.replace(f"a/a/{EDITABLE}", f"a/{EDITABLE}").replace(f"b/b/{EDITABLE}", f"b/{EDITABLE}")

@@ -67,7 +67,7 @@ def lock_held(home):
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS experiments (
     id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,          -- baseline | candidate | suggestion | rerun | remeasure
+    kind TEXT NOT NULL,          -- baseline | candidate | suggestion | rerun | remeasure | verify
     started REAL NOT NULL,
     finished REAL,
     parent TEXT NOT NULL,        -- commit the candidate was made from
@@ -83,6 +83,19 @@ CREATE TABLE IF NOT EXISTS experiments (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, at REAL NOT NULL, text TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS sources (hash TEXT PRIMARY KEY, text TEXT NOT NULL);  -- train.py by SHA-256
+CREATE TABLE IF NOT EXISTS verdicts (        -- our verdict on each foreign improvement
+    improvement TEXT PRIMARY KEY,            -- record id, hex
+    verdict TEXT NOT NULL,                   -- confirmed | refuted | failed_to_apply | crashed | violation | held
+    at REAL NOT NULL,
+    commit_ TEXT,                            -- the rebased candidate, when one ran
+    note TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (          -- signed records, written with the decision they announce
+    id INTEGER PRIMARY KEY,
+    record BLOB NOT NULL,
+    sent INTEGER NOT NULL DEFAULT 0
+);
 """
 
 
@@ -112,15 +125,39 @@ class Store:
         self.db.execute("UPDATE experiments SET status = ?, finished = ?, val_bpb = ?, memory_gb = ?, noise = ?, "
                         "result = ? WHERE id = ?", (status, time.time(), val_bpb, memory_gb, noise, result, exp_id))
 
-    def decide(self, ids, status, best=None):
-        """Give measured runs their final status and, when `best` is given, make it the
-        kept commit: one transaction."""
+    def decide(self, ids, status, best=None, records=(), verdict=None):
+        """Give measured runs their final status; when `best` is given, make it the kept commit;
+        queue the signed records that announce it and note our verdict (improvement hex, verdict,
+        commit, note) on a foreign improvement: one transaction."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("UPDATE experiments SET status = ? WHERE id = ? AND status = 'measured'",
                                 [(status, i) for i in ids])
             if best is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('best_commit', ?)", (best,))
+            self.db.executemany("INSERT INTO outbox (record) VALUES (?)", [(r,) for r in records])
+            if verdict is not None:
+                self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
+                                (verdict[0], verdict[1], time.time(), verdict[2], verdict[3]))
+
+    def unsent(self):
+        return self.db.execute("SELECT id, record FROM outbox WHERE sent = 0 ORDER BY id").fetchall()
+
+    def sent(self, row_id):
+        self.db.execute("UPDATE outbox SET sent = 1 WHERE id = ?", (row_id,))
+
+    def verdicts(self):
+        return {r["improvement"]: r for r in self.db.execute("SELECT * FROM verdicts")}
+
+    def add_source(self, text):
+        import hashlib
+        h = hashlib.sha256(text.encode()).hexdigest()
+        self.db.execute("INSERT OR IGNORE INTO sources VALUES (?, ?)", (h, text))
+        return h
+
+    def source(self, h):
+        row = self.db.execute("SELECT text FROM sources WHERE hash = ?", (h,)).fetchone()
+        return row[0] if row else None
 
     def set(self, key, value):
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))

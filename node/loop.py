@@ -9,17 +9,20 @@ interrupted, the tree is reset to the best commit, and results.tsv is rewritten
 from the store, so a node killed at any instant carries on consistently.
 """
 
+import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
 
+from gossip import store as records_store, wire
 from gossip.identity import Identity
-from node import gittree, home as homes, proposer as proposers
+from node import gittree, home as homes, proposer as proposers, swarm
 
 BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "train.py")
 
@@ -59,6 +62,12 @@ class Node:
         self.identity = Identity.load(os.path.join(home, "identity.key"))
         self.network = None
         self.store = homes.Store(os.path.join(home, "store.sqlite"))
+        self.records = records_store.Store(os.path.join(home, "gossip.sqlite"))
+        from model import prepare
+        self.task = swarm.task_id(data.fingerprint, settings["profile"], prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS)
+        self.ledger = swarm.Ledger(self.records, self.task, self.identity.id)
+        self.store.set("task", self.task)
+        self._hardware = None
         self.events = homes.Events(os.path.join(home, "events.jsonl"))
         self.results = os.path.join(home, "results.tsv")
         self.tree = gittree.Tree(os.path.join(home, "tree"))
@@ -77,6 +86,10 @@ class Node:
             self.store.set("created", time.time())
         interrupted = self.store.mark_interrupted()
         self.tree.reset(self.best())
+        with open(BASELINE) as f:
+            self.store.add_source(f.read())
+        for commit in self.tree.git("rev-list", self.best()).split():  # the kept chain (older homes lack it)
+            self.store.add_source(self.tree.read(commit))
         homes.write_results(self.results, self.store.experiments())
         self.store.set("started", time.time())
         self.events("start", pid=os.getpid(), best=self.best(), interrupted=interrupted)
@@ -136,13 +149,58 @@ class Node:
             last[0] = phase
         return show
 
-    def decide(self, ids, status, best=None):
-        """Give every run of one candidate its final status (and move the best), then journal it."""
-        self.store.decide(ids, status, best)
+    def decide(self, ids, status, best=None, records=(), verdict=None):
+        """Give every run of one candidate its final status (and move the best), with the signed
+        records that announce it, then journal it and send the records."""
+        self.store.decide(ids, status, best, [r.encoded for r in records], verdict)
         rows = {e["id"]: e for e in self.store.experiments()}
         for i in ids:
             homes.append_results(self.results, rows[i])
         self.events("decision", ids=ids, status=status, best=self.best())
+        self.flush()
+
+    # -- records ------------------------------------------------------------
+
+    def sign(self, type_, body):
+        return wire.make_record(self.identity, type_, body, time.time() * 1000)
+
+    def flush(self):
+        """Send the records of decisions already durable (after a crash: those not yet sent)."""
+        for row_id, blob in self.store.unsent():
+            record = wire.load_stored(blob)
+            if self.network:
+                self.network.publish(record)
+            else:
+                self.records.add(record)
+            self.store.sent(row_id)
+
+    def hardware(self):
+        """Our hardware tag (a dict), as the sandbox will record it."""
+        if self._hardware is None:
+            from sandbox.result import HardwareTag
+            self._hardware = dataclasses.asdict(HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint))
+            self.store.set("hardware", json.dumps(self._hardware))
+        return self._hardware
+
+    def scores(self, commit):
+        return swarm.score(self.measurements()[commit], self.noise())
+
+    def experiment_record(self, parent, commit, description, proposer, status, r, diff):
+        m = self.measurements()
+        after = swarm.score(m[commit], self.noise()) if commit in m else None
+        return self.sign("experiment", dict(
+            task=self.task, lineage=swarm.LINEAGE, parent=swarm.content_hash(self.tree.read(parent)),
+            child=swarm.content_hash(self.tree.read(commit)), diff=diff if len(diff) <= 64 << 10 else "",
+            hypothesis=description[:500], status=status, before=self.scores(parent), after=after,
+            hardware=dataclasses.asdict(r.hardware), proposer=proposer,
+            log_tail=scrub(r.log_tail) if r.status != "ok" else ""))
+
+    def improvement_record(self, parent, commit, description, proposer, r):
+        return self.sign("improvement", dict(
+            task=self.task, lineage=swarm.LINEAGE, parent=swarm.content_hash(self.tree.read(parent)),
+            child=swarm.content_hash(self.tree.read(commit)), diff=self.tree.diff(parent, commit) + "\n",
+            before=self.scores(parent), after=self.scores(commit), hardware=dataclasses.asdict(r.hardware),
+            proposer=proposer, description=description[:500]))
 
     def baseline(self):
         """Run the unmodified tree until it has been measured baseline_runs times."""
@@ -205,27 +263,109 @@ class Node:
         if nxt is None:
             return False
         source, description, proposer, kind, edit = nxt
+        parent = self.best()
         commit = self.tree.commit(source, description)
+        self.store.add_source(source)
+        diff = self.tree.diff(parent, commit) + "\n"
+        status, ids, r = self.trial(kind, commit, description, proposer, edit)
+        records = [self.experiment_record(parent, commit, description, proposer, _experiment_status(status, r), r, diff)]
+        if status == "keep":
+            records.append(self.improvement_record(parent, commit, description, proposer, r))
+        self.decide(ids, status, best=commit if status == "keep" else None, records=records)
+        if status == "keep":
+            m = self.measurements()[commit]
+            self.events("published", record=records[-1].id.hex(), commit=commit, description=description[:200])
+            self.say(f"kept {commit[:7]}: {sum(m) / len(m):.6f} over {len(m)} run(s); published")
+        else:
+            self.tree.reset(self.best())
+        return True
+
+    def trial(self, kind, commit, description, proposer, edit=None):
+        """Measure a committed candidate, re-running a thin win: (keep | discard | crash, run ids,
+        last result); nothing decided yet."""
         ids, reruns = [], self.s["max_reruns"]
         while True:
-            exp, r = self.measure(kind if not ids else "rerun", commit, description, proposer, edit)
+            exp, r = self.measure(kind if not ids or kind == "verify" else "rerun", commit, description, proposer, edit)
             ids.append(exp)
             if r.status != "ok":
-                self.decide(ids, "crash")
-                self.tree.reset(self.best())
-                return True
+                return "crash", ids, r
             m = self.measurements()
             v = verdict(m[self.best()], m[commit], self.noise(), self.s["keep_sigmas"], reruns)
             if v == "rerun":
                 reruns -= 1
                 continue
-            if v == "keep":
-                self.decide(ids, "keep", best=commit)
-                self.say(f"kept {commit[:7]}: {sum(m[commit]) / len(m[commit]):.6f} over {len(m[commit])} run(s)")
-            else:
-                self.decide(ids, "discard")
-                self.tree.reset(self.best())
-            return True
+            return v, ids, r
+
+    # -- verification -------------------------------------------------------
+
+    def verify_share(self, window_s=6 * 3600):
+        """(share of the last window's run time spent verifying, mean minutes per run)."""
+        since = time.time() - window_s
+        runs = [e for e in self.store.experiments() if e["finished"] and e["finished"] > since]
+        total = sum(e["finished"] - e["started"] for e in runs)
+        spent = sum(e["finished"] - e["started"] for e in runs if e["kind"] == "verify")
+        minutes = total / len(runs) / 60 if runs else self.s["budget"] / 60
+        return (spent / total if total else 0.0), minutes
+
+    def queue(self):
+        share, minutes = self.verify_share()
+        return self.ledger.refresh().rank(self.hardware(), self.noise(), minutes, time.time(),
+                                          {bytes.fromhex(k) for k in self.store.verdicts()}, self.s["keep_sigmas"]), share
+
+    def verify_next(self):
+        """Verify the best-ranked foreign improvement if it is our turn: strong candidates go
+        first (up to 3/4 of our time), others take at most verify_share. True if one ran."""
+        if not self.s["verify_share"]:
+            return False
+        entries, share = self.queue()
+        for e in entries:
+            if share >= (max(0.75, self.s["verify_share"]) if e.strong else self.s["verify_share"]):
+                return False
+            outcome = self.verify(e.record)
+            if outcome == "ran":
+                return True
+        return False
+
+    def verify(self, record):
+        """Rebase one foreign improvement onto our best, run it, adopt it if it beats our best by
+        more than our noise, and attest either way. ran | rejected | held | waiting."""
+        rid, who = record.id.hex(), record.author_id
+        best_source = self.tree.read(self.best())
+        plan = swarm.plan(self.ledger, record, best_source, self.store.source)
+        if plan.action == "wait":
+            return "waiting"
+        if plan.action in ("reject", "held"):
+            records = [self.attestation(record, plan.verdict, None, None, plan.note)] if plan.action == "reject" else []
+            self.decide([], plan.action, records=records, verdict=(rid, plan.verdict or "held", None, plan.note))
+            self.events("verdict", improvement=rid, author=who, verdict=plan.verdict or "held", note=plan.note)
+            self.say(f"improvement {rid[:12]} by {who}: {plan.verdict or 'held'} ({plan.note})")
+            return plan.action
+        description = f"improvement {rid} by {who}: {record.body['description']}"[:500]
+        parent = self.best()
+        commit = self.tree.commit(plan.source, description)
+        self.store.add_source(plan.source)
+        self.events("verify", improvement=rid, author=who, commit=commit)
+        self.say(f"verifying improvement {rid[:12]} by {who}: {record.body['description'][:80]}")
+        status, ids, r = self.trial("verify", commit, description, ADOPT_PROPOSER, None)
+        v = {"keep": "confirmed", "discard": "refuted"}.get(status) or ("violation" if r.status == "violation" else "crashed")
+        m = self.measurements()
+        after = self.scores(commit) if commit in m else None
+        note = ", ".join(r.violations) if v == "violation" else ("" if r.status == "ok" else r.status)
+        records = [self.attestation(record, v, self.scores(parent), after, note)]
+        if status == "keep":
+            adopt = self.improvement_record(parent, commit, description, swarm.ADOPT + rid, r)
+            records.append(adopt)
+        self.decide(ids, status, best=commit if status == "keep" else None,
+                    records=records, verdict=(rid, v, commit, note))
+        self.events("verdict", improvement=rid, author=who, verdict=v, adopted=status == "keep", note=note)
+        self.say(f"improvement {rid[:12]} by {who}: {v}" + (f"; adopted as {commit[:7]}" if status == "keep" else ""))
+        if status != "keep":
+            self.tree.reset(self.best())
+        return "ran"
+
+    def attestation(self, record, verdict_, before, after, note):
+        return self.sign("attestation", dict(task=self.task, improvement=record.id, verdict=verdict_, before=before,
+                                             after=after, hardware=self.hardware(), note=note[:500]))
 
     def remeasure(self):
         exp, r = self.measure("remeasure", self.best(), "re-measure the best (noise)")
@@ -236,11 +376,14 @@ class Node:
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self.join_network()
+            self.flush()
             self.baseline()
             done = 0
             while not self.s["max_experiments"] or done < self.s["max_experiments"]:
                 if done and self.s["remeasure_every"] and done % self.s["remeasure_every"] == 0:
                     self.remeasure()
+                if self.verify_next():
+                    continue
                 if not self.experiment():
                     self.say("the proposer has nothing more to try")
                     break
@@ -264,9 +407,9 @@ class Node:
             return
         from node.network import Network
         from sandbox.result import HardwareTag
-        import dataclasses
         tag = HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint)
-        self.network = Network(self.home, self.identity, self.s, dataclasses.asdict(tag), self.events, self.say)
+        self.network = Network(self.home, self.identity, self.s, dict(dataclasses.asdict(tag), task=self.task),
+                               self.events, self.say, self.records)
         try:
             self.network.start()
         except Exception as e:  # the I/O edge: a port in use, no such address, no permission
@@ -277,8 +420,28 @@ class Node:
     def close(self):
         if self.network:
             self.network.stop()
+        self.records.close()
         self.store.db.close()
         self.lock.release()
+
+
+ADOPT_PROPOSER = "verify"
+
+
+def _experiment_status(status, r):
+    return status if r.status == "ok" else r.status  # crash | timeout | violation
+
+
+_PATH = re.compile(r"(?<![\w.])/(?:[^\s:'\"(),]+/)*([^\s:'\"(),/]*)")
+_ASSIGN = re.compile(r"\b([A-Z][A-Z0-9_]{2,})=\S+")
+
+
+def scrub(log_tail, lines=20, limit=4000):
+    """A crash's last lines fit to leave the machine: no absolute path (the file name stays),
+    no NAME=value pair."""
+    tail = "\n".join(log_tail.splitlines()[-lines:])
+    tail = _PATH.sub(lambda m: m.group(1) or "/", tail)
+    return _ASSIGN.sub(r"\1=<scrubbed>", tail)[-limit:]
 
 
 def status(home):
@@ -300,7 +463,8 @@ def status(home):
                kept=sum(e["status"] == "keep" for e in cands), crashed=sum(e["status"] == "crash" for e in cands),
                discarded=sum(e["status"] == "discard" for e in cands), runs=len(exps),
                noise=noise(m, 0.0), uptime_seconds=round(time.time() - started, 1) if started else None,
-               running=homes.lock_held(home), duty_cycle=round(trained / spent, 4) if spent else None)
+               running=homes.lock_held(home), duty_cycle=round(trained / spent, 4) if spent else None,
+               task=store.get("task"), verification=_verification(exps, store.verdicts()))
     store.db.close()
     from node.network import snapshot
     snap = snapshot(home) if out["running"] else None
@@ -311,6 +475,18 @@ def status(home):
     out["rejected"] = (snap or {}).get("rejected", {})
     out["records"] = (snap or {}).get("records")
     return out
+
+
+def _verification(exps, verdicts):
+    """How the node split its run time between its own research and verifying peers' claims."""
+    runs = [e for e in exps if e["finished"] is not None]
+    verify = sum(e["finished"] - e["started"] for e in runs if e["kind"] == "verify")
+    total = sum(e["finished"] - e["started"] for e in runs)
+    counts = {}
+    for v in verdicts.values():
+        counts[v["verdict"]] = counts.get(v["verdict"], 0) + 1
+    return dict(share=round(verify / total, 4) if total else 0.0, seconds=round(verify, 1), own_seconds=round(total - verify, 1),
+                verdicts=counts, adopted=counts.get("confirmed", 0))
 
 
 def _wall(exps):

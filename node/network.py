@@ -10,17 +10,16 @@ import os
 import threading
 import time
 
-from gossip.store import Store
 from gossip.transport import Service
 
 SNAPSHOT_S = 2.0
 
 
 class Network:
-    def __init__(self, home, identity, settings, meta, events, say):
+    def __init__(self, home, identity, settings, meta, events, say, store):
         self.home, self.events, self.say = home, events, say
         self.path = os.path.join(home, "peers.json")
-        self.store = Store(os.path.join(home, "gossip.sqlite"))
+        self.store = store  # the node's, which closes it
         self.service = Service(identity, listen=settings["listen"], seeds=settings["seeds"], store=self.store,
                                meta=meta, mdns=settings["mdns"], on_event=self._event, on_record=self._record)
         self.stopping = threading.Event()
@@ -68,7 +67,6 @@ class Network:
         finally:
             if os.path.exists(self.path):
                 os.remove(self.path)  # a stopped node has no live peers to show
-            self.store.close()
 
 
 def snapshot(home):

@@ -1,0 +1,247 @@
+"""The swarm side of a node: which foreign improvements to verify, and how a foreign change
+becomes a candidate of our own tree.
+
+Improvements name their parent and child train.py by content hash (SHA-256). A node rebuilds a
+parent it lacks by following improvements back to a file it holds (the shipped baseline, its own
+commits): each step's diff is applied with git and must give exactly the child hash it names.
+A node that adopts a foreign change publishes an improvement of its own from its old best to the
+merged tree, with proposer "adopt:<record id>", so that peers can rebuild what it builds on next;
+such records are for rebuilding and provenance, never queued for verification.
+
+The queue ranks foreign improvements of our task by the val_bpb gain per minute of our compute
+they are likely to bring:
+    claimed gain x P(it holds) x author standing x hardware closeness x age decay / minutes per run
+P(it holds) starts from the author's own evidence (gain over its standard error, against the
+keep rule's 2 sigma) and moves with attestations of others, weighted by how close their hardware
+is to ours. An author's standing is its confirmed against refuted claims (a Beta(1, 1) prior);
+an attested sandbox violation cuts it to a twentieth. Every attestation weighs by its author's
+own standing, so a discredited node moves nothing much.
+"""
+
+import hashlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+from gossip import wire
+from node import gittree
+
+LINEAGE = "torch"
+ADOPT = "adopt:"
+MAX_CHAIN = 400           # improvements followed back to rebuild one parent
+AGE_HALF_LIFE_H = 24.0
+CLOSENESS_WEIGHTS = dict(backend=0.35, accelerator=0.3, count=0.1, budget_seconds=0.15, framework=0.1)
+
+
+def content_hash(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def task_id(fingerprint, profile, max_seq_len, eval_tokens):
+    """What every record names: the data (and tokenizer) fingerprint and the evaluation settings."""
+    canon = wire.canonical({"data": fingerprint, "profile": profile, "seq_len": max_seq_len, "eval_tokens": eval_tokens})
+    return hashlib.sha256(canon).hexdigest()[:16]
+
+
+def score(xs, noise):
+    """A record's {val_bpb, runs, spread} of one commit's measurements (spread: their sd, or the
+    node's noise for a single run)."""
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else noise
+    return {"val_bpb": float(m), "runs": len(xs), "spread": float(sd)}
+
+
+def tag_name(hw):
+    """One line naming a hardware tag: what people pass to export --tag."""
+    return (f"{hw.get('backend', '?')}/{hw.get('accelerator', '?')} x{hw.get('count', '?')}/"
+            f"{float(hw.get('budget_seconds', 0)):g}s/{hw.get('profile', '?')}")
+
+
+def closeness(a, b):
+    """0..1: how far a number measured on tag `a` carries to tag `b`."""
+    return sum(w for k, w in CLOSENESS_WEIGHTS.items() if a.get(k) == b.get(k))
+
+
+def adopted_from(record):
+    """The id (bytes) of the improvement an adoption record took in, or None."""
+    p = record.body["proposer"]
+    if p.startswith(ADOPT):
+        try:
+            return bytes.fromhex(p[len(ADOPT):])
+        except ValueError:
+            return None
+    return None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One foreign improvement waiting for our verdict."""
+    record: wire.Record
+    priority: float       # expected val_bpb gain per minute of our compute
+    strong: bool          # worth running ahead of our own research
+    gain: float           # claimed by its author
+    p_hold: float
+    standing: float       # of its author
+    closeness: float      # of its author's hardware to ours
+    confirmed: float      # attestations of others, weighted by their closeness to us
+    refuted: float
+
+
+class Ledger:
+    """The records of our gossip store, indexed for the queue, rebuilding and provenance; read
+    incrementally (only rows added since the last refresh)."""
+
+    def __init__(self, records, task, me):
+        self.db, self.task, self.me = records, task, me
+        self.rowid = 0
+        self.improvements = {}                  # id -> Record, our task
+        self.by_child = defaultdict(list)        # child hash -> [Record]
+        self.attestations = defaultdict(dict)    # improvement id -> {attestor id: Record}
+        self.experiments = []                   # Records, our task
+        self.claims = []
+        self.other_tasks = defaultdict(int)     # task -> records seen
+        self.by_author = defaultdict(list)       # author id -> [improvement ids]
+        self._standing = {}
+
+    def refresh(self):
+        self._standing = {}
+        for self.rowid, r in self.db.since(self.rowid):
+            task = r.body.get("task")
+            if task is not None and task != self.task:
+                self.other_tasks[task] += 1
+                continue
+            if r.type == "improvement":
+                self.improvements[r.id] = r
+                self.by_child[r.body["child"]].append(r)
+                self.by_author[r.author_id].append(r.id)
+            elif r.type == "attestation":
+                self.attestations[r.body["improvement"]][r.author_id] = r  # one verdict per attestor counts
+            elif r.type == "experiment":
+                self.experiments.append(r)
+            elif r.type == "claim":
+                self.claims.append(r)
+        return self
+
+    # -- standing and ranking ---------------------------------------------------------------
+
+    def verdicts(self, rid, author):
+        """The attestations of `rid` by nodes other than its author."""
+        return [a for who, a in self.attestations.get(rid, {}).items() if who != author]
+
+    def standing(self, author, weighted=True):
+        """The author's confirmed against refuted claims, Beta(1, 1), each attestation weighted by
+        its attestor's own (unweighted) standing, so that a discredited node's word weighs little;
+        an attested violation cuts it to a twentieth."""
+        key = (author, weighted)
+        if key not in self._standing:
+            good = bad = violation = 0.0
+            for rid in self.by_author.get(author, ()):
+                for a in self.verdicts(rid, author):
+                    w = self.standing(a.author_id, False) if weighted else 1.0
+                    v = a.body["verdict"]
+                    good += w * (v == "confirmed")
+                    bad += w * (v in ("refuted", "crashed", "violation"))
+                    violation = max(violation, w * (v == "violation"))
+            self._standing[key] = (1 + good) / (2 + good + bad) * (1 - 0.95 * min(1.0, 2 * violation))
+        return self._standing[key]
+
+    def credible(self, record):
+        """Whether a claim stands: its author is not discredited and no more nodes refuted it than
+        confirmed it (what watch and export --tag show as a tag's best)."""
+        votes = [a.body["verdict"] for a in self.verdicts(record.id, record.author_id)]
+        bad = sum(v in ("refuted", "crashed", "violation") for v in votes)
+        return self.standing(record.author_id) >= 0.4 and bad <= votes.count("confirmed")
+
+    def rank(self, hardware, noise, minutes_per_run, now, done, keep_sigmas=2.0):
+        """Foreign improvements of our task without our verdict (ids in `done`), best first."""
+        out = []
+        for rid, r in self.improvements.items():
+            if r.author_id == self.me or rid in done or adopted_from(r) is not None:
+                continue
+            b, a = r.body["before"], r.body["after"]
+            gain = b["val_bpb"] - a["val_bpb"]
+            se = math.sqrt(b["spread"] ** 2 / max(1, b["runs"]) + a["spread"] ** 2 / max(1, a["runs"])) or noise
+            p_claim = 0.5 * (1 + math.erf((gain / max(se, 1e-12) - keep_sigmas) / math.sqrt(2)))
+            conf = ref = 0.0
+            for att in self.verdicts(rid, r.author_id):
+                w = closeness(att.body["hardware"], hardware) * self.standing(att.author_id, False) * 2
+                if att.body["verdict"] == "confirmed":
+                    conf += w
+                elif att.body["verdict"] in ("refuted", "crashed", "violation"):
+                    ref += w * (3 if att.body["verdict"] == "violation" else 1)
+            p_hold = (2 * p_claim + conf) / (2 + conf + ref)
+            standing = self.standing(r.author_id)
+            c = closeness(r.body["hardware"], hardware)
+            decay = 0.5 ** (max(0.0, now - r.ts / 1000) / 3600 / AGE_HALF_LIFE_H)
+            expected = max(0.0, gain) * p_hold * standing * (0.25 + 0.75 * c) * decay
+            strong = expected > keep_sigmas * noise and p_hold >= 0.5 and standing >= 0.4  # a newcomer: 0.5
+            out.append(Entry(r, expected / max(minutes_per_run, 1e-3), strong, gain, p_hold, standing, c, conf, ref))
+        out.sort(key=lambda e: (-e.priority, e.record.ts))
+        return out
+
+    # -- rebuilding and rebasing ------------------------------------------------------------
+
+    def source(self, h, known):
+        """The train.py whose hash is `h`: from `known(h)` (text or None), else rebuilt through the
+        improvements that name it as their child; None when no chain reaches a known file."""
+        text = known(h)
+        if text is not None:
+            return text
+        # walk back to a known ancestor, then replay forward; every step checks its child hash
+        path, frontier, seen = None, [(h, [])], {h}
+        while frontier and path is None:
+            want, steps = frontier.pop()
+            for r in self.by_child.get(want, ()):
+                parent = r.body["parent"]
+                if len(steps) >= MAX_CHAIN or parent in seen:
+                    continue
+                if known(parent) is not None:
+                    path = [r, *steps]
+                    break
+                seen.add(parent)
+                frontier.append((parent, [r, *steps]))
+        if path is None:
+            return None
+        text = known(path[0].body["parent"])
+        for r in path:
+            try:
+                text = gittree.apply_diff(text, r.body["diff"])
+            except gittree.GitError:
+                return None
+            if content_hash(text) != r.body["child"]:
+                return None
+        return text
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with one foreign improvement: run | reject | wait | held."""
+    action: str
+    source: str = ""          # run: the rebased candidate
+    verdict: str = ""         # reject: the attestation's verdict
+    note: str = ""
+
+
+def plan(ledger, record, best_source, known):
+    """Check a foreign improvement and rebase it onto our best with git's three-way merge."""
+    body = record.body
+    if body["lineage"] != LINEAGE:
+        return Plan("reject", verdict="failed_to_apply", note=f"lineage {body['lineage'][:32]}, ours is {LINEAGE}")
+    parent = ledger.source(body["parent"], known)
+    if parent is None:
+        return Plan("wait", note=f"parent {body['parent'][:12]} cannot be rebuilt from the records held")
+    try:
+        child = gittree.apply_diff(parent, body["diff"])
+    except gittree.GitError as e:
+        return Plan("reject", verdict="failed_to_apply", note=str(e)[:300])
+    if content_hash(child) != body["child"]:
+        return Plan("reject", verdict="failed_to_apply", note="the diff applied to the parent does not give the child hash")
+    if content_hash(parent) == content_hash(best_source):
+        merged = child
+    else:
+        merged, conflicts = gittree.merge3(best_source, parent, child)
+        if conflicts:
+            return Plan("reject", verdict="failed_to_apply", note=f"{conflicts} conflict(s) rebasing onto our best")
+    if merged == best_source:
+        return Plan("held", note="our best already holds this change")
+    return Plan("run", source=merged)

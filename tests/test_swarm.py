@@ -1,0 +1,237 @@
+"""The swarm: foreign improvements rebuilt, rebased with git's three-way merge, ranked, verified
+in the real sandbox, adopted or refuted, attested; records durable before they are sent."""
+import os
+import time
+
+import pytest
+
+from conftest import ROOT
+from gossip import wire
+from gossip.identity import Identity
+from gossip.store import Store
+from node import config, export, gittree, loop, swarm, watch
+
+BASELINE = open(os.path.join(ROOT, "model", "train.py")).read()
+ALICE, MALLORY = Identity.from_seed(b"alice"), Identity.from_seed(b"mallory")
+HW = dict(accelerator="Intel(R) Xeon(R) Processor", count=1, backend="cpu", framework="torch 2.13.0",
+          budget_seconds=2.0, profile="cpu", data_fingerprint="f" * 64)
+TASK = "t" * 16
+
+
+def edit(text, old, new):
+    assert old in text
+    return text.replace(old, new, 1)
+
+
+def improvement(author, parent, child, gain=0.05, spread=0.002, runs=2, hardware=HW, task=TASK, diff=None,
+                proposer="offline", ts=None, description="a change"):
+    body = dict(task=task, lineage=swarm.LINEAGE, parent=swarm.content_hash(parent), child=swarm.content_hash(child),
+                diff=gittree.diff_texts(parent, child) if diff is None else diff,
+                before=dict(val_bpb=3.0, runs=runs, spread=spread), after=dict(val_bpb=3.0 - gain, runs=runs, spread=spread),
+                hardware=hardware, proposer=proposer, description=description)
+    return wire.make_record(author, "improvement", body, ts or time.time() * 1000)
+
+
+def attestation(author, record, verdict, hardware=HW):
+    body = dict(task=TASK, improvement=record.id, verdict=verdict, before=None, after=None, hardware=hardware, note="")
+    return wire.make_record(author, "attestation", body, time.time() * 1000)
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    store = Store(str(tmp_path / "gossip.sqlite"))
+    yield swarm.Ledger(store, TASK, "me")
+    store.close()
+
+
+def add(ledger, *records):
+    for r in records:
+        ledger.db.add(r)
+    return ledger.refresh()
+
+
+KNOWN = {swarm.content_hash(BASELINE): BASELINE}
+X = edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = 0.08")
+Y = edit(X, "WARMDOWN_RATIO = 0.75", "WARMDOWN_RATIO = 0.6")
+Z = edit(BASELINE, "ROPE_BASE = 200_000", "ROPE_BASE = 100_000")
+
+
+def test_a_parent_is_rebuilt_through_a_chain_of_improvements(ledger):
+    rx, ry = improvement(ALICE, BASELINE, X), improvement(ALICE, X, Y)
+    add(ledger, ry)
+    assert ledger.source(swarm.content_hash(Y), KNOWN.get) is None  # X is not known yet
+    add(ledger, rx)
+    assert ledger.source(swarm.content_hash(Y), KNOWN.get) == Y
+    # a record whose diff does not give the child it names is never followed
+    liar = improvement(MALLORY, BASELINE, Z, diff=gittree.diff_texts(BASELINE, X))
+    add(ledger, liar)
+    assert ledger.source(swarm.content_hash(Z), KNOWN.get) is None
+    # a cycle of records ends
+    a, b = edit(Z, "100_000", "50_000"), edit(Z, "100_000", "25_000")
+    add(ledger, improvement(MALLORY, a, b), improvement(MALLORY, b, a))
+    assert ledger.source(swarm.content_hash(a), KNOWN.get) is None
+
+
+def test_plans_rebase_reject_hold_and_wait(ledger):
+    rx, ry = improvement(ALICE, BASELINE, X), improvement(ALICE, X, Y)
+    add(ledger, rx)
+    p = swarm.plan(ledger, rx, Z, KNOWN.get)  # our best holds another change: three-way merge keeps both
+    assert p.action == "run" and "MATRIX_LR = 0.08" in p.source and "ROPE_BASE = 100_000" in p.source
+    assert swarm.plan(ledger, rx, BASELINE, KNOWN.get) == swarm.Plan("run", source=X)
+    assert swarm.plan(ledger, rx, X, KNOWN.get).action == "held"
+    assert swarm.plan(ledger, ry, BASELINE, KNOWN.get).action == "run"  # its parent rebuilt from rx
+    conflict = edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = 0.05")
+    p = swarm.plan(ledger, rx, conflict, KNOWN.get)
+    assert (p.action, p.verdict) == ("reject", "failed_to_apply") and "conflict" in p.note
+    other = improvement(MALLORY, BASELINE, X, diff=gittree.diff_texts(BASELINE, X).replace("train.py", "prepare.py"))
+    p = swarm.plan(ledger, other, BASELINE, KNOWN.get)
+    assert p.action == "reject" and "only changes to train.py" in p.note
+    wrong = improvement(MALLORY, BASELINE, Z, diff=gittree.diff_texts(BASELINE, X))
+    p = swarm.plan(ledger, wrong, BASELINE, KNOWN.get)
+    assert p.action == "reject" and "child hash" in p.note
+    orphan = improvement(MALLORY, edit(BASELINE, "ROPE_BASE = 200_000", "ROPE_BASE = 10_000"), Z)
+    assert swarm.plan(ledger, orphan, BASELINE, KNOWN.get).action == "wait"
+
+
+def test_diffs_that_rename_or_touch_other_files_do_not_apply():
+    d = gittree.diff_texts(BASELINE, X)
+    for bad in (d.replace("diff --git a/train.py b/train.py", "diff --git a/train.py b/other.py\nrename from train.py\nrename to other.py"),
+                d + "diff --git a/x b/x\nnew file mode 100755\n--- /dev/null\n+++ b/x\n@@ -0,0 +1 @@\n+hi\n",
+                "not a diff at all\n"):
+        with pytest.raises(gittree.GitError):
+            gittree.apply_diff(BASELINE, bad)
+    assert gittree.apply_diff(BASELINE, d) == X
+
+
+def test_ranking_follows_evidence_standing_and_hardware(ledger):
+    bob, carol = Identity.from_seed(b"bob"), Identity.from_seed(b"carol")
+    good = improvement(ALICE, BASELINE, X, gain=0.02)
+    forged = improvement(MALLORY, BASELINE, Z, gain=0.03)
+    thin = improvement(bob, BASELINE, Y, gain=0.002, spread=0.002)  # inside its own noise
+    far = improvement(carol, BASELINE, edit(BASELINE, "SCALAR_LR = 0.5", "SCALAR_LR = 0.45"), gain=0.02,
+                      hardware=dict(HW, backend="cuda", accelerator="NVIDIA H100"))
+    add(ledger, good, forged, thin, far, improvement(ALICE, BASELINE, Z, task="other-task"))
+    rank = lambda done=(): [e.record.id for e in ledger.rank(HW, 0.002, 1.0, time.time(), set(done))]
+    assert rank()[:2] == [forged.id, good.id] and rank()[-1] == thin.id  # before anyone attested
+    assert ledger.other_tasks == {"other-task": 1}
+    assert rank().index(far.id) > rank().index(good.id)  # the same claim from far hardware counts less
+    add(ledger, attestation(bob, forged, "refuted"), attestation(carol, forged, "refuted"))
+    assert rank().index(forged.id) > rank().index(good.id)
+    later = improvement(MALLORY, BASELINE, Y, gain=0.03)
+    add(ledger, later, attestation(bob, improvement(MALLORY, BASELINE, X), "violation"))
+    add(ledger, attestation(bob, forged, "violation"))
+    assert ledger.standing(MALLORY.id) < 0.05 and rank().index(later.id) > rank().index(good.id)
+    entries = {e.record.id: e for e in ledger.rank(HW, 0.002, 1.0, time.time(), set())}
+    assert entries[good.id].strong and not entries[thin.id].strong and not entries[later.id].strong
+    assert good.id not in rank({good.id})  # our own verdict takes it off the queue
+    add(ledger, attestation(MALLORY, good, "refuted"))  # a discredited node's word weighs little
+    entries = {e.record.id: e for e in ledger.rank(HW, 0.002, 1.0, time.time(), set())}
+    assert entries[good.id].strong and entries[good.id].p_hold > 0.9 and ledger.standing(ALICE.id) > 0.45
+    adoption = improvement(bob, BASELINE, X, proposer=swarm.ADOPT + good.id.hex())
+    add(ledger, adoption)
+    assert adoption.id not in rank() and swarm.adopted_from(adoption) == good.id
+
+
+def test_log_tails_leave_no_paths_or_secrets():
+    tail = ('Traceback:\n  File "/tmp/autoresearch-candidate-x/train.py", line 3\n'
+            "ANTHROPIC_API_KEY=sk-ant-123 /home/alice/.ssh/id_ed25519\nValueError: 1/2")
+    out = loop.scrub(tail)
+    assert '"train.py"' in out and "sk-ant" not in out and "/home" not in out and "1/2" in out
+
+
+# -- the real thing: a node verifies foreign improvements in the sandbox ------------------------
+
+PEEK = """    def peek(x):
+        out = model(x).clone()
+        out[:, :-1].scatter_(2, x[:, 1:, None], 30.0)
+        return out
+    val_bpb = prepare.hand_over(peek,"""
+
+
+def make_node(home, data, **kw):
+    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), budget=1.0, listen="off", max_reruns=1, **kw)
+    return loop.Node(str(home), s, data, out=open(os.devnull, "w"))
+
+
+def test_a_node_adopts_what_holds_refutes_what_does_not_and_attests(tmp_path, stdlib_data, stdlib_cache, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
+    node = make_node(tmp_path / "b", stdlib_data)
+    try:
+        node.baseline()
+        hw = node.hardware()
+        better = edit(edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = 0.08"), "EMBEDDING_LR = 0.9", "EMBEDDING_LR = 1.8")
+        worse = edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = 0.0")  # claims a gain; the blocks never learn
+        cheat = edit(BASELINE, "    val_bpb = prepare.hand_over(model,", PEEK)  # sees the next token
+        good = improvement(ALICE, BASELINE, better, gain=0.2, hardware=hw, task=node.task, description="double the LRs")
+        forged = improvement(MALLORY, BASELINE, worse, gain=0.3, hardware=hw, task=node.task)
+        cheating = improvement(MALLORY, BASELINE, cheat, gain=0.5, hardware=hw, task=node.task)
+        for r in (good, forged, cheating):
+            node.records.add(r)
+        queue, _ = node.queue()
+        assert {e.record.id for e in queue} == {good.id, forged.id, cheating.id}
+        outcomes = {r.id: node.verify(r) for r in (forged, cheating, good)}
+        assert set(outcomes.values()) == {"ran"}
+        verdicts = {bytes.fromhex(k): v["verdict"] for k, v in node.store.verdicts().items()}
+        assert verdicts == {forged.id: "refuted", cheating.id: "violation", good.id: "confirmed"}
+        assert node.tree.read(node.best()) == better
+        assert good.id.hex() in node.tree.git("log", "-1", "--format=%s", node.best()) and ALICE.id in node.tree.git(
+            "log", "-1", "--format=%s", node.best())
+        ours = [r for _, r in node.records.since() if r.author_id == node.identity.id]
+        atts = {r.body["improvement"]: r for r in ours if r.type == "attestation"}
+        assert {k: a.body["verdict"] for k, a in atts.items()} == {k: v for k, v in verdicts.items()}
+        assert atts[good.id].body["after"]["val_bpb"] < atts[good.id].body["before"]["val_bpb"]
+        assert "non_causal" in atts[cheating.id].body["note"]
+        [adopt] = [r for r in ours if r.type == "improvement"]
+        assert swarm.adopted_from(adopt) == good.id and adopt.body["child"] == swarm.content_hash(better)
+        assert all(wire.decode_record(r.encoded, time.time() * 1000 + 1) for r in ours)  # signatures hold
+        assert node.queue()[0] == [] and node.ledger.standing(MALLORY.id) < 0.05
+        # the same change again, from someone else: our best holds it already; nothing runs
+        again = improvement(Identity.from_seed(b"dave"), BASELINE, better, hardware=hw, task=node.task)
+        node.records.add(again)
+        runs = len(node.store.experiments())
+        assert node.verify(node.ledger.refresh().improvements[again.id]) == "held"
+        assert len(node.store.experiments()) == runs
+    finally:
+        node.close()
+    home = str(tmp_path / "b")
+    # export: the best tree, its signed chain, the adoption named
+    text, prov = export.provenance(home, verify=True)
+    assert text == better and export.strip_header(export.header(prov) + text) == text
+    [step] = prov["steps"]
+    assert step["adopted"]["record"] == good.id.hex() and step["adopted"]["author"] == ALICE.id
+    assert "adopted from " + ALICE.id in export.header(prov)
+    text2, prov2 = export.provenance(home, tag=swarm.tag_name(hw), verify=True)  # from records alone
+    assert text2 == better and prov2["steps"][-1]["record"] in (good.id.hex(), adopt.id.hex())
+    # watch: the adoption and the verdicts, nothing left in the queue
+    w = watch.Watcher(home)
+    try:
+        snap = w.snapshot()
+    finally:
+        w.close()
+    assert snap["queue"] == [] and any(e["text"].startswith("adopted " + good.id.hex()[:12]) for e in snap["events"])
+    assert any(e["text"].startswith("violation") for e in snap["events"])
+    v = snap["node"]["verification"]
+    assert v["adopted"] == 1 and 0 < v["share"] < 1 and v["own_seconds"] > 0  # the baseline runs are our own
+    assert [t["tag"] for t in snap["tags"]] == [swarm.tag_name(hw)] and snap["tags"][0]["improvements"] == 3
+    # a broken signature anywhere in the chain: one line, exit 2
+    import sqlite3
+    db = sqlite3.connect(os.path.join(home, "gossip.sqlite"))
+    blob = db.execute("SELECT encoded FROM records WHERE id = ?", (adopt.id,)).fetchone()[0]
+    i = blob.index(adopt.sig)
+    db.execute("UPDATE records SET encoded = ? WHERE id = ?", (blob[:i] + bytes([blob[i] ^ 1]) + blob[i + 1:], adopt.id))
+    db.commit()
+    db.close()
+    with pytest.raises(export.ExportError, match="does not verify"):
+        export.provenance(home, verify=True)
+
+
+def test_export_of_a_node_without_experiments_is_one_line_and_exit_2(tmp_path, stdlib_data, stdlib_cache, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
+    make_node(tmp_path / "n", stdlib_data).close()
+    import subprocess, sys
+    r = subprocess.run([sys.executable, "-m", "node", "export", "--home", str(tmp_path / "n")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no experiments" in r.stderr and r.stdout == ""
+    r = subprocess.run([sys.executable, "-m", "node", "export", "--home", str(tmp_path / "none")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no node home" in r.stderr
