@@ -11,7 +11,7 @@ SETTINGS = {
     "profile": (None, str, "evaluation profile, gpu or cpu (default: gpu with CUDA, else cpu)"),
     "data": ("stdlib", str, "data source prepared on first start when no data is ready (see python -m node prepare)"),
     "proposer": ("auto", str, "offline, claude, or auto (offline until the Claude proposer lands)"),
-    "proposer_seed": (0, int, "seed of the offline proposer"),
+    "proposer_seed": (None, int, "seed of the offline proposer (default: from the node id, so that nodes explore apart)"),
     "listen": ("0.0.0.0:7645", str, "HOST:PORT the gossip socket binds (port 0: any free one; 'off': no network)"),
     "seeds": ([], list, "HOST:PORT of peers to join through (repeat --seed); mDNS finds peers on the LAN"),
     "mdns": (True, bool, "do not look for peers on the LAN by mDNS (config: mdns = false)"),

@@ -10,6 +10,7 @@ experiment, and the two journals derived from it (results.tsv, events.jsonl).
     HOME/lock           held by the running node
 """
 
+import contextlib
 import fcntl
 import json
 import os
@@ -47,6 +48,23 @@ class Lock:
 
     def release(self):
         os.close(self.fd)
+
+
+@contextlib.contextmanager
+def device_lock(path, waiting):
+    """Hold the machine's lock on an accelerator for one run; `waiting()` is called once if
+    another process holds it (released by the kernel on any death of the holder)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            waiting()
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def lock_held(home):

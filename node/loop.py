@@ -71,7 +71,8 @@ class Node:
         self.events = homes.Events(os.path.join(home, "events.jsonl"))
         self.results = os.path.join(home, "results.tsv")
         self.tree = gittree.Tree(os.path.join(home, "tree"))
-        self.proposer = proposers.make(settings["proposer"], settings["proposer_seed"])
+        seed = settings["proposer_seed"]
+        self.proposer = proposers.make(settings["proposer"], int(self.identity.id[:8], 16) if seed is None else seed)
         self.backend = None
         self._recover()
 
@@ -111,7 +112,15 @@ class Node:
         print(("\r\033[K" if self.tty else "") + line, file=self.out, flush=True)
 
     def measure(self, kind, commit, description, proposer="-", edit=None):
-        """One sandboxed run of `commit`; its row ends 'measured' (scored) or 'crash'."""
+        """One sandboxed run of `commit`, taking its turn on the device: nodes sharing a machine
+        (one cache folder) run one at a time, so no run's clock is shared with another's."""
+        from model import prepare
+        path = os.path.join(prepare.cache_dir(), f"device-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}.lock")
+        with homes.device_lock(path, lambda: self.say("waiting for the device: another node on this machine is running")):
+            return self._measure(kind, commit, description, proposer, edit)
+
+    def _measure(self, kind, commit, description, proposer, edit):
+        """Its row ends 'measured' (scored) or 'crash'."""
         from sandbox import run as sandbox
         exp = self.store.start(kind, self.best(), commit, description, proposer, edit)
         self.events("run", id=exp, kind=kind, commit=commit, description=description)

@@ -15,7 +15,7 @@ from node import home as homes, loop, swarm
 
 SPARKS = "▁▂▃▄▅▆▇█"
 SHOWN_EVENTS = {"published": "published", "verify": "verifying", "verdict": None, "gossip_member_joined": "peer joined",
-                "gossip_member_left": "peer left", "gossip_member_dead": "peer dead", "decision": None, "start": "started",
+                "gossip_member_left": "peer left", "gossip_member_dead": "peer dead", "start": "started",
                 "stop": "stopped"}
 
 
@@ -49,16 +49,12 @@ def tail_events(path, limit=12, chunk=1 << 16):
         kind = e.get("event")
         if kind not in SHOWN_EVENTS:
             continue
-        if kind == "decision":
-            if e.get("status") != "keep" or not e.get("ids"):
-                continue
-            text = f"kept -> best {str(e.get('best'))[:7]}"
-        elif kind == "verdict":
+        if kind == "verdict":
             v = e.get("verdict")
             text = (f"adopted {e.get('improvement', '')[:12]} by {e.get('author')}" if e.get("adopted")
                     else f"{v} {e.get('improvement', '')[:12]} by {e.get('author')}")
         elif kind == "published":
-            text = f"published {e.get('record', '')[:12]}: {e.get('description', '')[:60]}"
+            text = f"kept {str(e.get('commit'))[:7]}, published {e.get('record', '')[:12]}: {e.get('description', '')[:60]}"
         elif kind == "verify":
             text = f"verifying {e.get('improvement', '')[:12]} by {e.get('author')}"
         else:

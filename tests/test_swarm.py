@@ -235,3 +235,81 @@ def test_export_of_a_node_without_experiments_is_one_line_and_exit_2(tmp_path, s
     r = subprocess.run([sys.executable, "-m", "node", "export", "--home", str(tmp_path / "none")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "no node home" in r.stderr
+
+
+# -- three real nodes on loopback ---------------------------------------------------------------
+
+def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data, stdlib_cache):
+    """A keeps a clear win (a queued suggestion); B and C verify it on their own runs, adopt it if
+    it holds for them, and attest; watch and export agree on every node."""
+    import json, signal, socket, subprocess, sys
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(stdlib_cache), AUTORESEARCH_DATA=stdlib_data.fingerprint)
+    with socket.socket() as s_:
+        s_.bind(("127.0.0.1", 0))
+        port = s_.getsockname()[1]
+    homes = {n: str(tmp_path / n) for n in "abc"}
+    os.makedirs(os.path.join(homes["a"], "queue"))
+    # doubled learning rates where the optimizers are built: lines the offline proposer never edits,
+    # so the change merges cleanly with whatever B and C keep meanwhile
+    better = edit(edit(BASELINE, "lr=MATRIX_LR,", "lr=2 * MATRIX_LR,"), "lr=EMBEDDING_LR * dim_scale, weight_decay=wd[\"embedding\"]",
+                  "lr=2 * EMBEDDING_LR * dim_scale, weight_decay=wd[\"embedding\"]")
+    with open(os.path.join(homes["a"], "queue", "0-double-the-lrs.patch"), "w") as f:
+        f.write(gittree.diff_texts(BASELINE, better))
+    common = ["--profile", "cpu", "--budget", "1", "--max-reruns", "1", "--no-mdns", "--noise-floor", "0.002"]
+    cmd = lambda n, *extra: [sys.executable, "-m", "node", "join", "--home", homes[n], *common, *extra]
+    procs = {"a": subprocess.Popen(cmd("a", "--listen", f"127.0.0.1:{port}"), cwd=ROOT, env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)}
+    for n in "bc":
+        procs[n] = subprocess.Popen(cmd(n, "--listen", "127.0.0.1:0", "--seed", f"127.0.0.1:{port}"), cwd=ROOT, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "node", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    def verdicts(n):
+        from node import home as homes_
+        st = homes_.Store(os.path.join(homes[n], "store.sqlite"))
+        try:
+            return {k: r["verdict"] for k, r in st.verdicts().items()}
+        finally:
+            st.db.close()
+    try:
+        deadline, published = time.time() + 600, None
+        while time.time() < deadline:
+            assert all(p.poll() is None for p in procs.values()), {n: p.stdout.read() for n, p in procs.items() if p.poll() is not None}
+            if published is None and os.path.exists(os.path.join(homes["a"], "events.jsonl")):
+                with open(os.path.join(homes["a"], "events.jsonl")) as f:
+                    published = next((json.loads(l)["record"] for l in f if '"published"' in l), None)
+            if published and all(published in verdicts(n) for n in "bc"):
+                break
+            time.sleep(2)
+        assert published, "A kept nothing within the deadline"
+        got = {n: verdicts(n).get(published) for n in "bc"}
+        assert set(got.values()) <= {"confirmed", "refuted"} and None not in got.values(), got
+        assert "confirmed" in got.values(), got  # doubling the learning rates at a 1 s budget holds (~0.18 bpb)
+        time.sleep(3)  # the attestations reach every node (eager push: well under a second on loopback)
+        for n in "abc":
+            snap = json.loads(cli("watch", "--home", homes[n], "--once", "--json").stdout)
+            assert len(snap["peers"]) == 2, (n, snap["peers"])
+            plain = cli("watch", "--home", homes[n], "--once")
+            assert plain.returncode == 0 and "verification queue" in plain.stdout
+        adopters = [n for n in "bc" if got[n] == "confirmed"]
+        watched = cli("watch", "--home", homes[adopters[0]], "--once").stdout
+        assert "adopted " + published[:12] in watched
+    finally:
+        for p in procs.values():
+            p.send_signal(signal.SIGTERM)
+        outs = {n: p.communicate(timeout=120)[0] for n, p in procs.items()}
+    assert all(p.returncode == 0 for p in procs.values()), outs
+    for n in "abc":
+        out = tmp_path / f"{n}.py"
+        r = cli("export", "--home", homes[n], "--verify", "-o", str(out))
+        assert r.returncode == 0, (n, r.stderr)
+        tree = gittree.Tree(os.path.join(homes[n], "tree"))
+        assert export.strip_header(out.read_text()) == tree.read(tree.head())
+    ids = {n: json.loads(cli("status", "--home", homes[n], "--json").stdout)["node_id"] for n in "abc"}
+    a_export = (tmp_path / "a.py").read_text()
+    assert "double-the-lrs" in a_export and "confirmed by " + ", ".join(sorted(ids[n] for n in adopters)) in a_export
+    for n in adopters:
+        assert export.strip_header((tmp_path / f"{n}.py").read_text()).count("lr=2 * MATRIX_LR,") == 1
