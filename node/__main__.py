@@ -241,6 +241,12 @@ def main(argv=None):
     xp.add_argument("--json", action="store_true", help="write the provenance as JSON instead of the file")
     xp.add_argument("--verify", action="store_true", help="re-check every signature and replay every diff of the chain")
 
+    pl = sub.add_parser("plot", help="val_bpb over this node's runs, kept and adopted marked (needs matplotlib)",
+                        description="Plot val_bpb over the node's runs: discarded grey, kept green, adopted from "
+                                    "peers orange, the best as a step line (pip install 'autoresearch-swarm[plot]').")
+    pl.add_argument("--home", help="node folder (default: ~/.cache/autoresearch-swarm/node)")
+    pl.add_argument("-o", "--output", default="progress.png", help="the image to write [progress.png]")
+
     pr = sub.add_parser("prepare", help="prepare data and tokenizer (python -m model.prepare)", add_help=False,
                         description="Prepare the training and validation data; arguments go to python -m model.prepare.")
     pr.add_argument("rest", nargs=argparse.REMAINDER)
@@ -253,6 +259,9 @@ def main(argv=None):
     if args.command == "watch":
         from node import watch
         return watch.main(args)
+    if args.command == "plot":
+        from node import plot
+        return plot.main(args)
     if args.command == "export":
         from node import export
         return export.main(args)

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT
-from node import config, gittree, home as homes, loop, proposer as proposers
+from node import config, gittree, home as homes, loop, proposer as proposers, swarm
 
 BASELINE = open(os.path.join(ROOT, "model", "train.py")).read()
 
@@ -148,6 +148,13 @@ def check_consistent(home, data):
         assert all(node.tree.git("merge-base", "--is-ancestor", e["commit_"], node.best(), check=False) == "" for e in kept)
         rows = open(os.path.join(home, "results.tsv")).read().splitlines()[1:]
         assert len(rows) == sum(e["status"] in ("keep", "discard", "crash") for e in exps)
+        node.flush()  # what a restarted node sends first: every decision's records, none twice
+        held = [r for _, r in node.records.since()]
+        announced = {r.body["child"] for r in held if r.type == "improvement"}
+        assert all(swarm.content_hash(node.tree.read(e["commit_"])) in announced for e in kept if e["kind"] != "rerun")
+        tried = [r.body["child"] for r in held if r.type == "experiment"]
+        decided = {e["commit_"] for e in exps if e["kind"] in ("candidate", "suggestion") and e["status"] in ("keep", "discard", "crash")}
+        assert len(tried) == len(decided)  # one experiment record per decided candidate
         return len(exps)
     finally:
         node.close()

@@ -9,7 +9,7 @@ from conftest import ROOT
 from gossip import wire
 from gossip.identity import Identity
 from gossip.store import Store
-from node import config, export, gittree, loop, swarm, watch
+from node import config, export, gittree, loop, plot, swarm, watch
 
 BASELINE = open(os.path.join(ROOT, "model", "train.py")).read()
 ALICE, MALLORY = Identity.from_seed(b"alice"), Identity.from_seed(b"mallory")
@@ -213,6 +213,12 @@ def test_a_node_adopts_what_holds_refutes_what_does_not_and_attests(tmp_path, st
     v = snap["node"]["verification"]
     assert v["adopted"] == 1 and 0 < v["share"] < 1 and v["own_seconds"] > 0  # the baseline runs are our own
     assert [t["tag"] for t in snap["tags"]] == [swarm.tag_name(hw)] and snap["tags"][0]["improvements"] == 3
+    # plot: the adoption marked apart from the runs of our own
+    assert [k for *_, k in plot.points(home)].count("adopted") == 1
+    import subprocess, sys
+    r = subprocess.run([sys.executable, "-m", "node", "plot", "--home", home, "-o", str(tmp_path / "p.png")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG", r.stderr
     # a broken signature anywhere in the chain: one line, exit 2
     import sqlite3
     db = sqlite3.connect(os.path.join(home, "gossip.sqlite"))
