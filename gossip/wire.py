@@ -123,6 +123,7 @@ def _record_id(x):
     return isinstance(x, bytes) and len(x) == ID_BYTES
 
 
+LOG_TAIL_CHARS = 4000
 VERDICTS = ("confirmed", "refuted", "failed_to_apply", "crashed", "violation")
 EXPERIMENT_STATUSES = ("keep", "discard", "crash", "timeout", "violation")
 
@@ -132,10 +133,14 @@ SCHEMAS = {
                     "description": str},
     "attestation": {"task": str, "improvement": _record_id, "verdict": lambda x: x in VERDICTS,
                     "before": _score_or_none, "after": _score_or_none, "hardware": _scalars, "note": str},
-    "experiment": {"task": str, "lineage": str, "parent": _hex_hash, "child": _hex_hash, "diff": str,
-                   "hypothesis": str, "status": lambda x: x in EXPERIMENT_STATUSES, "before": _score_or_none,
-                   "after": _score_or_none, "hardware": _scalars, "proposer": str, "log_tail": str},
-    "claim": {"task": str, "parent": _hex_hash, "child": _hex_hash, "expires": int},
+    # idea: a hash of the parent's and the child's normal forms (formatting and comments left out),
+    # so that a reformatted copy of an edit is the same idea
+    "experiment": {"task": str, "lineage": str, "parent": _hex_hash, "child": _hex_hash, "idea": _hex_hash,
+                   "diff": str, "hypothesis": str, "status": lambda x: x in EXPERIMENT_STATUSES,
+                   "before": _score_or_none, "after": _score_or_none, "hardware": _scalars, "proposer": str,
+                   "log_tail": lambda x: isinstance(x, str) and len(x) <= LOG_TAIL_CHARS},
+    "claim": {"task": str, "parent": _hex_hash, "child": _hex_hash, "idea": _hex_hash, "hardware": _scalars,
+              "description": lambda x: isinstance(x, str) and len(x) <= 500, "expires": int},
     "note": {"text": str},  # free text; tests and benchmarks publish these
 }
 

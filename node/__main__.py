@@ -241,6 +241,15 @@ def main(argv=None):
     xp.add_argument("--json", action="store_true", help="write the provenance as JSON instead of the file")
     xp.add_argument("--verify", action="store_true", help="re-check every signature and replay every diff of the chain")
 
+    kn = sub.add_parser("knowledge", help="what the swarm has tried, grouped by idea, and who tries what now",
+                        description="The swarm's memory as this node holds it: every experiment record grouped by "
+                                    "the change it made (tries, hardware tags, median delta, keep/discard/crash, "
+                                    "nodes), and the claims in flight.")
+    kn.add_argument("--home", help="node folder (default: ~/.cache/autoresearch-swarm/node)")
+    kn.add_argument("--json", action="store_true", help="one JSON object")
+    kn.add_argument("--tag", help="only experiments measured on this hardware tag (as watch shows it)")
+    kn.add_argument("--grep", metavar="WORD", help="only ideas whose description or diff contains WORD")
+
     pl = sub.add_parser("plot", help="val_bpb over this node's runs, kept and adopted marked (needs matplotlib)",
                         description="Plot val_bpb over the node's runs: discarded grey, kept green, adopted from "
                                     "peers orange, the best as a step line (pip install 'autoresearch-swarm[plot]').")
@@ -259,6 +268,9 @@ def main(argv=None):
     if args.command == "watch":
         from node import watch
         return watch.main(args)
+    if args.command == "knowledge":
+        from node import knowledge
+        return knowledge.main(args)
     if args.command == "plot":
         from node import plot
         return plot.main(args)

@@ -1,6 +1,7 @@
 """The node's git repository: one editable file on branch "node"; a candidate is a
 commit, a discard is a hard reset to the kept commit."""
 
+import functools
 import os
 import subprocess
 import tempfile
@@ -83,6 +84,7 @@ def _scratch_git(folder, *args, stdin=None):
     return subprocess.run(["git", *IDENTITY, *args], cwd=folder, capture_output=True, text=True, env=env, input=stdin)
 
 
+@functools.lru_cache(maxsize=1024)
 def apply_diff(source, diff):
     """The file that a unified diff of train.py makes of `source`; GitError if it touches anything
     else (another file, a rename, a mode, binary data) or does not apply."""
@@ -110,15 +112,47 @@ def apply_diff(source, diff):
 
 
 def merge3(ours, base, theirs):
-    """git's three-way merge of one file: (merged text, number of conflicts)."""
+    """git's three-way merge of one file: (merged text, number of conflicts). git counts changes to
+    adjacent lines as a conflict; in train.py's constants block (one constant per line) that would
+    refuse most pairs of independent edits, so a conflict whose three sides have the same number of
+    lines, and where no line was changed by both sides differently, is resolved line by line."""
     with tempfile.TemporaryDirectory(prefix="autoresearch-merge-") as d:
         for name, text in (("ours", ours), ("base", base), ("theirs", theirs)):
             with open(os.path.join(d, name), "w") as f:
                 f.write(text)
-        r = _scratch_git(d, "merge-file", "-p", "ours", "base", "theirs")
+        r = _scratch_git(d, "merge-file", "-p", "--diff3", "-L", "ours", "-L", "base", "-L", "theirs",
+                         "ours", "base", "theirs")
         if r.returncode < 0 or r.returncode > 127:
             raise GitError(f"git merge-file failed: {r.stderr.strip()[:200]}")
-        return r.stdout, r.returncode
+        if r.returncode == 0:
+            return r.stdout, 0
+        return _resolve_linewise(r.stdout)
+
+
+def _resolve_linewise(merged):
+    out, conflicts, lines, i = [], 0, merged.splitlines(keepends=True), 0
+    while i < len(lines):
+        if not lines[i].startswith("<<<<<<< ours"):
+            out.append(lines[i])
+            i += 1
+            continue
+        sides, part, i = {"ours": [], "base": [], "theirs": []}, "ours", i + 1
+        while i < len(lines) and not lines[i].startswith(">>>>>>> theirs"):
+            if lines[i].startswith("||||||| base"):
+                part = "base"
+            elif lines[i].startswith("=======") and part == "base":
+                part = "theirs"
+            else:
+                sides[part].append(lines[i])
+            i += 1
+        i += 1
+        o, b, t = sides["ours"], sides["base"], sides["theirs"]
+        if len(o) == len(b) == len(t) and all(x == z or y == z or x == y for x, y, z in zip(o, t, b)):
+            out += [y if x == z else x for x, y, z in zip(o, t, b)]
+        else:
+            conflicts += 1
+            out += ["<<<<<<< ours\n", *o, "=======\n", *t, ">>>>>>> theirs\n"]
+    return "".join(out), conflicts
 
 
 def diff_texts(parent, child):

@@ -177,6 +177,10 @@ class Store:
         row = self.db.execute("SELECT text FROM sources WHERE hash = ?", (h,)).fetchone()
         return row[0] if row else None
 
+    def bump(self, key, by=1):
+        self.db.execute("INSERT INTO meta VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + ?",
+                        (key, str(by), by))
+
     def set(self, key, value):
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
 

@@ -22,7 +22,7 @@ import time
 
 from gossip import store as records_store, wire
 from gossip.identity import Identity
-from node import gittree, home as homes, proposer as proposers, swarm
+from node import gittree, home as homes, memory as memories, proposer as proposers, swarm
 
 BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "train.py")
 
@@ -66,6 +66,7 @@ class Node:
         from model import prepare
         self.task = swarm.task_id(data.fingerprint, settings["profile"], prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS)
         self.ledger = swarm.Ledger(self.records, self.task, self.identity.id)
+        self.memory = memories.Memory(self.ledger, self.store.source)
         self.store.set("task", self.task)
         self._hardware = None
         self.events = homes.Events(os.path.join(home, "events.jsonl"))
@@ -194,15 +195,28 @@ class Node:
     def scores(self, commit):
         return swarm.score(self.measurements()[commit], self.noise())
 
-    def experiment_record(self, parent, commit, description, proposer, status, r, diff):
+    def claim(self, parent, commit, idea, description):
+        """Tell the swarm we run this candidate now (not durable: it only matters while we run)."""
+        _, minutes = self.verify_share()
+        expires = time.time() + 2 * max(self.s["budget"], minutes * 60) * (1 + self.s["max_reruns"])
+        record = self.sign("claim", dict(task=self.task, parent=swarm.content_hash(self.tree.read(parent)),
+                                         child=swarm.content_hash(self.tree.read(commit)), idea=idea,
+                                         hardware=self.hardware(), description=description[:500],
+                                         expires=int(expires * 1000)))
+        if self.network:
+            self.network.publish(record)
+        else:
+            self.records.add(record)
+
+    def experiment_record(self, parent, commit, description, proposer, status, r, diff, idea):
         m = self.measurements()
         after = swarm.score(m[commit], self.noise()) if commit in m else None
         return self.sign("experiment", dict(
             task=self.task, lineage=swarm.LINEAGE, parent=swarm.content_hash(self.tree.read(parent)),
-            child=swarm.content_hash(self.tree.read(commit)), diff=diff if len(diff) <= 64 << 10 else "",
+            child=swarm.content_hash(self.tree.read(commit)), idea=idea, diff=diff if len(diff) <= 64 << 10 else "",
             hypothesis=description[:500], status=status, before=self.scores(parent), after=after,
             hardware=dataclasses.asdict(r.hardware), proposer=proposer,
-            log_tail=scrub(r.log_tail) if r.status != "ok" else ""))
+            log_tail=scrub(r.log_tail, limit=wire.LOG_TAIL_CHARS) if r.status != "ok" else ""))
 
     def improvement_record(self, parent, commit, description, proposer, r):
         return self.sign("improvement", dict(
@@ -261,9 +275,27 @@ class Node:
                     continue
                 os.remove(path)
                 return source, f"suggestion {name}", "human", "suggestion", None
-        ctx = proposers.Context(self.tree.read(self.best()), self.history(), self.noise(), self.backend or "cpu",
-                                self.store.notes())
+        best = self.tree.read(self.best())
+        self.ledger.refresh()
+        hw, now = self.hardware(), time.time()
+        measured, claimed = self.memory.measured(hw), self.memory.claims(hw, now)
+        self.store.set("claims_ignored", json.dumps(dict(self.memory.ignored)))
+        self.store.set("experiments_rejected", json.dumps(dict(self.memory.rejected)))
+        skipped = []
+
+        def taken(source):
+            key = memories.idea_key(best, source)
+            why = "measured" if key in measured else "claimed" if key in claimed else None
+            if why:
+                skipped.append(why)
+            return why is not None
+        ctx = proposers.Context(best, self.history() + self.memory.history(hw, self.noise()), self.noise(),
+                                self.backend or "cpu", self.store.notes(), taken)
         p = self.proposer.propose(ctx)
+        for why in skipped:
+            self.store.bump("skipped_" + why)
+        if skipped:
+            self.events("skipped", reasons=skipped)
         return (p.source, p.description, self.proposer.name, "candidate", p.edit) if p else None
 
     def experiment(self):
@@ -276,8 +308,10 @@ class Node:
         commit = self.tree.commit(source, description)
         self.store.add_source(source)
         diff = self.tree.diff(parent, commit) + "\n"
+        idea = memories.idea_key(self.tree.read(parent), source)
+        self.claim(parent, commit, idea, description)
         status, ids, r = self.trial(kind, commit, description, proposer, edit)
-        records = [self.experiment_record(parent, commit, description, proposer, _experiment_status(status, r), r, diff)]
+        records = [self.experiment_record(parent, commit, description, proposer, _experiment_status(status, r), r, diff, idea)]
         if status == "keep":
             records.append(self.improvement_record(parent, commit, description, proposer, r))
         self.decide(ids, status, best=commit if status == "keep" else None, records=records)
@@ -394,8 +428,12 @@ class Node:
                 if self.verify_next():
                     continue
                 if not self.experiment():
-                    self.say("the proposer has nothing more to try")
-                    break
+                    if self.network is None:
+                        self.say("the proposer has nothing more to try")
+                        break
+                    self.say("the proposer has nothing untried: waiting for news from peers")
+                    time.sleep(IDLE_S)
+                    continue
                 done += 1
         except Stop:
             self.store.mark_interrupted()
@@ -435,6 +473,7 @@ class Node:
 
 
 ADOPT_PROPOSER = "verify"
+IDLE_S = 10.0
 
 
 def _experiment_status(status, r):
@@ -473,7 +512,11 @@ def status(home):
                discarded=sum(e["status"] == "discard" for e in cands), runs=len(exps),
                noise=noise(m, 0.0), uptime_seconds=round(time.time() - started, 1) if started else None,
                running=homes.lock_held(home), duty_cycle=round(trained / spent, 4) if spent else None,
-               task=store.get("task"), verification=_verification(exps, store.verdicts()))
+               task=store.get("task"), verification=_verification(exps, store.verdicts()),
+               memory=dict(skipped_claimed=int(store.get("skipped_claimed", 0)),
+                           skipped_measured=int(store.get("skipped_measured", 0)),
+                           claims_ignored=json.loads(store.get("claims_ignored") or "{}"),
+                           experiments_rejected=json.loads(store.get("experiments_rejected") or "{}")))
     store.db.close()
     from node.network import snapshot
     snap = snapshot(home) if out["running"] else None

@@ -34,6 +34,7 @@ class Context:
     noise: float         # run-to-run standard deviation of val_bpb
     backend: str         # cuda | mps | cpu
     notes: list          # people's notes (python -m node suggest --note)
+    taken: object = None  # source -> True when the swarm already ran or is running that candidate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,13 +152,18 @@ class OfflineProposer:
             return mean + 1.5 * math.sqrt(math.log(total) / n)
         for arm in sorted(arms, key=lambda a: -score(a)):  # stable: prior order among untried arms
             n_tries = stats.get(arm, (0, 0.0))[0]
-            new = step(consts[arm[0]], arm[1], scale=1.0 / (1 + n_tries))
-            if new is not None:
-                return self._proposal(ctx.source, consts, [(arm[0], arm[1], new)])
+            for scale in (1.0 / (1 + n_tries), 1.0 / (2 + n_tries), 1.0 / (3 + n_tries)):  # smaller steps if taken
+                new = step(consts[arm[0]], arm[1], scale=scale)
+                if new is None:
+                    break
+                p = self._proposal(ctx.source, consts, [(arm[0], arm[1], new)])
+                if not (ctx.taken and ctx.taken(p.source)):
+                    return p
         return None
 
     def _stats(self, ctx):
-        """Per (name, direction): tries and mean reward in noise units (crash: -3)."""
+        """Per (name, direction): tries and mean reward in noise units (crash: -3), each result
+        counted with its weight (other nodes' results on other hardware weigh less)."""
         acc = {}
         for h in ctx.history:
             changes = (h.get("edit") or {}).get("changes") or []
@@ -170,8 +176,9 @@ class OfflineProposer:
                 r = max(-3.0, min(3.0, (h["parent_bpb"] - h["val_bpb"]) / max(ctx.noise, 1e-9)))
             else:
                 continue
+            w = h.get("weight", 1.0)
             n, s = acc.get(arm, (0, 0.0))
-            acc[arm] = (n + 1, s + r)
+            acc[arm] = (n + w, s + w * r)
         return {a: (n, s / n) for a, (n, s) in acc.items()}
 
     def _combine(self, ctx, consts, stats):
@@ -188,7 +195,8 @@ class OfflineProposer:
         changes = [(n, d, step(consts[n], d)) for n, d in picked[:2]]
         if any(v is None for _, _, v in changes):
             return None
-        return self._proposal(ctx.source, consts, changes)
+        p = self._proposal(ctx.source, consts, changes)
+        return None if ctx.taken and ctx.taken(p.source) else p
 
     @staticmethod
     def _proposal(source, consts, changes):

@@ -105,7 +105,9 @@ class Watcher:
         peers = [dict(p, best_val_bpb=best_own.get(p["id"]), experiments_per_hour=hour.get(p["id"], 0)) for p in st["peers"]]
         tags = [dict(tag=t, best_val_bpb=min(v for _, v in xs), improvements=len(xs),
                      sparkline=sparkline([v for _, v in sorted(xs)])) for t, xs in sorted(series.items())]
-        return dict(node=st, peers=peers, tags=tags, other_tasks=dict(lg.other_tasks),
+        claims = [dict(author=c.author_id, description=c.body["description"], expires_in_s=round(c.body["expires"] / 1000 - now))
+                  for c in lg.claims if c.body["expires"] / 1000 > now]
+        return dict(node=st, peers=peers, tags=tags, other_tasks=dict(lg.other_tasks), claims=claims,
                     queue=[dict(record=e.record.id.hex(), author=e.record.author_id, gain=e.gain, p_hold=e.p_hold,
                                 standing=e.standing, strong=e.strong, priority=e.priority,
                                 description=e.record.body["description"]) for e in queue],
@@ -147,7 +149,12 @@ def render(snap):
     events.add_column("event")
     for e in snap["events"]:
         events.add_row(time.strftime("%H:%M:%S", time.localtime(e["t"])), e["text"])
-    parts = [head, peers, queue, tags, events]
+    claims = Table(title=f"in flight ({len(snap['claims'])} claims)", expand=True)
+    for c in ("node", "trying", "claim ends in"):
+        claims.add_column(c)
+    for c in snap["claims"][:10]:
+        claims.add_row(c["author"], c["description"][:80], f"{c['expires_in_s']} s")
+    parts = [head, peers, queue, claims, tags, events]
     if snap["other_tasks"]:
         parts.append(Text("records of other tasks (not compared): " + ", ".join(f"{k} {n}" for k, n in snap["other_tasks"].items())))
     return Group(*parts)

@@ -560,7 +560,8 @@ def _hello(ident, address, inc, ms):
 
 
 _good_record = wire.make_record(AUTHOR, "note", {"text": "valid"}, _BASE_MS)
-_good_claim = wire.make_record(AUTHOR, "claim", {"task": "t", "parent": "a" * 64, "child": "b" * 64, "expires": 5}, 10)
+_good_claim = wire.make_record(AUTHOR, "claim", {"task": "t", "parent": "a" * 64, "child": "b" * 64, "idea": "c" * 64,
+                                                "hardware": {}, "description": "", "expires": 5}, 10)
 _records = st.sampled_from([
     _good_record.encoded,
     wire.canonical(dict(msgpack.unpackb(_good_record.encoded, raw=False), sig=b"\x02" * 64)),

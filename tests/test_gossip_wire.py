@@ -42,10 +42,11 @@ BODIES = {
         "task": text, "improvement": record_id, "verdict": st.sampled_from(wire.VERDICTS),
         "before": st.none() | score, "after": st.none() | score, "hardware": scalars, "note": text}),
     "experiment": st.fixed_dictionaries({
-        "task": text, "lineage": text, "parent": hex_hash, "child": hex_hash, "diff": text, "hypothesis": text,
-        "status": st.sampled_from(wire.EXPERIMENT_STATUSES), "before": st.none() | score,
+        "task": text, "lineage": text, "parent": hex_hash, "child": hex_hash, "idea": hex_hash, "diff": text,
+        "hypothesis": text, "status": st.sampled_from(wire.EXPERIMENT_STATUSES), "before": st.none() | score,
         "after": st.none() | score, "hardware": scalars, "proposer": text, "log_tail": text}),
-    "claim": st.fixed_dictionaries({"task": text, "parent": hex_hash, "child": hex_hash,
+    "claim": st.fixed_dictionaries({"task": text, "parent": hex_hash, "child": hex_hash, "idea": hex_hash,
+                                    "hardware": scalars, "description": text,
                                     "expires": st.integers(-2**63, 2**64 - 1)}),
     "note": st.fixed_dictionaries({"text": text}),
 }
@@ -73,10 +74,11 @@ def sample_body(type_):
         "attestation": {"task": "t0", "improvement": b"\x07" * 32, "verdict": "confirmed", "before": None,
                         "after": {"val_bpb": 0.99, "runs": 1, "spread": 0.0}, "hardware": {"backend": "cpu"},
                         "note": ""},
-        "experiment": {"task": "t0", "lineage": "mlx", "parent": "c" * 40, "child": "d" * 40, "diff": "",
+        "experiment": {"task": "t0", "lineage": "mlx", "parent": "c" * 40, "child": "d" * 40, "idea": "e" * 64, "diff": "",
                        "hypothesis": "h", "status": "discard", "before": None, "after": None, "hardware": {},
                        "proposer": "claude", "log_tail": "step 10"},
-        "claim": {"task": "t0", "parent": "e" * 64, "child": "f" * 64, "expires": NOW_MS + 60_000},
+        "claim": {"task": "t0", "parent": "e" * 64, "child": "f" * 64, "idea": "a" * 64, "hardware": {"backend": "cpu"},
+                  "description": "MATRIX_LR 0.04 -> 0.06", "expires": NOW_MS + 60_000},
         "note": {"text": "hello swarm"},
     }[type_]
 

@@ -93,6 +93,19 @@ def test_plans_rebase_reject_hold_and_wait(ledger):
     assert swarm.plan(ledger, orphan, BASELINE, KNOWN.get).action == "wait"
 
 
+def test_edits_of_neighbouring_constants_merge_and_edits_of_one_line_conflict():
+    ours = edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = 0.06")
+    theirs = edit(BASELINE, "SCALAR_LR = 0.5", "SCALAR_LR = 0.4")  # the line above: git alone calls it a conflict
+    merged, conflicts = gittree.merge3(ours, BASELINE, theirs)
+    assert conflicts == 0 and merged == edit(ours, "SCALAR_LR = 0.5", "SCALAR_LR = 0.4")
+    both = edit(theirs, "MATRIX_LR = 0.04", "MATRIX_LR = 0.06")  # theirs holds ours too
+    assert gittree.merge3(ours, BASELINE, both) == (both, 0)
+    assert gittree.merge3(ours, BASELINE, edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = 0.08"))[1] == 1
+    grown = edit(BASELINE, "SCALAR_LR = 0.5            # Adam, per-layer residual scalars\n",
+                 "SCALAR_LR = 0.5            # Adam, per-layer residual scalars\nEXTRA = 1\n")
+    assert gittree.merge3(ours, BASELINE, grown)[1] == 1  # sides of unequal length: left to a person
+
+
 def test_diffs_that_rename_or_touch_other_files_do_not_apply():
     d = gittree.diff_texts(BASELINE, X)
     for bad in (d.replace("diff --git a/train.py b/train.py", "diff --git a/train.py b/other.py\nrename from train.py\nrename to other.py"),

@@ -1,0 +1,203 @@
+"""Swarm memory: what every node tried (experiment records) and is trying now (claims), so that
+no node pays twice for an idea, and the proposers learn from the whole swarm.
+
+Two edits are the same idea when their parents and children have the same normal form: the
+Python AST without comments or formatting (`0.08` and `8e-2` are one constant), so a reformatted
+copy of an edit is still the same idea. A node about to run a candidate skips it when a peer on a
+compatible hardware tag (same backend, accelerator, count and budget) claimed it and the claim
+has not expired, or already measured it.
+
+Claims are honoured with care: at most MAX_ACTIVE_CLAIMS of one peer at a time (a node runs one
+candidate at a time), and none from a peer whose expired claims mostly never became experiment
+records (claiming to starve the others).
+"""
+
+import ast
+import functools
+import hashlib
+import re
+import statistics
+from collections import defaultdict
+
+from node import gittree, proposer as proposers, swarm
+
+MAX_ACTIVE_CLAIMS = 2
+UNFULFILLED_LIMIT = 3          # expired claims without a record before a peer's claims stop counting
+COMPATIBLE = 0.85              # closeness: backend, accelerator, count and budget agree
+
+
+@functools.lru_cache(maxsize=4096)
+def normal_form(source):
+    """A hash of the code without comments and formatting (of the text, whitespace collapsed, when
+    it does not parse)."""
+    try:
+        canon = ast.dump(ast.parse(source), annotate_fields=False, include_attributes=False)
+    except (SyntaxError, ValueError):
+        canon = "\0" + " ".join(source.split())
+    return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def idea_key(parent_source, child_source):
+    return hashlib.sha256((normal_form(parent_source) + normal_form(child_source)).encode()).hexdigest()
+
+
+def change_of(diff):
+    """What a diff changes, independent of its parent: its added and removed lines without
+    comments and spacing (how `knowledge` groups tries of one idea made on different parents)."""
+    out = []
+    for line in diff.splitlines():
+        if line[:1] in "+-" and not line.startswith(("+++", "---")):
+            code = line[1:].split("#", 1)[0]
+            code = " ".join(code.split())
+            if code:
+                out.append(line[0] + re.sub(r"\s*([=*+/,()-])\s*", r"\1", code))
+    return "\n".join(sorted(out))
+
+
+def edit_from_diff(diff):
+    """The offline proposer's structured edit of a diff that only changes constants, else None."""
+    old, new = {}, {}
+    for line in diff.splitlines():
+        if line[:1] not in "+-" or line.startswith(("+++", "---")):
+            continue
+        m = proposers.ASSIGN.match(line[1:])
+        if not m:
+            return None
+        c = proposers._parse(m["name"], m["value"].strip(), 0, 0)
+        if c is None:
+            return None
+        (old if line[0] == "-" else new)[m["name"]] = c.value
+    if not new or set(old) != set(new):
+        return None
+    changes = []
+    for name in sorted(new):
+        a, b = old[name], new[name]
+        up = b.count("L") > a.count("L") if isinstance(a, str) else b > a
+        changes.append({"name": name, "dir": "up" if up else "down", "old": a, "new": b})
+    return {"changes": changes}
+
+
+class Memory:
+    """Experiments and claims of our task, as the node's ledger holds them. An experiment record
+    whose parent we can rebuild is checked: its diff must apply and give its child hash, and the
+    idea it names must be that of its parent and child; one that fails is left out and counted."""
+
+    def __init__(self, ledger, known):
+        self.ledger, self.known = ledger, known
+        self.ignored = defaultdict(int)   # reason -> claims not honoured
+        self.rejected = defaultdict(int)  # reason -> experiment records left out
+        self._checked = {}                # record id -> kept
+
+    def experiments(self):
+        out = []
+        for r in self.ledger.experiments:
+            if r.id not in self._checked:
+                self._checked[r.id] = self._check(r)
+            if self._checked[r.id]:
+                out.append(r)
+        return out
+
+    def _check(self, r):
+        body = r.body
+        if not body["diff"]:
+            return True  # a diff too large to travel inline: nothing to check it against here
+        parent = self.ledger.source(body["parent"], self.known)
+        if parent is None:
+            return True  # its parent is not rebuildable here: kept as its author's word
+        try:
+            child = gittree.apply_diff(parent, body["diff"])
+        except gittree.GitError:
+            self.rejected["diff_does_not_apply"] += 1
+            return False
+        if swarm.content_hash(child) != body["child"]:
+            self.rejected["child_mismatch"] += 1
+            return False
+        if idea_key(parent, child) != body["idea"]:
+            self.rejected["idea_mismatch"] += 1
+            return False
+        return True
+
+    def measured(self, hardware):
+        """idea -> experiment records on a tag compatible with `hardware`."""
+        out = defaultdict(list)
+        for r in self.experiments():
+            if swarm.closeness(r.body["hardware"], hardware) >= COMPATIBLE:
+                out[r.body["idea"]].append(r)
+        return out
+
+    def claims(self, hardware, now):
+        """idea -> the honoured, unexpired claims of other nodes on compatible tags."""
+        done = {(r.author_id, r.body["idea"]) for r in self.experiments()}
+        by_author = defaultdict(list)
+        for c in self.ledger.claims:
+            if c.author_id != self.ledger.me:
+                by_author[c.author_id].append(c)
+        self.ignored = defaultdict(int)
+        out = defaultdict(list)
+        for author, cs in by_author.items():
+            expired = [c for c in cs if c.body["expires"] / 1000 <= now]
+            unfulfilled = sum((author, c.body["idea"]) not in done for c in expired)
+            active = sorted((c for c in cs if c.body["expires"] / 1000 > now), key=lambda c: -c.ts)
+            if unfulfilled >= UNFULFILLED_LIMIT and unfulfilled * 2 > len(expired):
+                self.ignored["unfulfilled"] += len(active)
+                continue
+            self.ignored["over_limit"] += max(0, len(active) - MAX_ACTIVE_CLAIMS)
+            for c in active[:MAX_ACTIVE_CLAIMS]:
+                if swarm.closeness(c.body["hardware"], hardware) >= COMPATIBLE:
+                    out[c.body["idea"]].append(c)
+        return out
+
+    def history(self, hardware, noise):
+        """Other nodes' finished experiments for the offline proposer: dicts like the node's own
+        history, with a weight (1 on compatible tags, a weaker prior of 0.3 elsewhere) and the
+        gain measured in the author's own noise, carried over in ours."""
+        out = []
+        for r in self.experiments():
+            if r.author_id == self.ledger.me:
+                continue
+            edit = edit_from_diff(r.body["diff"])
+            b, a = r.body["before"], r.body["after"]
+            status = "crash" if r.body["status"] in ("crash", "timeout", "violation") else r.body["status"]
+            if edit is None or (status != "crash" and (a is None or b is None)):
+                continue
+            weight = 1.0 if swarm.closeness(r.body["hardware"], hardware) >= COMPATIBLE else 0.3
+            parent_bpb = val_bpb = None
+            if status != "crash":
+                scale = noise / max(a["spread"], b["spread"], 1e-9)  # their gain in their noise, in ours
+                parent_bpb, val_bpb = b["val_bpb"], b["val_bpb"] - (b["val_bpb"] - a["val_bpb"]) * scale
+            out.append(dict(edit=edit, status=status, val_bpb=val_bpb, parent_bpb=parent_bpb,
+                            description=r.body["hypothesis"], weight=weight, author=r.author_id))
+        return out
+
+    def knowledge(self, now, tag=None, grep=None):
+        """What the swarm has tried, grouped by the change: tries, tags, median delta, outcomes,
+        and who claims what now."""
+        groups = defaultdict(list)
+        for r in self.experiments():
+            if tag and swarm.tag_name(r.body["hardware"]) != tag:
+                continue
+            if grep and grep.lower() not in (r.body["hypothesis"] + "\n" + r.body["diff"]).lower():
+                continue
+            groups[change_of(r.body["diff"]) or r.body["idea"]].append(r)
+        ideas = []
+        for rs in groups.values():
+            deltas = [r.body["after"]["val_bpb"] - r.body["before"]["val_bpb"] for r in rs
+                      if r.body["after"] and r.body["before"]]
+            outcomes = defaultdict(int)
+            for r in rs:
+                outcomes[r.body["status"]] += 1
+            ideas.append(dict(description=rs[0].body["hypothesis"], tries=len(rs),
+                              tags=sorted({swarm.tag_name(r.body["hardware"]) for r in rs}),
+                              authors=sorted({r.author_id for r in rs}),
+                              median_delta=statistics.median(deltas) if deltas else None, outcomes=dict(outcomes),
+                              experiments=[dict(record=r.id.hex(), author=r.author_id, status=r.body["status"],
+                                                parent=r.body["parent"], child=r.body["child"],
+                                                tag=swarm.tag_name(r.body["hardware"]),
+                                                delta=(r.body["after"]["val_bpb"] - r.body["before"]["val_bpb"])
+                                                if r.body["after"] and r.body["before"] else None) for r in rs]))
+        ideas.sort(key=lambda i: (i["median_delta"] is None, i["median_delta"] or 0.0))
+        claims = [dict(author=c.author_id, description=c.body["description"], idea=c.body["idea"],
+                       tag=swarm.tag_name(c.body["hardware"]), expires_in_s=round(c.body["expires"] / 1000 - now))
+                  for c in self.ledger.claims if c.body["expires"] / 1000 > now
+                  and (not grep or grep.lower() in c.body["description"].lower())]
+        return dict(ideas=ideas, claims=claims, experiments=sum(i["tries"] for i in ideas))
