@@ -15,7 +15,7 @@ over --seeds task seeds (each seed: another objective and other node seeds).
 For N = 1, 2, 5, 10, 20, 50 nodes (a third each on three hardware tags) it prints, with memory
 and claims on and off: experiments and simulated hours until the swarm's best (true, noise-free
 objective on its own tag) closes TARGET of the gap from the baseline to the optimum, parallel
-efficiency against N = 1 (T1 / (N x TN)), duplicate runs (a (parent, child) pair run again on one
+efficiency against N = 1 (T1 / (N x TN)), and, up to the target, duplicate runs (a (parent, child) pair run again on one
 tag, anywhere in the swarm, as a share of experiments) and wasted verification (verification
 runs that adopted nothing, as a share of all runs, baselines and re-runs included).
 
@@ -151,6 +151,7 @@ class Sim:
             took = self.nodes[i].step(now)
             if self.reached is None and any(n.true_best() <= self.goal[n.tag] for n in self.nodes):
                 self.reached = (now + took, self.experiments)
+                break  # the figures are up to the target
             if took is not None:
                 heapq.heappush(free, (now + took, i))
         return self

@@ -125,6 +125,7 @@ def _step(r, improvements, attestations):
                 child=r.body["child"], confirmed_by=confirmed)
     if original:
         step["adopted"] = dict(record=original.hex(), author=source.author_id if source else None,
+                               description=source.body["description"] if source else None,
                                tag=swarm.tag_name(source.body["hardware"]) if source else None,
                                delta=(source.body["after"]["val_bpb"] - source.body["before"]["val_bpb"]) if source else None)
     return step
@@ -162,7 +163,8 @@ def header(prov):
                                                                            if prov["verified"] else "") + ":"]
     for i, s in enumerate(prov["steps"], 1):
         b, a = s["before"], s["after"]
-        line = (f"#  {i}. {s['description'][:70]} | {s['author']} on {s['tag']} | {b['val_bpb']:.4f} -> {a['val_bpb']:.4f}"
+        what = (s["adopted"]["description"] or s["description"]) if "adopted" in s else s["description"]
+        line = (f"#  {i}. {what[:70]} | {s['author']} on {s['tag']} | {b['val_bpb']:.4f} -> {a['val_bpb']:.4f}"
                 f" ({a['runs']} run(s), sd {a['spread']:.4f}) | record {s['record'][:16]}")
         lines.append(line)
         if "adopted" in s:

@@ -57,8 +57,8 @@ def evaluate(forward, rows, token_bytes, batch_size, rng, probes=2, device="cpu"
         else:
             logits = check_logits(forward(x), shape)
         targets = torch.from_numpy(batch[:real, 1:]).to(device)
-        for j in range(0, real, 8):  # bounded memory for the float32 softmax
-            n, b = prepare.bpb_counts(logits[j:j + 8], targets[j:j + 8], tb)
+        for j in range(0, real, 8):  # bounded memory for the float32 softmax; padding rows of a last batch left out
+            n, b = prepare.bpb_counts(logits[j:min(j + 8, real)], targets[j:j + 8], tb)
             nats, nbytes = nats + n, nbytes + b
     bpb = nats / (math.log(2) * nbytes)
     if not math.isfinite(bpb):  # replies are read in place: one rewritten after its check

@@ -313,6 +313,8 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                 status, violations = "crash", ["died_during_evaluation"]
             except RuntimeError:  # CUDA refused what the candidate's buffer turned into
                 status, violations = "crash", ["evaluation_error"]
+            except Exception as e:  # noqa: BLE001 -- a fault of ours on this candidate's replies: no score, node lives
+                status, violations = "crash", [f"harness_error: {type(e).__name__}: {e}"[:200]]
             finally:
                 try:
                     model.close()

@@ -56,6 +56,14 @@ def test_honest_model_is_scored_by_the_harness(run_candidate, stdlib_data):
     assert r.hardware.backend == "cpu" and r.hardware.data_fingerprint == stdlib_data.fingerprint
 
 
+@pytest.mark.parametrize("batch", [7, 3])
+def test_any_evaluation_batch_size_scores_the_same(run_candidate, stdlib_data, batch):
+    """A last, partial batch is padded; its padding rows must not meet the targets (a node's own
+    offline proposer once tried DEVICE_BATCH_SIZE 7 and took the harness down)."""
+    r = run_candidate(f"prepare.hand_over(unigram, {batch}, 'cpu')")
+    assert r.status == "ok" and r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-6)
+
+
 def test_a_printed_metric_counts_for_nothing(run_candidate, stdlib_data):
     r = run_candidate("""
         print("val_bpb:          0.000001")
