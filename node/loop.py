@@ -27,8 +27,9 @@ from node import gittree, home as homes, memory as memories, proposer as propose
 BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "train.py")
 
 
-class Stop(Exception):
-    """SIGINT or SIGTERM: end the current run and leave."""
+class Stop(BaseException):
+    """SIGINT or SIGTERM: end the current run and leave (not an Exception: no handler of errors
+    on the way may swallow it)."""
 
 
 def noise(measurements, floor):

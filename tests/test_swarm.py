@@ -319,7 +319,11 @@ def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data
     finally:
         for p in procs.values():
             p.send_signal(signal.SIGTERM)
-        outs = {n: p.communicate(timeout=120)[0] for n, p in procs.items()}
+        try:
+            outs = {n: p.communicate(timeout=120)[0] for n, p in procs.items()}
+        finally:
+            for p in procs.values():  # never leave a node behind to load the tests after this one
+                p.kill()
     assert all(p.returncode == 0 for p in procs.values()), outs
     for n in "abc":
         out = tmp_path / f"{n}.py"
