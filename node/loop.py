@@ -197,9 +197,14 @@ class Node:
         return swarm.score(self.measurements()[commit], self.noise())
 
     def claim(self, parent, commit, idea, description):
-        """Tell the swarm we run this candidate now (not durable: it only matters while we run)."""
-        _, minutes = self.verify_share()
-        expires = time.time() + 2 * max(self.s["budget"], minutes * 60) * (1 + self.s["max_reruns"])
+        """Tell the swarm we run this candidate now (not durable: it only matters while we run). It
+        lasts twice the wall time of the candidate with all its re-runs, at the pace this node has
+        been finishing runs (a 30-minute run of three nodes taking turns on one CPU saw a claim
+        expire during re-runs, and one duplicate)."""
+        ends = sorted(e["finished"] for e in self.store.experiments() if e["finished"])[-11:]
+        gaps = sorted(b - a for a, b in zip(ends, ends[1:]))
+        cadence = gaps[len(gaps) // 2] if gaps else 0.0  # median run to run, waits for the device included
+        expires = time.time() + 2 * max(self.s["budget"], cadence) * (1 + self.s["max_reruns"])
         record = self.sign("claim", dict(task=self.task, parent=swarm.content_hash(self.tree.read(parent)),
                                          child=swarm.content_hash(self.tree.read(commit)), idea=idea,
                                          hardware=self.hardware(), description=description[:500],
