@@ -20,9 +20,10 @@ class ExportError(Exception):
 
 
 def _open(home):
-    if not os.path.exists(os.path.join(home, "store.sqlite")):
-        raise ExportError(f"no node home at {home} (start one with python -m node join --home {home})")
-    store = homes.Store(os.path.join(home, "store.sqlite"))
+    try:
+        store = homes.Store(homes.store_path(home))
+    except homes.HomeError as e:
+        raise ExportError(str(e)) from None
     records = records_store.Store(os.path.join(home, "gossip.sqlite"))
     return store, records
 
@@ -60,11 +61,7 @@ def _own_chain(home, store, improvements):
     best = store.get("best_commit")
     commits = tree.git("rev-list", "--reverse", best).split()
     by_child = {}
-    me = None
-    key = os.path.join(home, "identity.key")
-    if os.path.exists(key):
-        from gossip.identity import Identity
-        me = Identity.load(key).id
+    me = homes.node_id(home)
     for r in improvements:
         if r.author_id == me:
             by_child.setdefault(r.body["child"], r)

@@ -67,6 +67,23 @@ def device_lock(path, waiting):
         os.close(fd)
 
 
+def store_path(home):
+    """The store of an existing home, for the commands that read one; HomeError if there is none."""
+    path = os.path.join(home, "store.sqlite")
+    if not os.path.exists(path):
+        raise HomeError(f"no node home at {home} (start one with python -m node join --home {home})")
+    return path
+
+
+def node_id(home):
+    """The id of the node that lives here, or None before its first start (reading creates no key)."""
+    key = os.path.join(home, "identity.key")
+    if not os.path.exists(key):
+        return None
+    from gossip.identity import Identity
+    return Identity.load(key).id
+
+
 def lock_held(home):
     """Whether a node is running on this home now."""
     try:
@@ -168,8 +185,8 @@ class Store:
         return {r["improvement"]: r for r in self.db.execute("SELECT * FROM verdicts")}
 
     def add_source(self, text):
-        import hashlib
-        h = hashlib.sha256(text.encode()).hexdigest()
+        from node.swarm import content_hash
+        h = content_hash(text)
         self.db.execute("INSERT OR IGNORE INTO sources VALUES (?, ?)", (h, text))
         return h
 

@@ -10,18 +10,10 @@ from node import home as homes, memory as memories, swarm
 
 
 def read(home, tag=None, grep=None):
-    path = os.path.join(home, "store.sqlite")
-    if not os.path.exists(path):
-        raise homes.HomeError(f"no node home at {home} (start one with python -m node join --home {home})")
-    store = homes.Store(path)
+    store = homes.Store(homes.store_path(home))
     records = records_store.Store(os.path.join(home, "gossip.sqlite"))
     try:
-        key = os.path.join(home, "identity.key")
-        me = None
-        if os.path.exists(key):
-            from gossip.identity import Identity
-            me = Identity.load(key).id
-        ledger = swarm.Ledger(records, store.get("task"), me).refresh()
+        ledger = swarm.Ledger(records, store.get("task"), homes.node_id(home)).refresh()
         mem = memories.Memory(ledger, store.source)
         out = mem.knowledge(time.time(), tag, grep)
         out["rejected"] = dict(mem.rejected)

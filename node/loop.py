@@ -500,10 +500,7 @@ def scrub(log_tail, lines=20, limit=4000):
 
 def status(home):
     """What `python -m node status` reports, from the store alone (no lock needed)."""
-    path = os.path.join(home, "store.sqlite")
-    if not os.path.exists(path):
-        raise homes.HomeError(f"no node home at {home} (start one with python -m node join --home {home})")
-    store = homes.Store(path)
+    store = homes.Store(homes.store_path(home))
     exps = store.experiments()
     best = store.get("best_commit")
     m = homes.measurements(exps)
@@ -526,7 +523,7 @@ def status(home):
     store.db.close()
     from node.network import snapshot
     snap = snapshot(home) if out["running"] else None
-    out["node_id"] = Identity.load(key).id if os.path.exists(key := os.path.join(home, "identity.key")) else None
+    out["node_id"] = homes.node_id(home)
     out["address"] = snap["address"] if snap else None
     out["peers"] = [{"id": p["id"], "address": p["address"], "hardware": p["meta"], "state": p["state"],
                      "last_seen_s": p["last_seen_s"], "score": p["score"]} for p in (snap or {}).get("peers", [])]

@@ -10,10 +10,7 @@ from node import home as homes
 
 def points(home):
     """(run index, val_bpb, kind) of every scored, decided run; kind: baseline | kept | adopted | discarded."""
-    path = os.path.join(home, "store.sqlite")
-    if not os.path.exists(path):
-        raise homes.HomeError(f"no node home at {home} (start one with python -m node join --home {home})")
-    store = homes.Store(path)
+    store = homes.Store(homes.store_path(home))
     try:
         exps = store.experiments()
     finally:

@@ -70,8 +70,7 @@ class Watcher:
 
     def __init__(self, home):
         self.home = home
-        if not os.path.exists(os.path.join(home, "store.sqlite")):
-            raise homes.HomeError(f"no node home at {home} (start one with python -m node join --home {home})")
+        homes.store_path(home)  # HomeError when there is no node here
         self.records = records_store.Store(os.path.join(home, "gossip.sqlite"))
         self.ledger = None
 
