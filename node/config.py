@@ -15,6 +15,7 @@ SETTINGS = {
     "listen": ("0.0.0.0:7645", str, "HOST:PORT the gossip socket binds (port 0: any free one; 'off': no network)"),
     "seeds": ([], list, "HOST:PORT of peers to join through (repeat --seed); mDNS finds peers on the LAN"),
     "mdns": (True, bool, "do not look for peers on the LAN by mDNS (config: mdns = false)"),
+    "start": (None, str, "the train.py a new home starts from (default: the baseline, model/train.py)"),
     "max_experiments": (0, int, "stop after this many experiments (0: run until stopped)"),
     "baseline_runs": (2, int, "runs of the unmodified tree at the start, to measure the noise"),
     "remeasure_every": (8, int, "re-measure the current best after this many experiments"),

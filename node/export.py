@@ -43,7 +43,7 @@ def provenance(home, tag=None, verify=False):
             text, chain, best = _own_chain(home, store, improvements)
         else:
             ledger = swarm.Ledger(records, store.get("task"), None).refresh()
-            text, chain, best = _tag_chain(store, ledger, tag)
+            text, chain, best = _tag_chain(home, store, ledger, tag)
         steps = [_step(r, improvements, attestations) for r in chain]
         if verify:
             _verify(chain, improvements, store, text)
@@ -74,12 +74,11 @@ def _own_chain(home, store, improvements):
     return tree.read(best), chain, best
 
 
-def _tag_chain(store, ledger, tag):
+def _tag_chain(home, store, ledger, tag):
     """The best improvement measured on `tag` that others did not refute (nor its author
-    discredited), rebuilt from the baseline through records."""
-    from node.loop import BASELINE
-    with open(BASELINE) as f:
-        base = swarm.content_hash(f.read())
+    discredited), rebuilt through records from the train.py this home started from."""
+    tree = gittree.Tree(os.path.join(home, "tree"))
+    base = swarm.content_hash(tree.read(tree.root()))
     improvements = list(ledger.improvements.values())
     on_tag = [r for r in improvements if swarm.tag_name(r.body["hardware"]) == tag and ledger.credible(r)]
     if not on_tag:

@@ -39,6 +39,10 @@ class Tree:
         self.git("commit", "-q", "-m", "baseline")
         return self.head()
 
+    def root(self):
+        """The first commit: the train.py this home started from."""
+        return self.git("rev-list", "--max-parents=0", BRANCH).split()[-1]
+
     def head(self):
         return self.git("rev-parse", "HEAD")
 
@@ -65,7 +69,8 @@ class Tree:
         return self.git("status", "--porcelain") == ""
 
     def diff(self, a, b):
-        return self.git("diff", a, b, "--", EDITABLE)
+        """The unified diff of train.py from a to b, byte-exact (a last context line may be a lone space)."""
+        return self.git("diff", a, b, "--", EDITABLE, strip=False)
 
     def apply_check(self, patch_path):
         """Files a patch touches; raises GitError if it does not apply to HEAD."""

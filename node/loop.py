@@ -9,6 +9,7 @@ interrupted, the tree is reset to the best commit, and results.tsv is rewritten
 from the store, so a node killed at any instant carries on consistently.
 """
 
+import ast
 import dataclasses
 import json
 import math
@@ -76,17 +77,30 @@ class Node:
         seed = settings["proposer_seed"]
         self.proposer = proposers.make(settings["proposer"], int(self.identity.id[:8], 16) if seed is None else seed)
         self.backend = None
-        self._recover()
+        try:
+            self._recover()
+        except BaseException:
+            self.close()  # the home's lock and stores with it: a refused start holds nothing
+            raise
 
     # -- start and recovery -------------------------------------------------
 
     def _recover(self):
+        start = self.s.get("start") or BASELINE
+        try:
+            with open(start) as f:
+                first = f.read()
+            ast.parse(first)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise homes.HomeError(f"cannot start from {start}: {e}") from None
         if self.store.get("best_commit") is None:
             if os.path.exists(self.tree.path):
                 shutil.rmtree(self.tree.path)  # a first start killed before its first commit was recorded
-            with open(BASELINE) as f:
-                self.store.set("best_commit", self.tree.create(f.read()))
+            self.store.set("best_commit", self.tree.create(first))
             self.store.set("created", time.time())
+        elif self.s.get("start") and self.tree.read(self.tree.root()) != first:
+            raise homes.HomeError(f"{self.home} started from another train.py: --start applies to a new home only")
+        self.store.add_source(first)
         interrupted = self.store.mark_interrupted()
         self.tree.reset(self.best())
         with open(BASELINE) as f:
@@ -227,7 +241,7 @@ class Node:
     def improvement_record(self, parent, commit, description, proposer, r):
         return self.sign("improvement", dict(
             task=self.task, lineage=swarm.LINEAGE, parent=swarm.content_hash(self.tree.read(parent)),
-            child=swarm.content_hash(self.tree.read(commit)), diff=self.tree.diff(parent, commit) + "\n",
+            child=swarm.content_hash(self.tree.read(commit)), diff=self.tree.diff(parent, commit),
             before=self.scores(parent), after=self.scores(commit), hardware=dataclasses.asdict(r.hardware),
             proposer=proposer, description=description[:500]))
 
@@ -313,7 +327,7 @@ class Node:
         parent = self.best()
         commit = self.tree.commit(source, description)
         self.store.add_source(source)
-        diff = self.tree.diff(parent, commit) + "\n"
+        diff = self.tree.diff(parent, commit)
         idea = memories.idea_key(self.tree.read(parent), source)
         self.claim(parent, commit, idea, description)
         status, ids, r = self.trial(kind, commit, description, proposer, edit)

@@ -41,6 +41,23 @@ def stdlib_data(stdlib_cache):
     return prepare.Data(folder, prepare.verify(folder))
 
 
+# The baseline at a quarter of its CPU cost per step (half the width, half the batch): tests that
+# compare two candidates at a budget of a second or two need several steps in it, or the number of
+# steps that fit (2 or 3 on a loaded machine) decides more than the change does.
+SMALL = (open(os.path.join(ROOT, "model", "train.py")).read()
+         .replace("    MODEL_DIM = 128\n    DEVICE_BATCH_SIZE = 8\n    TOTAL_BATCH_SIZE = 8 * 256",
+                  "    MODEL_DIM = 64\n    DEVICE_BATCH_SIZE = 4\n    TOTAL_BATCH_SIZE = 4 * 256"))
+
+
+@pytest.fixture(scope="session")
+def small_start(tmp_path_factory):
+    """SMALL as a file: what test nodes start from (join --start)."""
+    assert SMALL.count("MODEL_DIM = 64") == 1
+    path = tmp_path_factory.mktemp("start") / "train.py"
+    path.write_text(SMALL)
+    return str(path)
+
+
 def uniform_bpb(data):
     """val_bpb of a uniform guess over the vocabulary: where an untrained model starts
     (its output layer is initialised near zero)."""
