@@ -9,6 +9,7 @@ under a seed: the same history and seed give the same proposal.
 
 import dataclasses
 import math
+import os
 import random
 import re
 
@@ -220,8 +221,21 @@ class OfflineProposer:
         return Proposal(new, desc, edit, "offline")
 
 
-def make(name, seed=0):
-    """The proposer for a setting (offline | claude | auto)."""
+def make(settings, seed=0, events=None, say=None):
+    """The proposer the settings ask for: offline, claude, or auto (Claude when ANTHROPIC_API_KEY is
+    set, else offline); its `why` says why it was chosen. ValueError for claude without a key."""
+    name = settings["proposer"]
+    if name == "auto":
+        has_key = bool(os.environ.get("ANTHROPIC_API_KEY"))
+        name, why = ("claude", "auto: ANTHROPIC_API_KEY is set") if has_key else (
+            "offline", "auto: ANTHROPIC_API_KEY is not set")
+    else:
+        why = f"--proposer {name}"
     if name == "claude":
-        raise ValueError("the Claude proposer is not built yet: use --proposer offline (auto uses it for now)")
-    return OfflineProposer(seed)
+        from node import claude
+        p = claude.ClaudeProposer(settings["model"], settings["max_tokens"], settings["temperature"],
+                                  settings["model_timeout"], seed=seed, events=events, say=say)
+    else:
+        p = OfflineProposer(seed)
+    p.why = why
+    return p
