@@ -11,7 +11,7 @@ import ast
 import dataclasses
 import re
 
-MAX_SOURCE_CHARS = 200_000   # a candidate travels as a diff in records limited to 256 KiB
+MAX_SOURCE_CHARS = 100_000   # a kept change's diff (parent and child at most this) must fit a record's 256 KiB string
 OWN_HISTORY = 25             # our latest experiments shown
 CRASH_TAILS = 3              # of which the latest crashes show their log tails
 DIFF_CHARS = 3000            # of each peer improvement's diff
