@@ -34,7 +34,7 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = ["--profile", "cpu", "--budget", str(args.budget), "--no-mdns"]
+    common = ["--profile", "cpu", "--budget", str(args.budget), "--no-mdns", "--proposer", "offline"]
     procs, homes = [], []
     for i in range(args.nodes):
         home = os.path.join(base, f"node{i}")

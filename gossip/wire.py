@@ -96,9 +96,10 @@ def _check_depth(obj, limit):
 
 
 # --- schemas -----------------------------------------------------------------------------------
-# A field spec is a type, a tuple of types, or a callable check. Every field is required;
-# optional fields name `None` among their types. Unknown fields are rejected: a record means
-# exactly what its signed bytes say.
+# A field spec is a type, a tuple of types, or a callable check. Every field of SCHEMAS is
+# required (a field that may be empty names `None` among its types); a field of OPTIONAL may be
+# absent, so that records written before it existed keep their bytes and ids. Unknown fields are
+# rejected: a record means exactly what its signed bytes say.
 
 def _hex_hash(x):
     return isinstance(x, str) and len(x) in (40, 64) and all(c in "0123456789abcdef" for c in x)
@@ -143,16 +144,22 @@ SCHEMAS = {
               "description": lambda x: isinstance(x, str) and len(x) <= 500, "expires": int},
     "note": {"text": str},  # free text; tests and benchmarks publish these
 }
+OPTIONAL = {
+    # inspired_by: the id of the peer record whose idea this change ports to our tree
+    "improvement": {"inspired_by": _record_id},
+    "experiment": {"inspired_by": _record_id},
+}
 
 
-def check_fields(body, schema, what):
+def check_fields(body, schema, what, optional=None):
     if not isinstance(body, dict):
         raise WireError("schema", f"{what} is not a map")
-    if set(body) != set(schema):
-        missing, extra = set(schema) - set(body), set(body) - set(schema)
+    allowed = {**schema, **(optional or {})}
+    if not set(schema) <= set(body) <= set(allowed):
+        missing, extra = set(schema) - set(body), set(body) - set(allowed)
         raise WireError("schema", f"{what}: missing {sorted(map(repr, missing))} extra {sorted(map(repr, extra))}"[:200])
-    for name, spec in schema.items():
-        value = body[name]
+    for name in body:
+        spec, value = allowed[name], body[name]
         ok = spec(value) if callable(spec) and not isinstance(spec, type) else isinstance(value, spec)
         if not ok or (isinstance(value, bool) and spec in (int, float)):
             raise WireError("schema", f"{what}.{name}")
@@ -183,7 +190,7 @@ def make_record(identity, type_, body, ts_ms):
     """Sign a new record (raises WireError if the body does not fit its schema)."""
     if type_ not in SCHEMAS:
         raise WireError("unknown_type", type_)
-    check_fields(body, SCHEMAS[type_], type_)
+    check_fields(body, SCHEMAS[type_], type_, OPTIONAL.get(type_))
     unsigned = _unsigned(type_, identity.public_key, int(ts_ms), body)
     rid = hashlib.sha256(canonical(unsigned)).digest()
     sig = identity.sign(rid)
@@ -205,7 +212,7 @@ def decode_record(data, now_ms, limits=LIMITS):
         raise WireError("unknown_type", obj["type"][:32])
     if obj["ts"] > now_ms + limits.clock_skew_s * 1000:
         raise WireError("future", "record timestamp ahead of our clock")
-    check_fields(obj["body"], SCHEMAS[obj["type"]], obj["type"])
+    check_fields(obj["body"], SCHEMAS[obj["type"]], obj["type"], OPTIONAL.get(obj["type"]))
     unsigned = _unsigned(obj["type"], obj["author"], obj["ts"], obj["body"])
     rid = hashlib.sha256(canonical(unsigned)).digest()
     if rid != obj["id"]:
@@ -223,7 +230,7 @@ def load_stored(data):
                        "sig": bytes}, "record")
     if obj["type"] not in SCHEMAS:
         raise WireError("unknown_type", obj["type"][:32])
-    check_fields(obj["body"], SCHEMAS[obj["type"]], obj["type"])
+    check_fields(obj["body"], SCHEMAS[obj["type"]], obj["type"], OPTIONAL.get(obj["type"]))
     return Record(obj["type"], obj["author"], obj["ts"], obj["body"], obj["id"], obj["sig"], bytes(data))
 
 

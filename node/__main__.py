@@ -86,7 +86,8 @@ def join(args):
     except (config.ConfigError, prepare.DataError, homes.HomeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"node home {home} | profile {s['profile']} | budget {s['budget']:g}s | proposer {node.proposer.name} | "
+    print(f"node home {home} | profile {s['profile']} | budget {s['budget']:g}s | proposer {node.proposer.name} "
+          f"({node.proposer.why}{', model ' + s['model'] if node.proposer.name == 'claude' else ''}) | "
           f"data {data.fingerprint[:16]}", flush=True)
     from sandbox import run as sandbox
     kind, _, names = sandbox.isolation()
@@ -128,6 +129,12 @@ def status(args):
     v = st["verification"]
     print(f"verification:   {100 * v['share']:.1f} % of run time ({v['seconds']:.0f} s; own research {v['own_seconds']:.0f} s); "
           + (", ".join(f"{n} {k}" for k, n in sorted(v["verdicts"].items())) or "no verdicts yet"))
+    u = st["model"]
+    print(f"model use:      {u['calls']} calls for {u['proposals']} proposals ({u['model']}): tokens {u['input_tokens']:,} "
+          f"input, {u['cache_read_tokens']:,} cache reads, {u['cache_write_tokens']:,} cache writes, {u['output_tokens']:,} "
+          f"output; ${u['usd']:.4f} at the list prices in node/claude.py"
+          + (f" ({u['unpriced_calls']} calls of an unpriced model not included)" if u["unpriced_calls"] else "")
+          if u["calls"] else "model use:      none")
     print(f"running:        {'yes, up ' + fmt(st['uptime_seconds'], '.0f') + ' s' if st['running'] else 'no'}")
     print(f"node id:        {st['node_id'] or '-'}" + (f"  at {st['address']}" if st["address"] else ""))
     if st["running"]:

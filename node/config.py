@@ -10,7 +10,12 @@ SETTINGS = {
     "budget": (None, float, "training seconds per experiment (default: the profile's: 300 on a GPU, 30 on CPU)"),
     "profile": (None, str, "evaluation profile, gpu or cpu (default: gpu with CUDA, else cpu)"),
     "data": ("stdlib", str, "data source prepared on first start when no data is ready (see python -m node prepare)"),
-    "proposer": ("auto", str, "offline, claude, or auto (offline until the Claude proposer lands)"),
+    "proposer": ("auto", str, "offline, claude, or auto (claude when ANTHROPIC_API_KEY is set, else offline)"),
+    "model": ("claude-sonnet-5-5", str, "the Claude proposer's model"),
+    "max_tokens": (16000, int, "most tokens one Claude reply may use, thinking included"),
+    "temperature": (None, float, "Claude's sampling temperature (default: the model's own; Sonnet 5 and later "
+                                 "accept no other)"),
+    "model_timeout": (600.0, float, "seconds one Claude request may take before it counts as failed"),
     "proposer_seed": (None, int, "seed of the offline proposer (default: from the node id, so that nodes explore apart)"),
     "listen": ("0.0.0.0:7645", str, "HOST:PORT the gossip socket binds (port 0: any free one; 'off': no network)"),
     "seeds": ([], list, "HOST:PORT of peers to join through (repeat --seed); mDNS finds peers on the LAN"),
@@ -54,7 +59,11 @@ def load(path=None, overrides=None):
         raise ConfigError(f"profile must be gpu or cpu, not {out['profile']!r}")
     if out["proposer"] not in ("auto", "offline", "claude"):
         raise ConfigError(f"proposer must be offline, claude or auto, not {out['proposer']!r}")
-    for key in ("budget", "noise_floor", "keep_sigmas"):
+    if out["temperature"] is not None and not 0 <= out["temperature"] <= 1:
+        raise ConfigError(f"temperature must be between 0 and 1, not {out['temperature']}")
+    if out["max_tokens"] < 1:
+        raise ConfigError(f"max_tokens must be positive, not {out['max_tokens']}")
+    for key in ("budget", "noise_floor", "keep_sigmas", "model_timeout"):
         if out[key] is not None and not out[key] > 0:
             raise ConfigError(f"{key} must be positive, not {out[key]}")
     if not 0 <= out["verify_share"] <= 1:

@@ -114,7 +114,8 @@ CREATE TABLE IF NOT EXISTS experiments (
     memory_gb REAL,
     noise REAL,                  -- the noise estimate when it was decided
     edit TEXT,                   -- the proposer's structured edit (JSON), for the offline proposer
-    result TEXT                  -- the sandbox result (JSON)
+    result TEXT,                 -- the sandbox result (JSON)
+    usage TEXT                   -- the model's tokens and cost for this candidate's proposal (JSON), if any
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS notes (id INTEGER PRIMARY KEY, at REAL NOT NULL, text TEXT NOT NULL);
@@ -134,6 +135,9 @@ CREATE TABLE IF NOT EXISTS outbox (          -- signed records, written with the
 """
 
 
+ADDED_COLUMNS = (("usage", "TEXT"),)  # experiments' columns newer than some stores: added on open
+
+
 class Store:
     """SQLite, every write a durable transaction."""
 
@@ -143,16 +147,29 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self):
+        """Columns added since a store was created (a status command may race a starting node)."""
+        have = {r["name"] for r in self.db.execute("PRAGMA table_info(experiments)")}
+        for column, kind in ADDED_COLUMNS:
+            if column not in have:
+                try:
+                    self.db.execute(f"ALTER TABLE experiments ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as e:
+                    if "duplicate column" not in str(e):
+                        raise
 
     def get(self, key, default=None):
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else default
 
-    def start(self, kind, parent, commit, description, proposer, edit=None):
+    def start(self, kind, parent, commit, description, proposer, edit=None, usage=None):
         cur = self.db.execute(
-            "INSERT INTO experiments (kind, started, parent, commit_, description, proposer, status, edit) "
-            "VALUES (?, ?, ?, ?, ?, ?, 'running', ?)",
-            (kind, time.time(), parent, commit, description, proposer, json.dumps(edit) if edit is not None else None))
+            "INSERT INTO experiments (kind, started, parent, commit_, description, proposer, status, edit, usage) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'running', ?, ?)",
+            (kind, time.time(), parent, commit, description, proposer, json.dumps(edit) if edit is not None else None,
+             json.dumps(usage) if usage is not None else None))
         return cur.lastrowid
 
     def finish(self, exp_id, status, val_bpb=None, memory_gb=None, noise=None, result=None):

@@ -23,7 +23,7 @@ import time
 
 from gossip import store as records_store, wire
 from gossip.identity import Identity
-from node import gittree, home as homes, memory as memories, proposer as proposers, swarm
+from node import claude, gittree, home as homes, memory as memories, proposer as proposers, swarm
 
 BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "train.py")
 
@@ -75,8 +75,12 @@ class Node:
         self.results = os.path.join(home, "results.tsv")
         self.tree = gittree.Tree(os.path.join(home, "tree"))
         seed = settings["proposer_seed"]
-        self.proposer = proposers.make(settings["proposer"], int(self.identity.id[:8], 16) if seed is None else seed)
+        self.proposer = proposers.make(settings, int(self.identity.id[:8], 16) if seed is None else seed,
+                                       self.events, self.say)
         self.backend = None
+        self.done = 0          # experiments run by this process
+        self._running = None   # the candidate under way: source, description
+        self._next = None      # the proposal being prepared: (context, skipped, future)
         try:
             self._recover()
         except BaseException:
@@ -109,7 +113,8 @@ class Node:
             self.store.add_source(self.tree.read(commit))
         homes.write_results(self.results, self.store.experiments())
         self.store.set("started", time.time())
-        self.events("start", pid=os.getpid(), best=self.best(), interrupted=interrupted)
+        self.events("start", pid=os.getpid(), best=self.best(), interrupted=interrupted, proposer=self.proposer.name,
+                    why=self.proposer.why)
         if interrupted:
             self.say(f"recovered: {interrupted} interrupted experiment(s) recorded; tree reset to {self.best()[:7]}")
 
@@ -127,18 +132,20 @@ class Node:
     def say(self, line):
         print(("\r\033[K" if self.tty else "") + line, file=self.out, flush=True)
 
-    def measure(self, kind, commit, description, proposer="-", edit=None):
+    def measure(self, kind, commit, description, proposer="-", edit=None, usage=None):
         """One sandboxed run of `commit`, taking its turn on the device: nodes sharing a machine
-        (one cache folder) run one at a time, so no run's clock is shared with another's."""
+        (one cache folder) run one at a time, so no run's clock is shared with another's. A slow
+        proposer prepares the next proposal meanwhile."""
         from model import prepare
+        self.prepare_next()
         path = os.path.join(prepare.cache_dir(), f"device-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}.lock")
         with homes.device_lock(path, lambda: self.say("waiting for the device: another node on this machine is running")):
-            return self._measure(kind, commit, description, proposer, edit)
+            return self._measure(kind, commit, description, proposer, edit, usage)
 
-    def _measure(self, kind, commit, description, proposer, edit):
+    def _measure(self, kind, commit, description, proposer, edit, usage):
         """Its row ends 'measured' (scored) or 'crash'."""
         from sandbox import run as sandbox
-        exp = self.store.start(kind, self.best(), commit, description, proposer, edit)
+        exp = self.store.start(kind, self.best(), commit, description, proposer, edit, usage)
         self.events("run", id=exp, kind=kind, commit=commit, description=description)
         folder = tempfile.mkdtemp(prefix="autoresearch-node-")
         try:
@@ -228,7 +235,7 @@ class Node:
         else:
             self.records.add(record)
 
-    def experiment_record(self, parent, commit, description, proposer, status, r, diff, idea):
+    def experiment_record(self, parent, commit, description, proposer, status, r, diff, idea, inspired=None):
         m = self.measurements()
         after = swarm.score(m[commit], self.noise()) if commit in m else None
         return self.sign("experiment", dict(
@@ -236,14 +243,15 @@ class Node:
             child=swarm.content_hash(self.tree.read(commit)), idea=idea, diff=diff if len(diff) <= 64 << 10 else "",
             hypothesis=description[:500], status=status, before=self.scores(parent), after=after,
             hardware=dataclasses.asdict(r.hardware), proposer=proposer,
-            log_tail=scrub(r.log_tail, limit=wire.LOG_TAIL_CHARS) if r.status != "ok" else ""))
+            log_tail=scrub(r.log_tail, limit=wire.LOG_TAIL_CHARS) if r.status != "ok" else "",
+            **_inspired(inspired)))
 
-    def improvement_record(self, parent, commit, description, proposer, r):
+    def improvement_record(self, parent, commit, description, proposer, r, inspired=None):
         return self.sign("improvement", dict(
             task=self.task, lineage=swarm.LINEAGE, parent=swarm.content_hash(self.tree.read(parent)),
             child=swarm.content_hash(self.tree.read(commit)), diff=self.tree.diff(parent, commit),
             before=self.scores(parent), after=self.scores(commit), hardware=dataclasses.asdict(r.hardware),
-            proposer=proposer, description=description[:500]))
+            proposer=proposer, description=description[:500], **_inspired(inspired)))
 
     def baseline(self):
         """Run the unmodified tree until it has been measured baseline_runs times."""
@@ -265,12 +273,101 @@ class Node:
                 means.setdefault(e["commit_"], []).append(e["val_bpb"])
             if e["kind"] in ("candidate", "suggestion") and e["status"] in ("keep", "discard", "crash"):
                 parent = means.get(e["parent"])
+                result = json.loads(e["result"]) if e["status"] == "crash" and e["result"] else {}
                 out.append(dict(edit=json.loads(e["edit"]) if e["edit"] else None, status=e["status"], val_bpb=e["val_bpb"],
-                                parent_bpb=sum(parent) / len(parent) if parent else None, description=e["description"]))
+                                parent_bpb=sum(parent) / len(parent) if parent else None, description=e["description"],
+                                id=e["id"], proposer=e["proposer"], outcome=result.get("status"),
+                                log_tail=scrub(result.get("log_tail", ""), lines=12)))
         return out
 
+    def context(self, running=None):
+        """(what the proposer sees now, the list its `taken` fills with reasons for skipped candidates)."""
+        best = self.tree.read(self.best())
+        self.ledger.refresh()
+        hw, now = self.hardware(), time.time()
+        measured, claimed = self.memory.measured(hw), self.memory.claims(hw, now)
+        self.store.set("claims_ignored", json.dumps(dict(self.memory.ignored)))
+        self.store.set("experiments_rejected", json.dumps(dict(self.memory.rejected)))
+        skipped = []
+
+        def taken(source):
+            if running and memories.normal_form(source) == memories.normal_form(running["source"]):
+                return True  # our own candidate under way: its result is not in the history yet
+            key = memories.idea_key(best, source)
+            why = "measured" if key in measured else "claimed" if key in claimed else None
+            if why:
+                skipped.append(why)
+            return why is not None
+        more = {}
+        if self.proposer.slow:
+            m, verdicts = self.measurements(), {k: v["verdict"] for k, v in self.store.verdicts().items()}
+            more = dict(hardware=hw, score=self.scores(self.best()) if self.best() in m else None,
+                        swarm=self.memory.findings(hw, verdicts, now), crash=self._crash(), running=running)
+        ctx = proposers.Context(best, self.history() + self.memory.history(hw, self.noise()), self.noise(),
+                                self.backend or hw["backend"], self.store.notes(), taken, **more)
+        return ctx, skipped
+
+    def _crash(self):
+        """Our last decided candidate, when it was the Claude proposer's own (not a repair) and
+        crashed (not a timeout or a violation): what a repair round needs."""
+        last = next((e for e in reversed(self.store.experiments()) if e["kind"] == "candidate"
+                     and e["status"] in ("keep", "discard", "crash")), None)
+        if last is None or last["status"] != "crash" or last["proposer"] != self.proposer.name:
+            return None
+        result = json.loads(last["result"] or "{}")
+        if result.get("status") != "crash" or "repair_of" in json.loads(last["edit"] or "{}"):
+            return None
+        return dict(id=last["id"], description=last["description"], source=self.tree.read(last["commit_"]),
+                    parent=self.tree.read(last["parent"]), log_tail=scrub(result.get("log_tail", ""), lines=30))
+
+    def prepare_next(self):
+        """Have a slow proposer prepare the next proposal while the device runs, so the device never
+        waits for the model: one at a time, against the best of now, and none when no experiment
+        follows this run (max_experiments)."""
+        upcoming = self.done + (2 if self._running else 1)
+        if not self.proposer.slow or self._next or (self.s["max_experiments"] and upcoming > self.s["max_experiments"]):
+            return
+        ctx, skipped = self.context(self._running)
+        self._next = (ctx, skipped, self.proposer.submit(ctx))
+
+    def _prepared(self):
+        """The prepared proposal (asked for now if none is), rebased onto the best when the best moved
+        since (git's three-way merge); when it no longer applies, a new one is asked for and waited for."""
+        best = self.tree.read(self.best())
+        for _ in range(2):
+            if self._next is None:
+                ctx, skipped = self.context(self._running)
+                self._next = (ctx, skipped, self.proposer.submit(ctx))
+            ctx, skipped, future = self._next
+            p = future.result()  # a signal still stops the node here: close() cancels the request
+            self._next = None
+            self._count_skipped(skipped)
+            base = p and (p.base or ctx.source)
+            if p is None or base == best:
+                return p
+            merged, conflicts = gittree.merge3(best, base, p.source)
+            if not conflicts and merged != best and _parses(merged):
+                self.events("proposal_rebased", description=p.description[:200])
+                return dataclasses.replace(p, source=merged, base=best)
+            self.events("proposal_stale", description=p.description[:200],
+                        reason=f"{conflicts} conflict(s) with the new best" if conflicts else "it no longer applies")
+            self._unused(p.usage)
+        return None
+
+    def _count_skipped(self, skipped):
+        for why in skipped:
+            self.store.bump("skipped_" + why)
+        if skipped:
+            self.events("skipped", reasons=skipped)
+
+    def _unused(self, usage):
+        """Tokens of a proposal that never ran still count in status."""
+        if usage:
+            total = claude.add_usage(json.loads(self.store.get("proposer_usage_unused") or "null"), usage)
+            self.store.set("proposer_usage_unused", json.dumps(total))
+
     def next_candidate(self):
-        """(source, description, proposer name, kind, edit) from the queue or the proposer, or None."""
+        """The next Proposal, from the queue (a person's patch: proposer "human") or the proposer, or None."""
         queue = os.path.join(self.home, "queue")
         names = sorted(os.listdir(queue))
         for name in (n for n in names if n.endswith(".note")):  # notes first: context for this very proposal
@@ -294,46 +391,38 @@ class Node:
                     self.say(f"suggestion {name} rejected: {e}")
                     continue
                 os.remove(path)
-                return source, f"suggestion {name}", "human", "suggestion", None
-        best = self.tree.read(self.best())
-        self.ledger.refresh()
-        hw, now = self.hardware(), time.time()
-        measured, claimed = self.memory.measured(hw), self.memory.claims(hw, now)
-        self.store.set("claims_ignored", json.dumps(dict(self.memory.ignored)))
-        self.store.set("experiments_rejected", json.dumps(dict(self.memory.rejected)))
-        skipped = []
-
-        def taken(source):
-            key = memories.idea_key(best, source)
-            why = "measured" if key in measured else "claimed" if key in claimed else None
-            if why:
-                skipped.append(why)
-            return why is not None
-        ctx = proposers.Context(best, self.history() + self.memory.history(hw, self.noise()), self.noise(),
-                                self.backend or "cpu", self.store.notes(), taken)
+                return proposers.Proposal(source, f"suggestion {name}", None, "human")
+        if self.proposer.slow:
+            return self._prepared()
+        ctx, skipped = self.context()
         p = self.proposer.propose(ctx)
-        for why in skipped:
-            self.store.bump("skipped_" + why)
-        if skipped:
-            self.events("skipped", reasons=skipped)
-        return (p.source, p.description, self.proposer.name, "candidate", p.edit) if p else None
+        self._count_skipped(skipped)
+        return p
 
     def experiment(self):
         """One candidate through to its decision; False when the proposer has nothing left."""
-        nxt = self.next_candidate()
-        if nxt is None:
+        p = self.next_candidate()
+        if p is None:
             return False
-        source, description, proposer, kind, edit = nxt
+        source, description, proposer = p.source, p.description, p.proposer or self.proposer.name
+        kind = "suggestion" if proposer == "human" else "candidate"
         parent = self.best()
         commit = self.tree.commit(source, description)
         self.store.add_source(source)
         diff = self.tree.diff(parent, commit)
         idea = memories.idea_key(self.tree.read(parent), source)
         self.claim(parent, commit, idea, description)
-        status, ids, r = self.trial(kind, commit, description, proposer, edit)
-        records = [self.experiment_record(parent, commit, description, proposer, _experiment_status(status, r), r, diff, idea)]
+        edit = dict(p.edit or {}, inspired_by=p.inspired_by) if p.inspired_by else p.edit
+        self._running = dict(source=source, description=description)
+        try:
+            status, ids, r = self.trial(kind, commit, description, proposer, edit, p.usage)
+        finally:
+            self._running = None
+        inspired = bytes.fromhex(p.inspired_by) if p.inspired_by else None
+        records = [self.experiment_record(parent, commit, description, proposer, _experiment_status(status, r), r, diff,
+                                          idea, inspired)]
         if status == "keep":
-            records.append(self.improvement_record(parent, commit, description, proposer, r))
+            records.append(self.improvement_record(parent, commit, description, proposer, r, inspired))
         self.decide(ids, status, best=commit if status == "keep" else None, records=records)
         if status == "keep":
             m = self.measurements()[commit]
@@ -343,12 +432,13 @@ class Node:
             self.tree.reset(self.best())
         return True
 
-    def trial(self, kind, commit, description, proposer, edit=None):
+    def trial(self, kind, commit, description, proposer, edit=None, usage=None):
         """Measure a committed candidate, re-running a thin win: (keep | discard | crash, run ids,
-        last result); nothing decided yet."""
+        last result); nothing decided yet. The proposal's usage goes with its first run."""
         ids, reruns = [], self.s["max_reruns"]
         while True:
-            exp, r = self.measure(kind if not ids or kind == "verify" else "rerun", commit, description, proposer, edit)
+            exp, r = self.measure(kind if not ids or kind == "verify" else "rerun", commit, description, proposer, edit,
+                                  None if ids else usage)
             ids.append(exp)
             if r.status != "ok":
                 return "crash", ids, r
@@ -441,9 +531,8 @@ class Node:
             self.join_network()
             self.flush()
             self.baseline()
-            done = 0
-            while not self.s["max_experiments"] or done < self.s["max_experiments"]:
-                if done and self.s["remeasure_every"] and done % self.s["remeasure_every"] == 0:
+            while not self.s["max_experiments"] or self.done < self.s["max_experiments"]:
+                if self.done and self.s["remeasure_every"] and self.done % self.s["remeasure_every"] == 0:
                     self.remeasure()
                 if self.verify_next():
                     continue
@@ -454,7 +543,7 @@ class Node:
                     self.say("the proposer has nothing untried: waiting for news from peers")
                     time.sleep(IDLE_S)
                     continue
-                done += 1
+                self.done += 1
         except Stop:
             self.store.mark_interrupted()
             self.tree.reset(self.best())
@@ -485,6 +574,14 @@ class Node:
                                   "(pick another with --listen HOST:PORT, port 0 for any, or --listen off)") from None
 
     def close(self):
+        """Stop the proposer (a request in flight is cancelled), gossip, and the stores."""
+        if self._next is not None:
+            future = self._next[2]
+            if future.done() and not future.cancelled() and future.exception() is None and future.result():
+                self._unused(future.result().usage)
+            future.cancel()
+            self._next = None
+        self.proposer.close()
         if self.network:
             self.network.stop()
         self.records.close()
@@ -498,6 +595,19 @@ IDLE_S = 10.0
 
 def _experiment_status(status, r):
     return status if r.status == "ok" else r.status  # crash | timeout | violation
+
+
+def _inspired(record_id):
+    """The optional record field naming the peer record a change ports (absent when none)."""
+    return {"inspired_by": record_id} if record_id else {}
+
+
+def _parses(source):
+    try:
+        ast.parse(source)
+        return True
+    except SyntaxError:
+        return False
 
 
 _PATH = re.compile(r"(?<![\w.])/(?:[^\s:'\"(),]+/)*([^\s:'\"(),/]*)")
@@ -533,7 +643,8 @@ def status(home):
                memory=dict(skipped_claimed=int(store.get("skipped_claimed", 0)),
                            skipped_measured=int(store.get("skipped_measured", 0)),
                            claims_ignored=json.loads(store.get("claims_ignored") or "{}"),
-                           experiments_rejected=json.loads(store.get("experiments_rejected") or "{}")))
+                           experiments_rejected=json.loads(store.get("experiments_rejected") or "{}")),
+               model=_model_use(exps, store.get("proposer_usage_unused")))
     store.db.close()
     from node.network import snapshot
     snap = snapshot(home) if out["running"] else None
@@ -544,6 +655,16 @@ def status(home):
     out["rejected"] = (snap or {}).get("rejected", {})
     out["records"] = (snap or {}).get("records")
     return out
+
+
+def _model_use(exps, unused):
+    """The proposer model's tokens and cost: every proposal that ran, and those prepared but never run."""
+    usages = [json.loads(e["usage"]) for e in exps if e["usage"]]
+    total = None
+    for u in usages + ([json.loads(unused)] if unused else []):
+        total = claude.add_usage(total, u)
+    keys = ("calls", "input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens", "usd", "unpriced_calls")
+    return dict({k: (total or {}).get(k, 0) for k in keys}, model=(total or {}).get("model"), proposals=len(usages))
 
 
 def _verification(exps, verdicts):

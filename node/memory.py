@@ -169,6 +169,30 @@ class Memory:
                             description=r.body["hypothesis"], weight=weight, author=r.author_id))
         return out
 
+    def findings(self, hardware, verdicts, now, limit=8):
+        """What the Claude proposer is shown of the swarm (plain data): peers' improvements, biggest
+        claimed gain first, with their attestations and our verdict (hex id -> verdict); ideas tried
+        by peers without a keep; claims in flight."""
+        improvements = []
+        for rid, r in self.ledger.improvements.items():
+            if r.author_id == self.ledger.me or swarm.adopted_from(r) is not None:
+                continue
+            votes = [a.body["verdict"] for a in self.ledger.verdicts(rid, r.author_id)]
+            improvements.append(dict(
+                id=rid.hex(), author=r.author_id, tag=swarm.tag_name(r.body["hardware"]), lineage=r.body["lineage"],
+                description=r.body["description"], delta=r.body["after"]["val_bpb"] - r.body["before"]["val_bpb"],
+                runs=r.body["after"]["runs"], confirmed=votes.count("confirmed"),
+                refuted=sum(v in ("refuted", "crashed", "violation") for v in votes), ours=verdicts.get(rid.hex()),
+                diff=r.body["diff"]))
+        improvements.sort(key=lambda i: i["delta"])
+        known = self.knowledge(now)
+        avoid = [dict(description=i["description"], tries=i["tries"], tags=len(i["tags"]),
+                      median_delta=i["median_delta"], outcomes=i["outcomes"]) for i in known["ideas"]
+                 if not i["outcomes"].get("keep") and set(i["authors"]) != {self.ledger.me}]
+        avoid.sort(key=lambda a: -a["tries"])
+        claims = [dict(description=c["description"], tag=c["tag"]) for c in known["claims"] if c["author"] != self.ledger.me]
+        return dict(improvements=improvements[:limit], avoid=avoid[:2 * limit], claims=claims[:limit])
+
     def knowledge(self, now, tag=None, grep=None):
         """What the swarm has tried, grouped by the change: tries, tags, median delta, outcomes,
         and who claims what now."""

@@ -9,6 +9,7 @@ under a seed: the same history and seed give the same proposal.
 
 import dataclasses
 import math
+import os
 import random
 import re
 
@@ -25,16 +26,27 @@ class Proposal:
     source: str          # the whole candidate train.py
     description: str     # one line
     edit: dict | None = None  # structured form, for proposers that learn from history
+    proposer: str = ""   # who made it: offline | claude | human
+    usage: dict | None = None       # the model's tokens and cost spent on it (node/claude.py)
+    inspired_by: str | None = None  # hex id of the peer record whose idea it ports
+    base: str | None = None         # the train.py it was made from, when not the context's source
 
 
 @dataclasses.dataclass(frozen=True)
 class Context:
+    """What a proposer sees: plain data, safe to hand to another thread."""
     source: str          # the current best train.py
     history: list        # finished experiments, oldest first: dicts with edit, status, val_bpb, parent_bpb
     noise: float         # run-to-run standard deviation of val_bpb
     backend: str         # cuda | mps | cpu
     notes: list          # people's notes (python -m node suggest --note)
     taken: object = None  # source -> True when the swarm already ran or is running that candidate
+    # for the Claude proposer:
+    hardware: dict | None = None  # this node's hardware tag
+    score: dict | None = None     # the best's {val_bpb, runs, spread}
+    swarm: dict | None = None     # what the swarm found (memory.Memory.findings)
+    crash: dict | None = None     # our last candidate, when it crashed: id, description, source, parent, log_tail
+    running: dict | None = None   # the candidate running now: source, description
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +136,13 @@ def apply(source, consts, changes):
 
 
 class OfflineProposer:
-    name = "offline"
+    name, slow = "offline", False
 
     def __init__(self, seed=0, combine_every=4):
         self.seed, self.combine_every = seed, combine_every
+
+    def close(self):
+        pass
 
     def propose(self, ctx):
         consts = constants(ctx.source, ctx.backend)
@@ -203,11 +218,24 @@ class OfflineProposer:
         new = apply(source, consts, [(n, v) for n, _, v in changes])
         desc = "; ".join(f"{n} {render(consts[n], consts[n].value)} -> {render(consts[n], v)}" for n, _, v in changes)
         edit = {"changes": [{"name": n, "dir": d, "old": consts[n].value, "new": v} for n, d, v in changes]}
-        return Proposal(new, desc, edit)
+        return Proposal(new, desc, edit, "offline")
 
 
-def make(name, seed=0):
-    """The proposer for a setting (offline | claude | auto)."""
+def make(settings, seed=0, events=None, say=None):
+    """The proposer the settings ask for: offline, claude, or auto (Claude when ANTHROPIC_API_KEY is
+    set, else offline); its `why` says why it was chosen. ValueError for claude without a key."""
+    name = settings["proposer"]
+    if name == "auto":
+        has_key = bool(os.environ.get("ANTHROPIC_API_KEY"))
+        name, why = ("claude", "auto: ANTHROPIC_API_KEY is set") if has_key else (
+            "offline", "auto: ANTHROPIC_API_KEY is not set")
+    else:
+        why = f"--proposer {name}"
     if name == "claude":
-        raise ValueError("the Claude proposer is not built yet: use --proposer offline (auto uses it for now)")
-    return OfflineProposer(seed)
+        from node import claude
+        p = claude.ClaudeProposer(settings["model"], settings["max_tokens"], settings["temperature"],
+                                  settings["model_timeout"], seed=seed, events=events, say=say)
+    else:
+        p = OfflineProposer(seed)
+    p.why = why
+    return p

@@ -8,6 +8,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "model"))  # train.py's view: `import prepare`
 os.environ.setdefault("AUTORESEARCH_PROFILE", "cpu")
+os.environ.pop("ANTHROPIC_API_KEY", None)  # --proposer auto is offline in tests: none calls the real API
 
 
 def run_prepare(cache, *args, timeout=300):

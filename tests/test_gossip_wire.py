@@ -37,14 +37,16 @@ record_id = st.binary(min_size=32, max_size=32)
 BODIES = {
     "improvement": st.fixed_dictionaries({
         "task": text, "lineage": text, "parent": hex_hash, "child": hex_hash, "diff": text, "before": score,
-        "after": score, "hardware": scalars, "proposer": text, "description": text}),
+        "after": score, "hardware": scalars, "proposer": text, "description": text},
+        optional={"inspired_by": record_id}),
     "attestation": st.fixed_dictionaries({
         "task": text, "improvement": record_id, "verdict": st.sampled_from(wire.VERDICTS),
         "before": st.none() | score, "after": st.none() | score, "hardware": scalars, "note": text}),
     "experiment": st.fixed_dictionaries({
         "task": text, "lineage": text, "parent": hex_hash, "child": hex_hash, "idea": hex_hash, "diff": text,
         "hypothesis": text, "status": st.sampled_from(wire.EXPERIMENT_STATUSES), "before": st.none() | score,
-        "after": st.none() | score, "hardware": scalars, "proposer": text, "log_tail": text}),
+        "after": st.none() | score, "hardware": scalars, "proposer": text, "log_tail": text},
+        optional={"inspired_by": record_id}),
     "claim": st.fixed_dictionaries({"task": text, "parent": hex_hash, "child": hex_hash, "idea": hex_hash,
                                     "hardware": scalars, "description": text,
                                     "expires": st.integers(-2**63, 2**64 - 1)}),
@@ -390,6 +392,20 @@ def test_every_record_type_has_a_strategy():
     assert set(BODIES) == set(SCHEMAS)
     for t in SCHEMAS:
         assert set(sample_body(t)) == set(SCHEMAS[t])
+    assert set(wire.OPTIONAL) <= set(SCHEMAS)
+
+
+def test_an_optional_field_may_be_absent_and_is_checked_when_present():
+    body = sample_body("experiment")
+    plain = make_record(ALICE, "experiment", body, NOW_MS)
+    assert "inspired_by" not in decode_record(plain.encoded, NOW_MS).body  # records without it keep their bytes
+    ported = make_record(ALICE, "experiment", dict(body, inspired_by=b"\x01" * 32), NOW_MS)
+    assert decode_record(ported.encoded, NOW_MS).body["inspired_by"] == b"\x01" * 32 and ported.id != plain.id
+    for bad in (b"\x01" * 31, "ab" * 32, None):
+        with pytest.raises(WireError, match="experiment.inspired_by"):
+            make_record(ALICE, "experiment", dict(body, inspired_by=bad), NOW_MS)
+    with pytest.raises(WireError, match="extra"):
+        make_record(ALICE, "claim", dict(sample_body("claim"), inspired_by=b"\x01" * 32), NOW_MS)
 
 
 @FUZZ

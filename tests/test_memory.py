@@ -130,10 +130,10 @@ def test_a_node_skips_what_a_peer_claimed_and_counts_it(tmp_path, stdlib_data):
     try:
         first = node.next_candidate()
         hw = node.hardware()
-        for r in (claim(BOB, BASELINE, first[0], hardware=hw),):
+        for r in (claim(BOB, BASELINE, first.source, hardware=hw),):
             node.records.add(wire.make_record(BOB, "claim", dict(r.body, task=node.task), r.ts))
         second = node.next_candidate()
-        assert second[0] != first[0]
+        assert second.source != first.source
         st = loop.status(str(tmp_path / "n"))
         assert st["memory"]["skipped_claimed"] == 1
         # and our own claims are published before a run (here, with the network off, stored)
