@@ -5,12 +5,15 @@
     cuda | mps | cpu   torch (model/train.py); cpu hides any CUDA GPU from the candidate
     mlx   MLX (model/train_mlx.py), on the Apple GPU, or on the CPU where MLX has no GPU
 
-A lineage is the baseline family a backend evolves: torch or mlx. Their files differ, so a
-diff of one never applies to the other.
+Without a setting the sandbox takes torch's own choice, as train.py makes it (cuda, else
+mps, else cpu), and `node experiment` takes mlx for a file that imports mlx. A lineage is
+the baseline family a backend evolves: torch or mlx. Their files differ, so a diff of one
+never applies to the other.
 """
 
 import importlib.util
 import platform
+import re
 import sys
 
 BACKENDS = ("auto", "cuda", "mps", "cpu", "mlx")
@@ -26,7 +29,10 @@ def apple_silicon():
 
 
 def mlx_installed():
-    return importlib.util.find_spec("mlx") is not None and importlib.util.find_spec("mlx.core") is not None
+    try:
+        return importlib.util.find_spec("mlx.core") is not None
+    except ImportError:  # a broken or shadowing `mlx` package
+        return False
 
 
 def resolve(name):
@@ -48,6 +54,17 @@ def resolve(name):
     if name == "cpu" and mps:  # train.py picks MPS whenever it exists; no setting can hide it
         raise BackendError("--backend cpu: torch's train.py always runs on MPS on this Mac; use --backend mps or mlx")
     return name
+
+
+def torch_default():
+    """What train.py picks by itself: cuda, else mps, else cpu."""
+    import torch
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def of_source(source):
+    """The backend a candidate file asks for by its imports: mlx if it imports mlx, else torch's default."""
+    return "mlx" if re.search(r"^\s*(import|from)\s+mlx\b", source, re.M) else torch_default()
 
 
 def lineage(backend):

@@ -22,9 +22,10 @@ class HardwareTag:
     memory_gb: int          # of the accelerator: GPU memory, Apple's unified memory, or the machine's RAM
 
     @classmethod
-    def detect(cls, budget_seconds, profile, data_fingerprint, backend="auto"):
+    def detect(cls, budget_seconds, profile, data_fingerprint, backend=None):
+        """The tag of this machine for `backend` (default: torch's own choice, as train.py makes it)."""
         from sandbox import backend as backends
-        backend = backends.resolve(backend)
+        backend = backends.resolve(backend) if backend else backends.torch_default()
         if backend == "mlx":
             import mlx.core as mx
             # on a Mac: device_name "Apple M4 Max", memory_size in bytes (older mlx: mx.metal.device_info)

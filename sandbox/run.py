@@ -189,15 +189,16 @@ def _summary_value(log, key):
 
 
 def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None, probes=None, limits=None, hide=(),
-        progress=None, trusted=False, backend="auto"):
+        progress=None, trusted=False, backend=None):
     """Run the tree at `candidate` (a folder with train.py); never raises for what
     the candidate does. `limits` overrides entries of the profile's LIMITS; `hide`
     names more paths the candidate must not see (the node's home); `progress` is
     called as progress(phase, seconds elapsed, budget seconds left) while it runs;
     `trusted` (the shipped baseline only) lets the run write the shared compile cache;
-    `backend` (see sandbox.backend; BackendError if this machine lacks it) names what the
-    candidate runs on: an MLX candidate (train_mlx.py) hands over through
-    prepare.hand_over_mlx and is evaluated here exactly as a torch one on the CPU."""
+    `backend` (auto | cuda | mps | cpu | mlx, see sandbox.backend; default: torch's own
+    choice, as train.py makes it) names what the candidate runs on: an MLX candidate
+    (train_mlx.py) hands over through prepare.hand_over_mlx and is evaluated here
+    exactly as a torch one on the CPU."""
     t0 = time.time()
     profile = profile or prepare.PROFILE
     budget = float(budget if budget is not None else prepare.TIME_BUDGET)
