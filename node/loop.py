@@ -23,8 +23,12 @@ import time
 from gossip import store as records_store, wire
 from gossip.identity import Identity
 from node import gittree, home as homes, memory as memories, proposer as proposers, swarm
+from sandbox import backend as backends
 
-BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "train.py")
+MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
+BASELINE = os.path.join(MODEL_DIR, "train.py")
+# per lineage, the file a node starts from; its tree holds it as train.py whatever the lineage
+BASELINES = {"torch": BASELINE, "mlx": os.path.join(MODEL_DIR, "train_mlx.py")}
 
 
 class Stop(BaseException):
@@ -75,22 +79,30 @@ class Node:
         self.tree = gittree.Tree(os.path.join(home, "tree"))
         seed = settings["proposer_seed"]
         self.proposer = proposers.make(settings["proposer"], int(self.identity.id[:8], 16) if seed is None else seed)
-        self.backend = None
+        self.backend = backends.resolve(settings["backend"])
+        self.lineage = backends.lineage(self.backend)
+        with open(BASELINES[self.lineage]) as f:
+            self.baseline_source = f.read()
         self._recover()
 
     # -- start and recovery -------------------------------------------------
 
     def _recover(self):
+        kept = self.store.get("lineage") or ("torch" if self.store.get("best_commit") else self.lineage)  # older homes: torch
+        if kept != self.lineage:
+            raise homes.HomeError(f"{self.home} evolves the {kept} lineage ({os.path.basename(BASELINES[kept])}), not "
+                                  f"{self.lineage}: give --backend {self.backend} its own --home")
+        self.store.set("lineage", self.lineage)
         if self.store.get("best_commit") is None:
             if os.path.exists(self.tree.path):
                 shutil.rmtree(self.tree.path)  # a first start killed before its first commit was recorded
-            with open(BASELINE) as f:
-                self.store.set("best_commit", self.tree.create(f.read()))
+            self.store.set("best_commit", self.tree.create(self.baseline_source))
             self.store.set("created", time.time())
         interrupted = self.store.mark_interrupted()
         self.tree.reset(self.best())
-        with open(BASELINE) as f:
-            self.store.add_source(f.read())
+        for path in BASELINES.values():  # every lineage's baseline: chains of records start there
+            with open(path) as f:
+                self.store.add_source(f.read())
         for commit in self.tree.git("rev-list", self.best()).split():  # the kept chain (older homes lack it)
             self.store.add_source(self.tree.read(commit))
         homes.write_results(self.results, self.store.experiments())
@@ -132,13 +144,11 @@ class Node:
             source = self.tree.read(commit)
             with open(os.path.join(folder, "train.py"), "w") as f:
                 f.write(source)
-            with open(BASELINE) as f:
-                trusted = source == f.read()  # only the shipped file may fill the shared compile cache
-            r = sandbox.run(folder, budget=self.s["budget"], profile=self.s["profile"], data=self.data,
-                            seed=exp, hide=[self.home], progress=self._progress(label), trusted=trusted)
+            trusted = source == self.baseline_source  # only the shipped file may fill the shared compile cache
+            r = sandbox.run(folder, budget=self.s["budget"], profile=self.s["profile"], data=self.data, seed=exp,
+                            hide=[self.home], progress=self._progress(label), trusted=trusted, backend=self.backend)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        self.backend = r.hardware.backend
         status = "measured" if r.status == "ok" else "crash"
         mem = round(r.peak_memory_mb / 1024, 1)
         self.store.finish(exp, status, r.val_bpb, mem, self.noise(), r.to_json())
@@ -189,7 +199,8 @@ class Node:
         """Our hardware tag (a dict), as the sandbox will record it."""
         if self._hardware is None:
             from sandbox.result import HardwareTag
-            self._hardware = dataclasses.asdict(HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint))
+            self._hardware = dataclasses.asdict(HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint,
+                                                                   self.backend))
             self.store.set("hardware", json.dumps(self._hardware))
         return self._hardware
 
@@ -218,7 +229,7 @@ class Node:
         m = self.measurements()
         after = swarm.score(m[commit], self.noise()) if commit in m else None
         return self.sign("experiment", dict(
-            task=self.task, lineage=swarm.LINEAGE, parent=swarm.content_hash(self.tree.read(parent)),
+            task=self.task, lineage=self.lineage, parent=swarm.content_hash(self.tree.read(parent)),
             child=swarm.content_hash(self.tree.read(commit)), idea=idea, diff=diff if len(diff) <= 64 << 10 else "",
             hypothesis=description[:500], status=status, before=self.scores(parent), after=after,
             hardware=dataclasses.asdict(r.hardware), proposer=proposer,
@@ -226,7 +237,7 @@ class Node:
 
     def improvement_record(self, parent, commit, description, proposer, r):
         return self.sign("improvement", dict(
-            task=self.task, lineage=swarm.LINEAGE, parent=swarm.content_hash(self.tree.read(parent)),
+            task=self.task, lineage=self.lineage, parent=swarm.content_hash(self.tree.read(parent)),
             child=swarm.content_hash(self.tree.read(commit)), diff=self.tree.diff(parent, commit) + "\n",
             before=self.scores(parent), after=self.scores(commit), hardware=dataclasses.asdict(r.hardware),
             proposer=proposer, description=description[:500]))
@@ -295,8 +306,9 @@ class Node:
             if why:
                 skipped.append(why)
             return why is not None
+        device = hw["device"] if self.lineage == "mlx" else self.backend  # what DEVICE is in our baseline file
         ctx = proposers.Context(best, self.history() + self.memory.history(hw, self.noise()), self.noise(),
-                                self.backend or "cpu", self.store.notes(), taken)
+                                device, self.store.notes(), taken)
         p = self.proposer.propose(ctx)
         for why in skipped:
             self.store.bump("skipped_" + why)
@@ -380,7 +392,7 @@ class Node:
         more than our noise, and attest either way. ran | rejected | held | waiting."""
         rid, who = record.id.hex(), record.author_id
         best_source = self.tree.read(self.best())
-        plan = swarm.plan(self.ledger, record, best_source, self.store.source)
+        plan = swarm.plan(self.ledger, record, best_source, self.store.source, self.lineage)
         if plan.action == "wait":
             return "waiting"
         if plan.action in ("reject", "held"):
@@ -460,7 +472,7 @@ class Node:
             return
         from node.network import Network
         from sandbox.result import HardwareTag
-        tag = HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint)
+        tag = HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint, self.backend)
         self.network = Network(self.home, self.identity, self.s, dict(dataclasses.asdict(tag), task=self.task),
                                self.events, self.say, self.records)
         try:
