@@ -43,8 +43,9 @@ def experiment(args):
         if r.evaluation_seconds is not None:
             print(f"eval_seconds:     {r.evaluation_seconds:.1f}  (the harness's evaluation)")
         print(f"peak_memory_mb:   {r.peak_memory_mb:.0f}")
-        print(f"hardware:         {r.hardware.accelerator} x{r.hardware.count} ({r.hardware.backend}, {r.hardware.framework}, "
-              f"profile {r.hardware.profile}, budget {r.hardware.budget_seconds:g}s, data {r.hardware.data_fingerprint[:16]})")
+        hw = r.hardware
+        print(f"hardware:         {hw.accelerator} x{hw.count} ({hw.backend} on the {hw.device}, {hw.framework}, "
+              f"{hw.memory_gb} GB, profile {hw.profile}, budget {hw.budget_seconds:g}s, data {hw.data_fingerprint[:16]})")
         print(f"isolation:        {', '.join(r.isolation)}")
         if r.status != "ok":
             print("--- log tail ---\n" + r.log_tail)
