@@ -421,16 +421,23 @@ def fill_row(out, tokens, row, bos_id):
 class TrainLoader:
     """Batches of (inputs, targets, epoch) on `device`, built by a background thread
     into pinned buffers so the training loop does not wait; `wait_seconds` counts
-    the time it did wait anyway."""
+    the time it did wait anyway. Device None: numpy int32 arrays, and torch is not
+    imported (train_mlx.py)."""
 
     def __init__(self, data, batch_size, seq_len, device, seed=0, prefetch=4):
-        import torch
-        self.torch, self.device, self.B, self.T = torch, torch.device(device), batch_size, seq_len
+        self.B, self.T = batch_size, seq_len
         self.wait_seconds = 0.0
         self._rows = pack_rows(data.train_docs, seq_len + 1, shuffled_docs(len(data.train_docs) - 1, seed))
         self._tokens, self._bos = data.train, data.bos_id
-        pin = self.device.type == "cuda"
-        self._bufs = [torch.empty((batch_size, seq_len + 1), dtype=torch.int32, pin_memory=pin) for _ in range(prefetch + 2)]
+        if device is None:
+            self.torch = self.device = None
+            self._bufs = [np.empty((batch_size, seq_len + 1), dtype=np.int32) for _ in range(prefetch + 2)]
+        else:
+            import torch
+            self.torch, self.device = torch, torch.device(device)
+            pin = self.device.type == "cuda"
+            self._bufs = [torch.empty((batch_size, seq_len + 1), dtype=torch.int32, pin_memory=pin)
+                          for _ in range(prefetch + 2)]
         self._free, self._ready = queue.Queue(), queue.Queue(maxsize=prefetch)
         for i in range(len(self._bufs)):
             self._free.put((i, None))
@@ -443,7 +450,7 @@ class TrainLoader:
                 i, event = self._free.get()
                 if event is not None:
                     event.synchronize()  # the previous copy out of this buffer has finished
-                buf = self._bufs[i].numpy()
+                buf = self._bufs[i] if self.torch is None else self._bufs[i].numpy()
                 for r in range(self.B):
                     row, epoch = next(self._rows)
                     fill_row(buf[r], self._tokens, row, self._bos)
@@ -463,7 +470,10 @@ class TrainLoader:
         self.wait_seconds += time.perf_counter() - t0
         if i is None:
             raise RuntimeError(f"train loader failed: {self._error!r}")
-        if self.device.type == "cuda":  # asynchronous copy; the buffer is reused once it is done
+        if self.device is None:
+            batch = self._bufs[i].copy()
+            self._free.put((i, None))
+        elif self.device.type == "cuda":  # asynchronous copy; the buffer is reused once it is done
             batch = self._bufs[i].to(self.device, non_blocking=True)
             event = self.torch.cuda.Event()
             event.record()
@@ -551,8 +561,10 @@ def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_
 # ---------------------------------------------------------------------------
 # Under the sandbox, train.py's last call serves its model over a socket: the
 # harness sends input rows, the candidate returns logits, and the harness alone
-# sees targets and computes the metric. A frame is a 4-byte big-endian header
-# length, a JSON header, then `header["bytes"]` raw bytes.
+# sees targets and computes the metric. hand_over serves a torch model,
+# hand_over_mlx an MLX one (train_mlx.py): the harness cannot tell them apart.
+# A frame is a 4-byte big-endian header length, a JSON header, then
+# `header["bytes"]` raw bytes.
 
 HARNESS_ENV = "AUTORESEARCH_HARNESS_FD"  # set by the sandbox: the socket's file descriptor
 SHARED_ENV = "AUTORESEARCH_HARNESS_SHM"  # "fd:bytes" of a sealed shared-memory file for CPU logits
@@ -641,6 +653,47 @@ def hand_over(logits_fn, batch_size, device, data=None):
     sock.close()
     if shared is not None:
         cuda_free(address)
+    return float("nan")
+
+
+def hand_over_mlx(model, batch_size, data=None):
+    """train_mlx.py's last call: hand_over for an MLX model (int32 inputs (B, T) -> logits
+    (B, T, V)). MLX stays on the candidate's side: the harness neither imports nor trusts
+    it. Under the sandbox the model is served over the same channel as a torch model on the
+    CPU (inputs in, float32 logits into the harness's shared memory, copied once out of
+    MLX's unified memory), and the harness computes the metric with its own code, the
+    causality probes and the budget unchanged. Standalone: the shared evaluate_bpb here."""
+    import mlx.core as mx
+
+    def forward(x):  # numpy int32 (B, T) -> numpy float32 (B, T, V)
+        return np.asarray(model(mx.array(x)).astype(mx.float32))
+    fd = os.environ.get(HARNESS_ENV)
+    if fd is None:
+        import torch
+        return evaluate_bpb(lambda x: torch.from_numpy(forward(x.numpy().astype(np.int32))), data or load_data(),
+                            batch_size, "cpu")
+    import socket
+    sock = socket.socket(fileno=int(fd))
+    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+    send_frame(sock, {"op": "ready", "batch_size": batch_size, "device": f"mlx:{device}"})
+    host = None
+    if os.environ.get(SHARED_ENV):
+        import mmap
+        shm_fd, size = map(int, os.environ[SHARED_ENV].split(":"))
+        host = np.frombuffer(mmap.mmap(shm_fd, size), dtype=np.float32)
+    while True:
+        header, payload = recv_frame(sock, 1 << 30)
+        if header.get("op") != "forward":
+            break
+        rows, cols = header["shape"]
+        logits = forward(np.frombuffer(payload, dtype=np.int32).reshape(rows, cols))
+        reply = {"op": "logits", "shape": list(logits.shape), "dtype": "float32"}
+        if header.get("shm") and host is not None and logits.size <= host.size:
+            host[:logits.size].reshape(logits.shape)[...] = logits
+            send_frame(sock, dict(reply, shm=True))
+        else:
+            send_frame(sock, reply, logits.tobytes())
+    sock.close()
     return float("nan")
 
 

@@ -18,16 +18,18 @@ def experiment(args):
     if args.profile:
         os.environ["AUTORESEARCH_PROFILE"] = args.profile  # read when the harness is imported
     from model import prepare
-    from sandbox import run
+    from sandbox import backend as backends, run
     try:
         data = prepare.load_data()
-    except prepare.DataError as e:
+        with open(path) as f:
+            backend = backends.resolve(args.backend) if args.backend else backends.of_source(f.read())
+    except (prepare.DataError, backends.BackendError, OSError, UnicodeDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tree = tempfile.mkdtemp(prefix="autoresearch-tree-")
     try:
         shutil.copy(path, os.path.join(tree, "train.py"))
-        result = run.run(tree, budget=args.budget, data=data)
+        result = run.run(tree, budget=args.budget, data=data, backend=backend)
     finally:
         shutil.rmtree(tree, ignore_errors=True)
     if args.json:
@@ -41,8 +43,9 @@ def experiment(args):
         if r.evaluation_seconds is not None:
             print(f"eval_seconds:     {r.evaluation_seconds:.1f}  (the harness's evaluation)")
         print(f"peak_memory_mb:   {r.peak_memory_mb:.0f}")
-        print(f"hardware:         {r.hardware.accelerator} x{r.hardware.count} ({r.hardware.backend}, {r.hardware.framework}, "
-              f"profile {r.hardware.profile}, budget {r.hardware.budget_seconds:g}s, data {r.hardware.data_fingerprint[:16]})")
+        hw = r.hardware
+        print(f"hardware:         {hw.accelerator} x{hw.count} ({hw.backend} on the {hw.device}, {hw.framework}, "
+              f"{hw.memory_gb} GB, profile {hw.profile}, budget {hw.budget_seconds:g}s, data {hw.data_fingerprint[:16]})")
         print(f"isolation:        {', '.join(r.isolation)}")
         if r.status != "ok":
             print("--- log tail ---\n" + r.log_tail)
@@ -56,7 +59,9 @@ def _settings(args):
     if s["profile"]:
         os.environ["AUTORESEARCH_PROFILE"] = s["profile"]  # read when the harness is imported
     from model import prepare
+    from sandbox import backend as backends
     s["profile"] = prepare.PROFILE  # else the harness's own choice: gpu with CUDA, cpu without
+    s["backend"] = backends.resolve(s["backend"])  # BackendError, one line, when this machine lacks it
     s["budget"] = s["budget"] or (prepare.TIME_BUDGET if s["profile"] == "gpu" else config.CPU_BUDGET)
     return s
 
@@ -77,16 +82,18 @@ def _data(source):
 def join(args):
     from model import prepare
     from node import config, home as homes, loop
+    from sandbox.backend import BackendError
     try:
         s = _settings(args)
         home = os.path.abspath(args.home or homes.default_home())
         os.makedirs(home, exist_ok=True)
         data = _data(s["data"])
         node = loop.Node(home, s, data)
-    except (config.ConfigError, prepare.DataError, homes.HomeError, ValueError, OSError) as e:
+    except (config.ConfigError, BackendError, prepare.DataError, homes.HomeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"node home {home} | profile {s['profile']} | budget {s['budget']:g}s | proposer {node.proposer.name} "
+    print(f"node home {home} | backend {s['backend']} (lineage {node.lineage}) | profile {s['profile']} | "
+          f"budget {s['budget']:g}s | proposer {node.proposer.name} "
           f"({node.proposer.why}{', model ' + s['model'] if node.proposer.name == 'claude' else ''}) | "
           f"data {data.fingerprint[:16]}", flush=True)
     from sandbox import run as sandbox
@@ -216,6 +223,8 @@ def main(argv=None):
     ex.add_argument("train_py", metavar="PATH_TO_TRAIN_PY", help="the candidate file (or a folder holding train.py)")
     ex.add_argument("--budget", type=float, help="training seconds (default: $AUTORESEARCH_TIME_BUDGET or 300)")
     ex.add_argument("--profile", choices=["gpu", "cpu"], help="evaluation profile (default: gpu with CUDA, else cpu)")
+    ex.add_argument("--backend", choices=config.BACKENDS,
+                    help="what the candidate runs on (default: mlx for a file that imports mlx, else torch's choice)")
     ex.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
     st = sub.add_parser("status", help="best val_bpb, experiments run/kept/crashed, noise, uptime",

@@ -3,12 +3,16 @@
 import os
 import tomllib
 
+from sandbox.backend import BACKENDS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name: (default, type, help)
 SETTINGS = {
     "budget": (None, float, "training seconds per experiment (default: the profile's: 300 on a GPU, 30 on CPU)"),
     "profile": (None, str, "evaluation profile, gpu or cpu (default: gpu with CUDA, else cpu)"),
+    "backend": ("auto", str, "auto, cuda, mps, cpu or mlx (auto: CUDA, else MLX on Apple Silicon, else MPS, else CPU); "
+                             "mlx evolves model/train_mlx.py, the others model/train.py"),
     "data": ("stdlib", str, "data source prepared on first start when no data is ready (see python -m node prepare)"),
     "proposer": ("auto", str, "offline, claude, or auto (claude when ANTHROPIC_API_KEY is set, else offline)"),
     "model": ("claude-sonnet-5-5", str, "the Claude proposer's model"),
@@ -57,6 +61,8 @@ def load(path=None, overrides=None):
             out[key] = _typed(key, value, "the command line")
     if out["profile"] not in (None, "gpu", "cpu"):
         raise ConfigError(f"profile must be gpu or cpu, not {out['profile']!r}")
+    if out["backend"] not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {out['backend']!r}")
     if out["proposer"] not in ("auto", "offline", "claude"):
         raise ConfigError(f"proposer must be offline, claude or auto, not {out['proposer']!r}")
     if out["temperature"] is not None and not 0 <= out["temperature"] <= 1:

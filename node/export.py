@@ -76,9 +76,14 @@ def _own_chain(home, store, improvements):
 
 def _tag_chain(home, store, ledger, tag):
     """The best improvement measured on `tag` that others did not refute (nor its author
-    discredited), rebuilt through records from the train.py this home started from."""
+    discredited), rebuilt through records from the train.py this home started from or a
+    lineage's baseline."""
+    from node.loop import BASELINES
     tree = gittree.Tree(os.path.join(home, "tree"))
-    base = swarm.content_hash(tree.read(tree.root()))
+    bases = {swarm.content_hash(tree.read(tree.root()))}
+    for path in BASELINES.values():  # each lineage's chain starts at its own baseline
+        with open(path) as f:
+            bases.add(swarm.content_hash(f.read()))
     improvements = list(ledger.improvements.values())
     on_tag = [r for r in improvements if swarm.tag_name(r.body["hardware"]) == tag and ledger.credible(r)]
     if not on_tag:
@@ -89,7 +94,7 @@ def _tag_chain(home, store, ledger, tag):
         by_child.setdefault(r.body["child"], r)
     for best in sorted(on_tag, key=lambda r: r.body["after"]["val_bpb"]):
         chain, h, seen = [], best.body["child"], set()
-        while h != base:  # back to the baseline, through records only
+        while h not in bases:  # back to the baseline, through records only
             r = by_child.get(h)
             if r is None or h in seen:
                 break

@@ -24,8 +24,12 @@ import time
 from gossip import store as records_store, wire
 from gossip.identity import Identity
 from node import claude, gittree, home as homes, memory as memories, proposer as proposers, swarm
+from sandbox import backend as backends
 
-BASELINE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "train.py")
+MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
+BASELINE = os.path.join(MODEL_DIR, "train.py")
+# per lineage, the file a node starts from; its tree holds it as train.py whatever the lineage
+BASELINES = {"torch": BASELINE, "mlx": os.path.join(MODEL_DIR, "train_mlx.py")}
 
 
 class Stop(BaseException):
@@ -77,7 +81,10 @@ class Node:
         seed = settings["proposer_seed"]
         self.proposer = proposers.make(settings, int(self.identity.id[:8], 16) if seed is None else seed,
                                        self.events, self.say)
-        self.backend = None
+        self.backend = backends.resolve(settings["backend"])
+        self.lineage = backends.lineage(self.backend)
+        with open(BASELINES[self.lineage]) as f:
+            self.baseline_source = f.read()
         self.done = 0          # experiments run by this process
         self._running = None   # the candidate under way: source, description
         self._next = None      # the proposal being prepared: (context, skipped, future)
@@ -90,13 +97,20 @@ class Node:
     # -- start and recovery -------------------------------------------------
 
     def _recover(self):
-        start = self.s.get("start") or BASELINE
-        try:
-            with open(start) as f:
-                first = f.read()
-            ast.parse(first)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise homes.HomeError(f"cannot start from {start}: {e}") from None
+        kept = self.store.get("lineage") or ("torch" if self.store.get("best_commit") else self.lineage)  # older homes: torch
+        if kept != self.lineage:
+            raise homes.HomeError(f"{self.home} evolves the {kept} lineage ({os.path.basename(BASELINES[kept])}), not "
+                                  f"{self.lineage}: give --backend {self.backend} its own --home")
+        start = self.s.get("start")
+        first = self.baseline_source
+        if start:
+            try:
+                with open(start) as f:
+                    first = f.read()
+                ast.parse(first)
+            except (OSError, SyntaxError, ValueError) as e:
+                raise homes.HomeError(f"cannot start from {start}: {e}") from None
+        self.store.set("lineage", self.lineage)
         if self.store.get("best_commit") is None:
             if os.path.exists(self.tree.path):
                 shutil.rmtree(self.tree.path)  # a first start killed before its first commit was recorded
@@ -107,8 +121,9 @@ class Node:
         self.store.add_source(first)
         interrupted = self.store.mark_interrupted()
         self.tree.reset(self.best())
-        with open(BASELINE) as f:
-            self.store.add_source(f.read())
+        for path in BASELINES.values():  # every lineage's baseline: chains of records start there
+            with open(path) as f:
+                self.store.add_source(f.read())
         for commit in self.tree.git("rev-list", self.best()).split():  # the kept chain (older homes lack it)
             self.store.add_source(self.tree.read(commit))
         homes.write_results(self.results, self.store.experiments())
@@ -153,13 +168,11 @@ class Node:
             source = self.tree.read(commit)
             with open(os.path.join(folder, "train.py"), "w") as f:
                 f.write(source)
-            with open(BASELINE) as f:
-                trusted = source == f.read()  # only the shipped file may fill the shared compile cache
-            r = sandbox.run(folder, budget=self.s["budget"], profile=self.s["profile"], data=self.data,
-                            seed=exp, hide=[self.home], progress=self._progress(label), trusted=trusted)
+            trusted = source == self.baseline_source  # only the shipped file may fill the shared compile cache
+            r = sandbox.run(folder, budget=self.s["budget"], profile=self.s["profile"], data=self.data, seed=exp,
+                            hide=[self.home], progress=self._progress(label), trusted=trusted, backend=self.backend)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-        self.backend = r.hardware.backend
         status = "measured" if r.status == "ok" else "crash"
         mem = round(r.peak_memory_mb / 1024, 1)
         self.store.finish(exp, status, r.val_bpb, mem, self.noise(), r.to_json())
@@ -210,7 +223,8 @@ class Node:
         """Our hardware tag (a dict), as the sandbox will record it."""
         if self._hardware is None:
             from sandbox.result import HardwareTag
-            self._hardware = dataclasses.asdict(HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint))
+            self._hardware = dataclasses.asdict(HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint,
+                                                                   self.backend))
             self.store.set("hardware", json.dumps(self._hardware))
         return self._hardware
 
@@ -239,7 +253,7 @@ class Node:
         m = self.measurements()
         after = swarm.score(m[commit], self.noise()) if commit in m else None
         return self.sign("experiment", dict(
-            task=self.task, lineage=swarm.LINEAGE, parent=swarm.content_hash(self.tree.read(parent)),
+            task=self.task, lineage=self.lineage, parent=swarm.content_hash(self.tree.read(parent)),
             child=swarm.content_hash(self.tree.read(commit)), idea=idea, diff=diff if len(diff) <= 64 << 10 else "",
             hypothesis=description[:500], status=status, before=self.scores(parent), after=after,
             hardware=dataclasses.asdict(r.hardware), proposer=proposer,
@@ -248,7 +262,7 @@ class Node:
 
     def improvement_record(self, parent, commit, description, proposer, r, inspired=None):
         return self.sign("improvement", dict(
-            task=self.task, lineage=swarm.LINEAGE, parent=swarm.content_hash(self.tree.read(parent)),
+            task=self.task, lineage=self.lineage, parent=swarm.content_hash(self.tree.read(parent)),
             child=swarm.content_hash(self.tree.read(commit)), diff=self.tree.diff(parent, commit),
             before=self.scores(parent), after=self.scores(commit), hardware=dataclasses.asdict(r.hardware),
             proposer=proposer, description=description[:500], **_inspired(inspired)))
@@ -303,8 +317,9 @@ class Node:
             m, verdicts = self.measurements(), {k: v["verdict"] for k, v in self.store.verdicts().items()}
             more = dict(hardware=hw, score=self.scores(self.best()) if self.best() in m else None,
                         swarm=self.memory.findings(hw, verdicts, now), crash=self._crash(), running=running)
+        device = hw["device"] if self.lineage == "mlx" else self.backend  # what DEVICE is in our baseline file
         ctx = proposers.Context(best, self.history() + self.memory.history(hw, self.noise()), self.noise(),
-                                self.backend or hw["backend"], self.store.notes(), taken, **more)
+                                device, self.store.notes(), taken, **more)
         return ctx, skipped
 
     def _crash(self):
@@ -484,7 +499,7 @@ class Node:
         more than our noise, and attest either way. ran | rejected | held | waiting."""
         rid, who = record.id.hex(), record.author_id
         best_source = self.tree.read(self.best())
-        plan = swarm.plan(self.ledger, record, best_source, self.store.source)
+        plan = swarm.plan(self.ledger, record, best_source, self.store.source, self.lineage)
         if plan.action == "wait":
             return "waiting"
         if plan.action in ("reject", "held"):
@@ -563,7 +578,7 @@ class Node:
             return
         from node.network import Network
         from sandbox.result import HardwareTag
-        tag = HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint)
+        tag = HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint, self.backend)
         self.network = Network(self.home, self.identity, self.s, dict(dataclasses.asdict(tag), task=self.task),
                                self.events, self.say, self.records)
         try:

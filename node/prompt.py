@@ -69,7 +69,7 @@ def apply_reply(text, source):
         ast.parse(out)
     except SyntaxError as e:
         raise Invalid(f"the edited train.py does not parse: line {e.lineno}: {e.msg}") from None
-    if "hand_over(" not in out:
+    if "hand_over(" not in out and "hand_over_mlx(" not in out:
         raise Invalid("the edited train.py no longer hands its model to the harness (prepare.hand_over)")
     h = HYPOTHESIS.search(text)
     hypothesis = h.group(1) if h else next((s for s in (x.strip() for x in text.splitlines()) if s), "")
@@ -112,7 +112,10 @@ def facts(hw):
     from model import prepare
     from sandbox.run import LIMITS
     p, lim = prepare.PROFILES[hw["profile"]], LIMITS[hw["profile"]]
-    branch = 'if DEVICE == "cuda":' if hw["backend"] == "cuda" else "else: (CPU or Apple MPS)"
+    if hw["backend"] == "mlx":  # train_mlx.py (kept as train.py): branches on the MLX device
+        branch = f'if DEVICE == "{hw.get("device", "cpu")}":'
+    else:
+        branch = 'if DEVICE == "cuda":' if hw["backend"] == "cuda" else "else: (CPU or Apple MPS)"
     return f"""# Harness facts (fixed; from this node's harness)
 
 - Hardware: {hw['accelerator']} x{hw['count']}, backend {hw['backend']}, {hw['framework']}. The constants
@@ -122,8 +125,8 @@ def facts(hw):
   {lim['grace']} s after that is killed (a timeout). The evaluation must finish within {lim['evaluation']} s.
 - Metric: val_bpb, bits per byte on held-out text, lower is better. The harness computes it from
   the logits of the model train.py hands over: train.py ends with
-  `prepare.hand_over(logits_fn, batch_size, device, data)`, where logits_fn maps int64 token ids
-  (B, T) to logits (B, T, {prepare.VOCAB_SIZE}). Nothing train.py prints counts.
+  `prepare.hand_over(logits_fn, batch_size, device, data)` (MLX: `prepare.hand_over_mlx(model,
+  batch_size, data)`), where logits_fn maps token ids (B, T) to logits (B, T, {prepare.VOCAB_SIZE}). Nothing train.py prints counts.
 - Evaluation profile {hw['profile']}: sequences of {p['max_seq_len']} tokens, {p['eval_tokens']:,} validation
   tokens, vocabulary {prepare.VOCAB_SIZE} (byte-level BPE; id 0 is the BOS token that starts every
   document). The harness probes causality: logits at a position must not change when later tokens

@@ -2,9 +2,10 @@
 
 The offline proposer needs no key: it edits the constants block of train.py (the
 assignments at the top level, or inside `if DEVICE == "cuda":` / `else:` for this
-machine's branch), one parameter and direction at a time, chosen by a UCB bandit over
-what the node has measured, and now and then combines two near-misses. Reproducible
-under a seed: the same history and seed give the same proposal.
+machine's branch; `if DEVICE == "gpu":` in train_mlx.py), one parameter and direction
+at a time, chosen by a UCB bandit over what the node has measured, and now and then
+combines two near-misses. Reproducible under a seed: the same history and seed give
+the same proposal.
 """
 
 import dataclasses
@@ -38,7 +39,7 @@ class Context:
     source: str          # the current best train.py
     history: list        # finished experiments, oldest first: dicts with edit, status, val_bpb, parent_bpb
     noise: float         # run-to-run standard deviation of val_bpb
-    backend: str         # cuda | mps | cpu
+    backend: str         # the value DEVICE takes in the file here: cuda | mps | cpu (train.py), gpu | cpu (train_mlx.py)
     notes: list          # people's notes (python -m node suggest --note)
     taken: object = None  # source -> True when the swarm already ran or is running that candidate
     # for the Claude proposer:
@@ -59,17 +60,20 @@ class Constant:
 
 
 def constants(source, backend):
-    """The tunable constants of this machine's branch, by name."""
-    branch, out, pos = None, {}, 0
-    mine = "cuda" if backend == "cuda" else "other"
+    """The tunable constants of this machine's branch, by name (`backend`: the value DEVICE takes here)."""
+    branch, opened, out, pos = None, None, {}, 0
     for line in source.splitlines(keepends=True):
         start, pos = pos, pos + len(line)
         stripped = line.strip()
         if stripped and not line[0].isspace():  # a top-level line opens or closes a device branch
-            branch = ("cuda" if stripped.startswith('if DEVICE == "cuda"') else
-                      "other" if stripped.split("#")[0].strip() == "else:" and branch == "cuda" else None)
+            test = re.match(r'if DEVICE == "(\w+)":', stripped)
+            if test:
+                branch, opened = "if", test[1]
+            else:
+                branch = "else" if stripped.split("#")[0].strip() == "else:" and branch == "if" else None
         m = ASSIGN.match(line.rstrip("\n"))
-        if not m or (m["indent"] and branch != mine):
+        mine = branch == "if" and backend == opened or branch == "else" and backend != opened
+        if not m or (m["indent"] and not mine):
             continue
         c = _parse(m["name"], m["value"].strip(), start + m.start("value"), start + m.start("value") + len(m["value"].rstrip()))
         if c:

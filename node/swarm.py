@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from gossip import wire
 from node import gittree
 
-LINEAGE = "torch"
+LINEAGE = "torch"         # of model/train.py; model/train_mlx.py is lineage "mlx" (see sandbox.backend)
 ADOPT = "adopt:"
 MAX_CHAIN = 400           # improvements followed back to rebuild one parent
 AGE_HALF_LIFE_H = 24.0
@@ -222,11 +222,13 @@ class Plan:
     note: str = ""
 
 
-def plan(ledger, record, best_source, known):
-    """Check a foreign improvement and rebase it onto our best with git's three-way merge."""
+def plan(ledger, record, best_source, known, lineage=LINEAGE):
+    """Check a foreign improvement and rebase it onto our best with git's three-way merge. One of
+    another lineage is held, not rebased (its diff is of another file) nor judged: it stays in the
+    store, shown and learned from (a proposer may port its idea)."""
     body = record.body
-    if body["lineage"] != LINEAGE:
-        return Plan("reject", verdict="failed_to_apply", note=f"lineage {body['lineage'][:32]}, ours is {LINEAGE}")
+    if body["lineage"] != lineage:
+        return Plan("held", note=f"lineage {body['lineage'][:32]}, ours is {lineage}: shown, not rebased")
     parent = ledger.source(body["parent"], known)
     if parent is None:
         return Plan("wait", note=f"parent {body['parent'][:12]} cannot be rebuilt from the records held")

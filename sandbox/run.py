@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from model import prepare
-from sandbox import evaluate, scope
+from sandbox import backend as backends, evaluate, scope
 from sandbox.result import HardwareTag, Result
 
 # Seconds beyond the training budget: `startup` to start (imports, compilation); a hand-over
@@ -174,9 +174,9 @@ def _peak_mb(pids):
     return total / 1024
 
 
-def _scrubbed_env(scratch, fd, data, profile, budget, compiled):
+def _scrubbed_env(scratch, fd, data, profile, budget, compiled, backend):
     keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES") if k in os.environ}
-    return dict(keep, HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR, PYTHONUNBUFFERED="1",
+    return dict(keep, **backends.environment(backend), HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR, PYTHONUNBUFFERED="1",
                 TORCHINDUCTOR_CACHE_DIR=compiled, TRITON_CACHE_DIR=os.path.join(compiled, "triton"),
                 PYTHONPYCACHEPREFIX=os.path.join(compiled, "pycache"),
                 PYTHONDONTWRITEBYTECODE="1", AUTORESEARCH_CACHE=prepare.cache_dir(), AUTORESEARCH_DATA=data.fingerprint,
@@ -189,19 +189,23 @@ def _summary_value(log, key):
 
 
 def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None, probes=None, limits=None, hide=(),
-        progress=None, trusted=False):
+        progress=None, trusted=False, backend=None):
     """Run the tree at `candidate` (a folder with train.py); never raises for what
     the candidate does. `limits` overrides entries of the profile's LIMITS; `hide`
     names more paths the candidate must not see (the node's home); `progress` is
     called as progress(phase, seconds elapsed, budget seconds left) while it runs;
-    `trusted` (the shipped baseline only) lets the run write the shared compile cache."""
+    `trusted` (the shipped baseline only) lets the run write the shared compile cache;
+    `backend` (auto | cuda | mps | cpu | mlx, see sandbox.backend; default: torch's own
+    choice, as train.py makes it) names what the candidate runs on: an MLX candidate
+    (train_mlx.py) hands over through prepare.hand_over_mlx and is evaluated here
+    exactly as a torch one on the CPU."""
     t0 = time.time()
     profile = profile or prepare.PROFILE
     budget = float(budget if budget is not None else prepare.TIME_BUDGET)
     data = data or prepare.load_data()
     limits = dict(LIMITS[profile], **(limits or {}))
     kind, prefix, confinement = isolation()
-    hardware = HardwareTag.detect(budget, profile, data.fingerprint)
+    hardware = HardwareTag.detect(budget, profile, data.fingerprint, backend)
 
     stats = {}
 
@@ -249,7 +253,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, cwd=scratch, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 pass_fds=[theirs.fileno(), shm_fd], env=dict(
-                                    _scrubbed_env(scratch, theirs.fileno(), data, profile, budget, compiled),
+                                    _scrubbed_env(scratch, theirs.fileno(), data, profile, budget, compiled, hardware.backend),
                                     **{prepare.SHARED_ENV: f"{shm_fd}:{len(shm)}"}),
                                 preexec_fn=_confine(limits))
     theirs.close()
