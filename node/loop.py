@@ -116,7 +116,7 @@ class Node:
                 shutil.rmtree(self.tree.path)  # a first start killed before its first commit was recorded
             self.store.set("best_commit", self.tree.create(first))
             self.store.set("created", time.time())
-        elif self.s.get("start") and self.tree.read(self.tree.root()) != first:
+        elif start and self.tree.read(self.tree.root()) != first:
             raise homes.HomeError(f"{self.home} started from another train.py: --start applies to a new home only")
         self.store.add_source(first)
         interrupted = self.store.mark_interrupted()
