@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import ROOT, SMALL
+from conftest import LR_LINE, ROOT, SLOW, SMALL
 from gossip import wire
 from gossip.identity import Identity
 from gossip.store import Store
@@ -178,14 +178,14 @@ def make_node(home, data, **kw):
     return loop.Node(str(home), s, data, out=open(os.devnull, "w"))
 
 
-def test_a_home_starts_from_the_file_it_is_given_and_only_a_new_home_does(tmp_path, stdlib_data, stdlib_cache, small_start,
+def test_a_home_starts_from_the_file_it_is_given_and_only_a_new_home_does(tmp_path, stdlib_data, stdlib_cache, slow_start,
                                                                            monkeypatch):
     from node import home as homes
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
-    node = make_node(tmp_path / "n", stdlib_data, start=small_start)
-    assert node.tree.read(node.best()) == SMALL and node.store.source(swarm.content_hash(SMALL)) == SMALL
+    node = make_node(tmp_path / "n", stdlib_data, start=slow_start)
+    assert node.tree.read(node.best()) == SLOW and node.store.source(swarm.content_hash(SLOW)) == SLOW
     node.close()
-    make_node(tmp_path / "n", stdlib_data, start=small_start).close()  # the same file again: fine
+    make_node(tmp_path / "n", stdlib_data, start=slow_start).close()  # the same file again: fine
     with pytest.raises(homes.HomeError, match="started from another train.py"):
         make_node(tmp_path / "n", stdlib_data, start=os.path.join(ROOT, "model", "train.py"))
     (tmp_path / "bad.py").write_text("def broken(:\n")
@@ -194,18 +194,18 @@ def test_a_home_starts_from_the_file_it_is_given_and_only_a_new_home_does(tmp_pa
             make_node(tmp_path / "m", stdlib_data, start=str(bad))
 
 
-def test_a_node_adopts_what_holds_refutes_what_does_not_and_attests(tmp_path, stdlib_data, stdlib_cache, small_start, monkeypatch):
+def test_a_node_adopts_what_holds_refutes_what_does_not_and_attests(tmp_path, stdlib_data, stdlib_cache, slow_start, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
-    node = make_node(tmp_path / "b", stdlib_data, start=small_start, budget=2.0)
+    node = make_node(tmp_path / "b", stdlib_data, start=slow_start, budget=2.0)
     try:
         node.baseline()
         hw = node.hardware()
-        better = edit(edit(SMALL, "MATRIX_LR = 0.04", "MATRIX_LR = 0.08"), "EMBEDDING_LR = 0.9", "EMBEDDING_LR = 1.8")
-        worse = edit(SMALL, "MATRIX_LR = 0.04", "MATRIX_LR = 0.0")  # claims a gain; the blocks never learn
-        cheat = edit(SMALL, "    val_bpb = prepare.hand_over(model,", PEEK)  # sees the next token
-        good = improvement(ALICE, SMALL, better, gain=0.2, hardware=hw, task=node.task, description="double the LRs")
-        forged = improvement(MALLORY, SMALL, worse, gain=0.3, hardware=hw, task=node.task)
-        cheating = improvement(MALLORY, SMALL, cheat, gain=0.5, hardware=hw, task=node.task)
+        better = SMALL  # the learning rates restored: a gain far above any timing noise
+        worse = edit(SLOW, "MATRIX_LR = 0.04", "MATRIX_LR = 0.0")  # claims a gain; the blocks never learn
+        cheat = edit(SLOW, "    val_bpb = prepare.hand_over(model,", PEEK)  # sees the next token
+        good = improvement(ALICE, SLOW, better, gain=0.2, hardware=hw, task=node.task, description="restore the LRs")
+        forged = improvement(MALLORY, SLOW, worse, gain=0.3, hardware=hw, task=node.task)
+        cheating = improvement(MALLORY, SLOW, cheat, gain=0.5, hardware=hw, task=node.task)
         for r in (good, forged, cheating):
             node.records.add(r)
         queue, _ = node.queue()
@@ -227,7 +227,7 @@ def test_a_node_adopts_what_holds_refutes_what_does_not_and_attests(tmp_path, st
         assert all(wire.decode_record(r.encoded, time.time() * 1000 + 1) for r in ours)  # signatures hold
         assert node.queue()[0] == [] and node.ledger.standing(MALLORY.id) < 0.05
         # the same change again, from someone else: our best holds it already; nothing runs
-        again = improvement(Identity.from_seed(b"dave"), SMALL, better, hardware=hw, task=node.task)
+        again = improvement(Identity.from_seed(b"dave"), SLOW, better, hardware=hw, task=node.task)
         node.records.add(again)
         runs = len(node.store.experiments())
         assert node.verify(node.ledger.refresh().improvements[again.id]) == "held"
@@ -286,7 +286,7 @@ def test_export_of_a_node_without_experiments_is_one_line_and_exit_2(tmp_path, s
 
 # -- three real nodes on loopback ---------------------------------------------------------------
 
-def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data, stdlib_cache, small_start):
+def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data, stdlib_cache, slow_start):
     """A keeps a clear win (a queued suggestion); B and C verify it on their own runs, adopt it if
     it holds for them, and attest; watch and export agree on every node."""
     import json, signal, socket, subprocess, sys
@@ -296,14 +296,12 @@ def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data
         port = s_.getsockname()[1]
     homes = {n: str(tmp_path / n) for n in "abc"}
     os.makedirs(os.path.join(homes["a"], "queue"))
-    # doubled learning rates where the optimizers are built: lines the offline proposer never edits,
-    # so the change merges cleanly with whatever B and C keep meanwhile
-    better = edit(edit(SMALL, "lr=MATRIX_LR,", "lr=2 * MATRIX_LR,"), "lr=EMBEDDING_LR * dim_scale, weight_decay=wd[\"embedding\"]",
-                  "lr=2 * EMBEDDING_LR * dim_scale, weight_decay=wd[\"embedding\"]")
-    with open(os.path.join(homes["a"], "queue", "0-double-the-lrs.patch"), "w") as f:
-        f.write(gittree.diff_texts(SMALL, better))
+    # the learning rates restored, on a line the offline proposer never edits: the change merges
+    # cleanly with whatever B and C keep meanwhile, and it is a clear win at any load
+    with open(os.path.join(homes["a"], "queue", "0-restore-the-lrs.patch"), "w") as f:
+        f.write(gittree.diff_texts(SLOW, SMALL))
     common = ["--profile", "cpu", "--budget", "2", "--max-reruns", "1", "--no-mdns", "--noise-floor", "0.002",
-              "--start", small_start]
+              "--start", slow_start]
     cmd = lambda n, *extra: [sys.executable, "-m", "node", "join", "--home", homes[n], *common, *extra]
     procs = {"a": subprocess.Popen(cmd("a", "--listen", f"127.0.0.1:{port}"), cwd=ROOT, env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)}
@@ -336,7 +334,7 @@ def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data
         assert published, "A kept nothing within the deadline"
         got = {n: verdicts(n).get(published) for n in "bc"}
         assert set(got.values()) <= {"confirmed", "refuted"} and None not in got.values(), got
-        assert "confirmed" in got.values(), got  # doubling the learning rates of SMALL at a 2 s budget holds
+        assert "confirmed" in got.values(), got
         time.sleep(3)  # the attestations reach every node (eager push: well under a second on loopback)
         for n in "abc":
             snap = json.loads(cli("watch", "--home", homes[n], "--once", "--json").stdout)
@@ -367,6 +365,6 @@ def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data
         assert export.strip_header(out.read_text()) == tree.read(tree.head())
     ids = {n: json.loads(cli("status", "--home", homes[n], "--json").stdout)["node_id"] for n in "abc"}
     a_export = (tmp_path / "a.py").read_text()
-    assert "double-the-lrs" in a_export and "confirmed by " + ", ".join(sorted(ids[n] for n in adopters)) in a_export
+    assert "restore-the-lrs" in a_export and "confirmed by " + ", ".join(sorted(ids[n] for n in adopters)) in a_export
     for n in adopters:
-        assert export.strip_header((tmp_path / f"{n}.py").read_text()).count("lr=2 * MATRIX_LR,") == 1
+        assert LR_LINE in export.strip_header((tmp_path / f"{n}.py").read_text())  # the cut undone
