@@ -24,6 +24,7 @@ import errno
 import hashlib
 import os
 import shutil
+import socket
 import struct
 import threading
 import time
@@ -38,7 +39,7 @@ CHUNK_BYTES = 4 << 20
 REQUEST_BYTES = 512
 REPLY_BYTES = wire.TASK_CHUNK_BYTES[1] + 1024  # a chunk or a record, whichever is larger
 MAX_PER_PEER = 4         # connections one address may hold to our server
-CONNECTIONS_PER_PEER = 2  # the fetcher's connections to each serving peer
+CONNECTIONS_PER_PEER = 2  # the fetcher's connections to each serving peer (the server allows MAX_PER_PEER)
 TIMEOUT_S = 30.0
 MANIFEST = -1
 _REQ, _REPLY = struct.Struct(">I"), struct.Struct(">BI")
@@ -200,7 +201,7 @@ class Server:
                 except wire.WireError:
                     return await self._reply(writer, 1, b"malformed request")
                 status, data = self._answer(request)
-                await self.bucket.take(len(data))
+                await self.bucket.take(len(data) if isinstance(data, bytes) else data[2])
                 await self._reply(writer, status, data)
         except ConnectionError:
             pass
@@ -222,24 +223,26 @@ class Server:
         if f is None or not 0 <= index < len(f.chunks):
             return 1, b"no such chunk"
         self.requests[path] += 1
-        fd = os.open(os.path.join(self.folder, path), os.O_RDONLY | os.O_NOFOLLOW)
-        try:
-            data = os.pread(fd, f.chunk, index * f.chunk)
-        finally:
-            os.close(fd)
-        self.served += len(data)
-        return 0, data
+        return 0, (path, index * f.chunk, min(f.chunk, f.size - index * f.chunk))
 
     async def _reply(self, writer, status, data):
-        writer.write(_REPLY.pack(status, len(data)))
-        writer.write(data)
-        await writer.drain()
+        """Bytes, or a (path, offset, count) span of a file, which goes by sendfile (no copy through us)."""
+        if isinstance(data, bytes):
+            writer.write(_REPLY.pack(status, len(data)) + data)
+            return await writer.drain()
+        path, offset, count = data
+        writer.write(_REPLY.pack(status, count))
+        with open(os.open(os.path.join(self.folder, path), os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+            sent = await asyncio.get_running_loop().sendfile(writer.transport, f, offset, count)
+        self.served += sent
+        if sent != count:  # the file shrank under us: the reply is broken, and so is the connection
+            raise ConnectionResetError(f"{path} is shorter than its manifest")
 
 
 # --- fetching -------------------------------------------------------------------------------------
 
 class Peer:
-    """One serving address, kept over a fetch: a connection per worker, requests and bad chunks."""
+    """One serving address, kept over a fetch: its requests, bytes, bad chunks, and why it was dropped."""
 
     def __init__(self, host, port):
         self.host, self.port = host, port
@@ -249,39 +252,46 @@ class Peer:
     def __repr__(self):
         return f"{self.host}:{self.port}"
 
-    async def connect(self):
-        return await asyncio.wait_for(asyncio.open_connection(self.host, self.port), TIMEOUT_S)
+    def connect(self):
+        sock = socket.create_connection((self.host, self.port), TIMEOUT_S)
+        sock.settimeout(TIMEOUT_S)
+        return sock
 
-    async def ask(self, conn, task, path, index):
-        reader, writer = conn
+    def ask(self, sock, task, path, index, buf):
+        """One request; the reply's bytes as a view into `buf` (received straight into it, no copy)."""
         body = wire.canonical([task, path, index])
-        writer.write(_REQ.pack(len(body)) + body)
-        await writer.drain()
+        sock.sendall(_REQ.pack(len(body)) + body)
         self.requests += 1
-        status, n = _REPLY.unpack(await asyncio.wait_for(reader.readexactly(_REPLY.size), TIMEOUT_S))
-        if n > REPLY_BYTES:
+        head = bytearray(_REPLY.size)
+        _receive(sock, memoryview(head))
+        status, n = _REPLY.unpack(head)
+        if n > len(buf):
             raise ConnectionError(f"reply of {n} bytes")
-        data = await asyncio.wait_for(reader.readexactly(n), TIMEOUT_S)
+        data = memoryview(buf)[:n]
+        _receive(sock, data)
         if status != 0:
-            raise ConnectionError(data[:200].decode("utf-8", "replace"))
+            raise ConnectionError(bytes(data[:200]).decode("utf-8", "replace"))
         self.bytes += n
         return data
 
 
+def _receive(sock, view):
+    while view:
+        n = sock.recv_into(view)
+        if not n:
+            raise ConnectionError("the peer closed the connection")
+        view = view[n:]
+
+
 def fetch_manifest(peers, task, now_ms=None):
     """The signed task record from the first peer that serves it; TaskError naming every refusal."""
-    async def one(peer):
-        conn = await peer.connect()
-        try:
-            return await peer.ask(conn, task, "", MANIFEST)
-        finally:
-            conn[1].close()
     reasons = []
     for peer in peers:
         try:
-            data = asyncio.run(one(peer))
+            with peer.connect() as sock:
+                data = bytes(peer.ask(sock, task, "", MANIFEST, bytearray(wire.LIMITS.bin_bytes)))
             manifest = Manifest.from_record(wire.decode_record(data, now_ms or int(time.time() * 1000)))
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, wire.WireError, TaskError) as e:
+        except (OSError, wire.WireError, TaskError) as e:
             reasons.append(f"{peer}: {e}")
             continue
         if manifest.task != task:
@@ -326,7 +336,7 @@ class Fetcher:
             self.pending = [(f, i) for f in self.m.files for i in range(len(f.chunks)) if (f.path, i) not in self.done]
             self.left = len(self.pending)
             with open(self.log_path, "a") as self.log:
-                asyncio.run(self._fetch_all(t0))
+                self._fetch_all(t0)
         finally:
             for fd in self.fds.values():
                 os.close(fd)
@@ -361,58 +371,61 @@ class Fetcher:
             os.truncate(fd, f.size)
         self.resumed = len(self.done)
 
-    async def _fetch_all(self, t0):
-        self.wake = asyncio.Condition()
-        reporter = asyncio.create_task(self._report(t0)) if self.progress else None
-        workers = [asyncio.create_task(self._worker(p)) for p in self.peers for _ in range(CONNECTIONS_PER_PEER)]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for w in workers:
-                w.cancel()
-            if reporter:
-                reporter.cancel()
+    def _fetch_all(self, t0):
+        """CONNECTIONS_PER_PEER threads per peer share the pending chunks; hashing, receiving and
+        writing release the GIL, so they overlap."""
+        self.wake, self.error = threading.Condition(), None
+        threads = [threading.Thread(target=self._worker, args=(p,), name=f"fetch-{p}", daemon=True)
+                   for p in self.peers for _ in range(CONNECTIONS_PER_PEER)]
+        for t in threads:
+            t.start()
+        last = time.time()
+        for t in threads:
+            while t.is_alive():
+                t.join(0.2)
+                if self.progress and time.time() - last >= self.progress_s:
+                    self.progress(self.status(t0))
+                    last = time.time()
+        if self.error:
+            raise self.error
         if self.left:
             why = "; ".join(f"{p}: {p.dropped}" for p in self.peers if p.dropped) or "no peers"
             raise TaskError(f"{self.left} chunks of task {self.m.task} could not be fetched ({why}); "
                             f"the verified ones are kept in {self.partial}")
 
-    async def _worker(self, peer):
-        conn = None
+    def _worker(self, peer):
+        sock, buf = None, bytearray(max(f.chunk for f in self.m.files))
         try:
             while not peer.dropped:
-                async with self.wake:
-                    await self.wake.wait_for(lambda: self.pending or not self.left or self._all_dropped())
-                    if not self.pending:
+                with self.wake:
+                    self.wake.wait_for(lambda: self.pending or not self.left or self._all_dropped() or self.error)
+                    if not self.pending or self.error:
                         return
                     f, i = self.pending.pop()
                 ok = False
                 try:
-                    conn = conn or await peer.connect()
-                    data = await peer.ask(conn, self.m.task, f.path, i)
-                    if len(data) == min(f.chunk, f.size - i * f.chunk) and \
-                            await asyncio.to_thread(lambda: hashlib.sha256(data).digest()) == f.chunks[i]:
-                        await asyncio.to_thread(self._write, f, i, data)
+                    sock = sock or peer.connect()
+                    data = peer.ask(sock, self.m.task, f.path, i, buf)
+                    if len(data) == min(f.chunk, f.size - i * f.chunk) and hashlib.sha256(data).digest() == f.chunks[i]:
+                        self._write(f, i, data)
                         ok = True
                     else:
                         peer.bad += 1
                         peer.dropped = f"served wrong bytes for {f.path} chunk {i}"
-                except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
-                    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                        raise TaskError(f"disk full writing {os.path.join(self.files_dir, f.path)}: "
-                                        f"{len(self.done)} verified chunks kept in {self.partial} "
-                                        "for the next start") from None
+                except TaskError as e:
+                    self.error = self.error or e
+                except OSError as e:
                     peer.dropped = f"{type(e).__name__}: {e}"[:200]
-                async with self.wake:
+                with self.wake:
                     if ok:
                         self.left -= 1
                     else:
                         self.pending.append((f, i))
                     self.wake.notify_all()
         finally:
-            if conn:
-                conn[1].close()
-            async with self.wake:
+            if sock:
+                sock.close()
+            with self.wake:
                 self.wake.notify_all()
 
     def _all_dropped(self):
@@ -420,17 +433,18 @@ class Fetcher:
 
     def _write(self, f, i, data):
         """A checked chunk into its file, then into the log: the log never names unwritten bytes."""
-        os.pwrite(self.fds[f.path], data, i * f.chunk)
+        try:
+            os.pwrite(self.fds[f.path], data, i * f.chunk)
+        except OSError as e:
+            full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+            raise TaskError(("disk full" if full else f"cannot write ({e.strerror})") + f" at "
+                            f"{os.path.join(self.files_dir, f.path)}: {len(self.done)} verified chunks kept in "
+                            f"{self.partial} for the next start") from None
         with self.log_lock:
             self.log.write(f"{i} {f.path}\n")
             self.log.flush()
             self.done.add((f.path, i))
             self.got += len(data)
-
-    async def _report(self, t0):
-        while True:
-            await asyncio.sleep(self.progress_s)
-            self.progress(self.status(t0))
 
     def status(self, t0):
         total = self.m.size
