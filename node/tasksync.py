@@ -348,7 +348,7 @@ class Fetcher:
                        tuple((repr(p), p.requests, p.bytes, p.bad, p.dropped or "") for p in self.peers))
 
     def _open(self):
-        """Open (or create, sparse) every file, and keep the logged chunks that still hash right."""
+        """Open (or create) every file, and keep the logged chunks that still hash right."""
         logged = set()
         if os.path.exists(self.log_path):
             with open(self.log_path) as f:
@@ -368,7 +368,8 @@ class Fetcher:
             for i, want in enumerate(f.chunks):
                 if (f.path, i) in logged and hashlib.sha256(os.pread(fd, f.chunk, i * f.chunk)).digest() == want:
                     self.done.add((f.path, i))
-            os.truncate(fd, f.size)
+            if os.fstat(fd).st_size > f.size:  # chunks extend a file as they land: no space is taken ahead
+                os.ftruncate(fd, f.size)
         self.resumed = len(self.done)
 
     def _fetch_all(self, t0):
@@ -436,8 +437,8 @@ class Fetcher:
         try:
             os.pwrite(self.fds[f.path], data, i * f.chunk)
         except OSError as e:
-            full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-            raise TaskError(("disk full" if full else f"cannot write ({e.strerror})") + f" at "
+            why = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota reached", errno.EFBIG: "file size limit reached"}
+            raise TaskError(why.get(e.errno, f"cannot write ({e.strerror})") + f" at "
                             f"{os.path.join(self.files_dir, f.path)}: {len(self.done)} verified chunks kept in "
                             f"{self.partial} for the next start") from None
         with self.log_lock:

@@ -130,7 +130,7 @@ def test_a_lying_peer_is_dropped_and_its_chunk_fetched_from_an_honest_one(tmp_pa
         assert not (alone / "data").exists()
         partial = alone / "partial" / task.fingerprint
         written = (partial / task.fingerprint[:16] / "train.bin").read_bytes()
-        assert written == bytes(len(data))  # no chunk of train.bin verified, so none was written
+        assert not any(written)  # no chunk of train.bin verified, so none was written
         assert not any(line.endswith(" train.bin") for line in (partial / "verified").read_text().splitlines())
 
         # beside an honest peer: the liar is scored down, every chunk lands verified
@@ -176,6 +176,34 @@ def test_a_killed_fetch_resumes_without_fetching_verified_chunks_again(tmp_path,
         fast.stop()
     assert done.resumed_chunks == kept
     assert sum(fast.requests.values()) == chunk_count(task) - kept  # not one verified chunk asked again
+    assert prepare.verify(done.folder)["fingerprint"] == task.fingerprint
+
+
+FULL = """
+import resource, signal, sys
+from node import tasksync
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, 300_000))
+peers = [tasksync.Peer('127.0.0.1', {port})]
+try:
+    tasksync.Fetcher(tasksync.fetch_manifest(peers, {task!r}), peers, cache={cache!r}).fetch()
+except tasksync.TaskError as e:
+    sys.exit(f"error: {{e}}")
+"""
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_partial_fetch(tmp_path, task, server):
+    cache = tmp_path / "cache"
+    r = subprocess.run([sys.executable, "-c", FULL.format(port=server.port, task=task.task, cache=str(cache))],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "file size limit reached at" in r.stderr and "verified chunks kept in" in r.stderr
+    assert not (cache / "data").exists()
+    kept = len((cache / "partial" / task.fingerprint / "verified").read_text().splitlines())
+    assert kept > 0
+    asked = sum(server.requests.values())
+    done = Fetcher(task, [Peer("127.0.0.1", server.port)], cache=str(cache)).fetch()
+    assert done.resumed_chunks == kept and sum(server.requests.values()) - asked == chunk_count(task) - kept
     assert prepare.verify(done.folder)["fingerprint"] == task.fingerprint
 
 
