@@ -314,6 +314,10 @@ class Fetcher:
     """Pulls one task's missing chunks from `peers` into the partial folder, then renames it into place."""
 
     def __init__(self, manifest, peers, cache=None, progress=None, progress_s=2.0):
+        layout = {"manifest.json", *prepare.DATA_FILES}
+        if {f.path for f in manifest.files} != layout:
+            raise TaskError(f"task {manifest.task} lists {', '.join(sorted(f.path for f in manifest.files))[:200]}; "
+                            f"a task folder holds exactly {', '.join(sorted(layout))}")
         self.m, self.peers, self.progress, self.progress_s = manifest, list(peers), progress, progress_s
         cache = cache or prepare.cache_dir()
         self.partial = os.path.join(cache, "partial", manifest.fingerprint)

@@ -109,6 +109,11 @@ def test_a_link_is_neither_served_nor_written(tmp_path, stdlib_data, task):
     with pytest.raises(TaskError, match="cannot write .*train.bin"):
         Fetcher(task, [], cache=str(tmp_path / "cache")).fetch()
     assert not (tmp_path / "elsewhere").exists()
+    # a signed manifest with a file the task layout does not have is refused before anything is written
+    extra = tasksync.sign(ALICE, Manifest(**{**task.__dict__, "files": task.files + (
+        tasksync.FileEntry("run.sh", 0, hashlib.sha256().hexdigest(), SMALL_CHUNK, ()),), "record": None}), now_ms())
+    with pytest.raises(TaskError, match="lists .*run.sh.*; a task folder holds exactly"):
+        Fetcher(extra, [], cache=str(tmp_path / "extra"))
 
 
 # --- fetching -----------------------------------------------------------------------------------
