@@ -157,7 +157,8 @@ def status(args):
         for p in sorted(st["peers"], key=lambda p: p["last_seen_s"]):
             hw = p["hardware"]
             tag = f"{hw.get('accelerator', '?')} x{hw.get('count', '?')} {hw.get('backend', '?')} {hw.get('profile', '')}"
-            print(f"  {p['id']}  {p['address']:<21}  {tag:<40}  seen {p['last_seen_s']:.0f}s ago"
+            task = hw.get("task", "-") + ("" if hw.get("task") == st["task"] else " (another task)")
+            print(f"  {p['id']}  {p['address']:<21}  {tag:<40}  task {task}  seen {p['last_seen_s']:.0f}s ago"
                   + (f"  [{p['state']}]" if p["state"] != "alive" else ""))
         if st["rejected"]:
             print("rejected input: " + ", ".join(f"{k} {v}" for k, v in sorted(st["rejected"].items())))

@@ -121,11 +121,11 @@ def test_a_link_is_neither_served_nor_written(tmp_path, stdlib_data, task):
 def test_a_lying_peer_is_dropped_and_its_chunk_fetched_from_an_honest_one(tmp_path, stdlib_data, task, server):
     liar_folder = tmp_path / "liar" / stdlib_data.fingerprint[:16]
     shutil.copytree(stdlib_data.folder, liar_folder)
-    with open(liar_folder / "train.bin", "r+b") as f:  # every chunk of train.bin is wrong
-        data = bytearray(f.read())
+    for f in task.files:  # every chunk of every file is wrong
+        path = liar_folder / f.path
+        data = bytearray(path.read_bytes())
         data[::1000] = bytes((b + 1) % 256 for b in data[::1000])
-        f.seek(0)
-        f.write(data)
+        path.write_bytes(data)
     liar = Server(str(liar_folder), task, "127.0.0.1").start()
     try:
         # the liar alone: the fetch fails, nothing it sent was written, nothing reached data/
@@ -134,9 +134,8 @@ def test_a_lying_peer_is_dropped_and_its_chunk_fetched_from_an_honest_one(tmp_pa
             Fetcher(task, [Peer("127.0.0.1", liar.port)], cache=str(alone)).fetch()
         assert not (alone / "data").exists()
         partial = alone / "partial" / task.fingerprint
-        written = (partial / task.fingerprint[:16] / "train.bin").read_bytes()
-        assert not any(written)  # no chunk of train.bin verified, so none was written
-        assert not any(line.endswith(" train.bin") for line in (partial / "verified").read_text().splitlines())
+        assert not any(any((partial / task.fingerprint[:16] / f.path).read_bytes()) for f in task.files)
+        assert (partial / "verified").read_text() == ""
 
         # beside an honest peer: the liar is scored down, every chunk lands verified
         liar_peer, honest = Peer("127.0.0.1", liar.port), Peer("127.0.0.1", server.port)
