@@ -5,7 +5,9 @@ pair (issue 11: >= 50 % of the plain copy; three serving peers faster than one).
 
 The task is synthetic but valid (random shards, a manifest whose hashes and fingerprint
 prepare.verify accepts), so the whole path is measured: chunk requests, SHA-256 of every chunk,
-writes, the final verify and rename. The plain copy is one socket.sendfile into a file.
+writes, the final verify and rename. The plain copy is one socket.sendfile per file into a file, with and without an fsync at the end
+(the fetcher fsyncs every file before it renames the folder into place); "vs plain" is against the
+copy without.
 """
 
 import argparse
@@ -103,12 +105,15 @@ def send(path, port):
             conn.sendfile(f)
 
 
-def receive(port, out):
+def receive(port, out, sync):
     t0, n = time.time(), 0
     with socket.create_connection((IP_A, int(port))) as s, open(out, "wb") as f:
         while block := s.recv(1 << 20):
             f.write(block)
             n += len(block)
+        if sync == "1":
+            f.flush()
+            os.fsync(f.fileno())
     print(json.dumps({"seconds": time.time() - t0, "bytes": n}))
 
 
@@ -118,14 +123,15 @@ def ready(proc):
     assert proc.stdout.readline().strip() == "ready"
 
 
-def plain_copy(work, folder):
-    """All of the task's files, one after another, each over one TCP connection."""
+def plain_copy(work, folder, sync):
+    """All of the task's files, one after another, each over one TCP connection (`sync`: each
+    file fsynced at its end, as the fetcher does before its rename)."""
     total, seconds = 0, 0.0
     for name in sorted(os.listdir(folder)):
         sender = in_ns(NS_A, "_send", os.path.join(folder, name), "7900", stdin=subprocess.PIPE,
                        stdout=subprocess.PIPE, text=True)
         ready(sender)
-        r = json.loads(in_ns(NS_B, "_recv", "7900", os.path.join(work, "copy"), stdout=subprocess.PIPE,
+        r = json.loads(in_ns(NS_B, "_recv", "7900", os.path.join(work, "copy"), sync, stdout=subprocess.PIPE,
                              text=True).communicate()[0])
         sender.wait()
         total, seconds = total + r["bytes"], seconds + r["seconds"]
@@ -164,9 +170,10 @@ def main():
         netns_up()
         folder, m = synthetic_task(os.path.join(work, "task"), args.mb)
         rows = []
-        best = min((plain_copy(work, folder) for _ in range(args.repeat)), key=lambda r: r[1])
-        plain_rate = best[0] / best[1]
-        rows.append(("plain TCP copy (sendfile)", 1, best[0], best[1], ""))
+        for sync in ("0", "1"):
+            best = min((plain_copy(work, folder, sync) for _ in range(args.repeat)), key=lambda r: r[1])
+            rows.append(("plain TCP copy" + (" + fsync" if sync == "1" else ""), 1, best[0], best[1], ""))
+        plain_rate = rows[0][2] / rows[0][3]
         for rate in args.rates.split(","):
             for peers in (1, 3):
                 r = min((task_fetch(work, folder, m, peers, rate) for _ in range(args.repeat)), key=lambda r: r["seconds"])

@@ -341,6 +341,8 @@ class Fetcher:
             self.left = len(self.pending)
             with open(self.log_path, "a") as self.log:
                 self._fetch_all(t0)
+            for fd in self.fds.values():  # on disk before the rename makes the folder the task's
+                os.fsync(fd)
         finally:
             for fd in self.fds.values():
                 os.close(fd)
