@@ -585,7 +585,7 @@ class Node:
         host, port = split_address(self.s["listen"])
         manifest = tasksync.sign(self.identity, tasksync.build_manifest(
             self.data.folder, self.s["profile"], prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS), time.time() * 1000)
-        data_port = self.s["data_port"] if self.s["data_port"] is not None else port + 1 if port else 0
+        data_port = self.s["data_port"] if self.s["data_port"] is not None else port + 1 if 0 < port < 65535 else 0
         self.server = tasksync.Server(self.data.folder, manifest, host, data_port, rate=self.s["serve_rate"] * 1e6)
         try:
             self.server.start()
