@@ -128,6 +128,10 @@ LOG_TAIL_CHARS = 4000
 VERDICTS = ("confirmed", "refuted", "failed_to_apply", "crashed", "violation")
 EXPERIMENT_STATUSES = ("keep", "discard", "crash", "timeout", "violation")
 
+TASK_MAX_FILES = 64
+TASK_MAX_BYTES = 64 << 30                 # a whole task
+TASK_CHUNK_BYTES = (1 << 16, 1 << 26)     # the smallest and largest chunk size; a power of two
+
 SCHEMAS = {
     "improvement": {"task": str, "lineage": str, "parent": _hex_hash, "child": _hex_hash, "diff": str,
                     "before": _score, "after": _score, "hardware": _scalars, "proposer": str,
@@ -143,12 +147,57 @@ SCHEMAS = {
     "claim": {"task": str, "parent": _hex_hash, "child": _hex_hash, "idea": _hex_hash, "hardware": _scalars,
               "description": lambda x: isinstance(x, str) and len(x) <= 500, "expires": int},
     "note": {"text": str},  # free text; tests and benchmarks publish these
+    # task: what defines the metric, and the files a new node fetches in hash-checked chunks
+    # (`check_task` bounds paths and sizes; node/tasksync checks the id against the settings)
+    "task": {"task": lambda x: isinstance(x, str) and 0 < len(x) <= 64 and all(c in "0123456789abcdef" for c in x),
+             "fingerprint": _hex_hash, "profile": str, "seq_len": int, "eval_tokens": int,
+             "files": lambda x: isinstance(x, list) and 0 < len(x) <= TASK_MAX_FILES},
 }
 OPTIONAL = {
     # inspired_by: the id of the peer record whose idea this change ports to our tree
     "improvement": {"inspired_by": _record_id},
     "experiment": {"inspired_by": _record_id},
 }
+
+
+TASK_FILE_FIELDS = {"path": str, "size": int, "sha256": _hex_hash, "chunk": int,
+                    "chunks": lambda x: isinstance(x, list) and all(isinstance(c, bytes) and len(c) == 32 for c in x)}
+
+
+def check_task(body):
+    """A task's file list: relative paths inside the task folder, each once, sizes within bounds,
+    one 32-byte SHA-256 per chunk. Raises WireError("schema", reason)."""
+    seen, total = set(), 0
+    for i, f in enumerate(body["files"]):
+        check_fields(f, TASK_FILE_FIELDS, f"task.files[{i}]")
+        path, size, chunk = f["path"], f["size"], f["chunk"]
+        parts = path.split("/")
+        if (not path or path.startswith("/") or "\\" in path or "\0" in path or len(path) > 200
+                or any(p in ("", ".", "..") for p in parts)):
+            raise WireError("schema", f"task file path {path[:64]!r} is not a plain relative path inside the task folder")
+        if path in seen:
+            raise WireError("schema", f"task file path {path[:64]!r} appears twice")
+        seen.add(path)
+        if not (TASK_CHUNK_BYTES[0] <= chunk <= TASK_CHUNK_BYTES[1] and chunk & (chunk - 1) == 0):
+            raise WireError("schema", f"task file {path[:64]!r}: chunk size {chunk} is not a power of two "
+                                      f"between {TASK_CHUNK_BYTES[0]} and {TASK_CHUNK_BYTES[1]}")
+        if not 0 <= size <= chunk * LIMITS.array_len:
+            raise WireError("schema", f"task file {path[:64]!r}: size {size} is out of bounds")
+        if len(f["chunks"]) != -(-size // chunk):
+            raise WireError("schema", f"task file {path[:64]!r}: {len(f['chunks'])} chunk hashes for {size} bytes "
+                                      f"in chunks of {chunk}")
+        total += size
+    if total > TASK_MAX_BYTES:
+        raise WireError("schema", f"task of {total} bytes is over the bound of {TASK_MAX_BYTES}")
+
+
+CHECKS = {"task": check_task}  # checks beyond one field at a time
+
+
+def check_body(type_, body):
+    check_fields(body, SCHEMAS[type_], type_, OPTIONAL.get(type_))
+    if type_ in CHECKS:
+        CHECKS[type_](body)
 
 
 def check_fields(body, schema, what, optional=None):
@@ -190,7 +239,7 @@ def make_record(identity, type_, body, ts_ms):
     """Sign a new record (raises WireError if the body does not fit its schema)."""
     if type_ not in SCHEMAS:
         raise WireError("unknown_type", type_)
-    check_fields(body, SCHEMAS[type_], type_, OPTIONAL.get(type_))
+    check_body(type_, body)
     unsigned = _unsigned(type_, identity.public_key, int(ts_ms), body)
     rid = hashlib.sha256(canonical(unsigned)).digest()
     sig = identity.sign(rid)
@@ -212,7 +261,7 @@ def decode_record(data, now_ms, limits=LIMITS):
         raise WireError("unknown_type", obj["type"][:32])
     if obj["ts"] > now_ms + limits.clock_skew_s * 1000:
         raise WireError("future", "record timestamp ahead of our clock")
-    check_fields(obj["body"], SCHEMAS[obj["type"]], obj["type"], OPTIONAL.get(obj["type"]))
+    check_body(obj["type"], obj["body"])
     unsigned = _unsigned(obj["type"], obj["author"], obj["ts"], obj["body"])
     rid = hashlib.sha256(canonical(unsigned)).digest()
     if rid != obj["id"]:
@@ -230,7 +279,7 @@ def load_stored(data):
                        "sig": bytes}, "record")
     if obj["type"] not in SCHEMAS:
         raise WireError("unknown_type", obj["type"][:32])
-    check_fields(obj["body"], SCHEMAS[obj["type"]], obj["type"], OPTIONAL.get(obj["type"]))
+    check_body(obj["type"], obj["body"])
     return Record(obj["type"], obj["author"], obj["ts"], obj["body"], obj["id"], obj["sig"], bytes(data))
 
 

@@ -66,13 +66,20 @@ def _settings(args):
     return s
 
 
-def _data(source):
-    """The prepared data, preparing `source` first when there is none."""
+def _data(s):
+    """The prepared data; when there is none, the seeds' task fetched from peers, or without seeds
+    the `data` source prepared here."""
     from model import prepare
     try:
         return prepare.load_data()
     except prepare.NoDataError:
         pass
+    if s["seeds"]:
+        from node import tasksync
+        fingerprint = tasksync.join_task(s, say=lambda line: print(line, flush=True))
+        prepare._set_current(fingerprint)
+        return prepare.load_data(fingerprint)
+    source = s["data"]
     print(f"no prepared data yet: preparing --source {source} (once; cached in {prepare.cache_dir()})", flush=True)
     if prepare.main(["--source", source]) != 0:
         raise prepare.DataError(f"could not prepare --source {source}")
@@ -81,17 +88,21 @@ def _data(source):
 
 def join(args):
     from model import prepare
-    from node import config, home as homes, loop
+    from node import config, home as homes, loop, tasksync
     from sandbox.backend import BackendError
     try:
         s = _settings(args)
         home = os.path.abspath(args.home or homes.default_home())
         os.makedirs(home, exist_ok=True)
-        data = _data(s["data"])
+        data = _data(s)
         node = loop.Node(home, s, data)
-    except (config.ConfigError, BackendError, prepare.DataError, homes.HomeError, ValueError, OSError) as e:
+    except (config.ConfigError, BackendError, prepare.DataError, homes.HomeError, tasksync.TaskError, ValueError,
+            OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while data is prepared or fetched: both resume on the next start
+        print("interrupted before the node started", file=sys.stderr)
+        return 130
     print(f"node home {home} | backend {s['backend']} (lineage {node.lineage}) | profile {s['profile']} | "
           f"budget {s['budget']:g}s | proposer {node.proposer.name} "
           f"({node.proposer.why}{', model ' + s['model'] if node.proposer.name == 'claude' else ''}) | "
@@ -149,7 +160,8 @@ def status(args):
         for p in sorted(st["peers"], key=lambda p: p["last_seen_s"]):
             hw = p["hardware"]
             tag = f"{hw.get('accelerator', '?')} x{hw.get('count', '?')} {hw.get('backend', '?')} {hw.get('profile', '')}"
-            print(f"  {p['id']}  {p['address']:<21}  {tag:<40}  seen {p['last_seen_s']:.0f}s ago"
+            task = hw.get("task", "-") + ("" if hw.get("task") == st["task"] else " (another task)")
+            print(f"  {p['id']}  {p['address']:<21}  {tag:<40}  task {task}  seen {p['last_seen_s']:.0f}s ago"
                   + (f"  [{p['state']}]" if p["state"] != "alive" else ""))
         if st["rejected"]:
             print("rejected input: " + ", ".join(f"{k} {v}" for k, v in sorted(st["rejected"].items())))

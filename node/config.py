@@ -23,6 +23,11 @@ SETTINGS = {
     "proposer_seed": (None, int, "seed of the offline proposer (default: from the node id, so that nodes explore apart)"),
     "listen": ("0.0.0.0:7645", str, "HOST:PORT the gossip socket binds (port 0: any free one; 'off': no network)"),
     "seeds": ([], list, "HOST:PORT of peers to join through (repeat --seed); mDNS finds peers on the LAN"),
+    "data_port": (None, int, "TCP port that serves this node's task files to peers (default: the gossip port + 1; "
+                             "any free one when that is 0)"),
+    "serve_rate": (25.0, float, "MB/s this node serves its task files at, to all peers together (0: no bound)"),
+    "task": (None, str, "with --seed and no prepared data: the task id to fetch (default: the seed's task, else "
+                        "the one most peers run)"),
     "mdns": (True, bool, "do not look for peers on the LAN by mDNS (config: mdns = false)"),
     "start": (None, str, "the train.py a new home starts from (default: the baseline, model/train.py)"),
     "max_experiments": (0, int, "stop after this many experiments (0: run until stopped)"),
@@ -77,6 +82,10 @@ def load(path=None, overrides=None):
     for key in ("max_experiments", "max_reruns", "remeasure_every"):
         if out[key] < 0:
             raise ConfigError(f"{key} must not be negative, not {out[key]}")
+    if out["data_port"] is not None and not 0 <= out["data_port"] <= 65535:
+        raise ConfigError(f"data_port must be between 0 and 65535, not {out['data_port']}")
+    if not out["serve_rate"] >= 0:
+        raise ConfigError(f"serve_rate must not be negative, not {out['serve_rate']}")
     if out["listen"] != "off":
         _address(out["listen"], "listen", allow_zero=True)
     for seed in out["seeds"]:

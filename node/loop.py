@@ -66,7 +66,7 @@ class Node:
         os.makedirs(os.path.join(home, "queue"), exist_ok=True)
         self.lock = homes.Lock(home)
         self.identity = Identity.load(os.path.join(home, "identity.key"))
-        self.network = None
+        self.network = self.server = None
         self.store = homes.Store(os.path.join(home, "store.sqlite"))
         self.records = records_store.Store(os.path.join(home, "gossip.sqlite"))
         from model import prepare
@@ -578,8 +578,23 @@ class Node:
             return
         from node.network import Network
         from sandbox.result import HardwareTag
+        from gossip.discovery import split_address
+        from model import prepare
+        from node import tasksync, taskserver
         tag = HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint, self.backend)
-        self.network = Network(self.home, self.identity, self.s, dict(dataclasses.asdict(tag), task=self.task),
+        host, port = split_address(self.s["listen"])
+        manifest = tasksync.sign(self.identity, tasksync.build_manifest(
+            self.data.folder, self.s["profile"], prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS), time.time() * 1000)
+        data_port = self.s["data_port"] if self.s["data_port"] is not None else port + 1 if 0 < port < 65535 else 0
+        self.server = taskserver.Server(self.data.folder, manifest, host, data_port, rate=self.s["serve_rate"] * 1e6)
+        try:
+            self.server.start()
+        except OSError as e:
+            self.server = None
+            raise homes.HomeError(f"cannot serve the task on {host}:{data_port}: {e} "
+                                  "(pick another with --data-port PORT, 0 for any)") from None
+        self.network = Network(self.home, self.identity, self.s,
+                               dict(dataclasses.asdict(tag), task=self.task, data_port=self.server.port),
                                self.events, self.say, self.records)
         try:
             self.network.start()
@@ -587,6 +602,9 @@ class Node:
             self.network = None
             raise homes.HomeError(f"cannot start gossip on {self.s['listen']}: {e} "
                                   "(pick another with --listen HOST:PORT, port 0 for any, or --listen off)") from None
+        self.network.publish(manifest.record)
+        self.say(f"task {self.task}: serving {manifest.size / 1e6:.1f} MB on port {self.server.port}"
+                 + (f" at up to {self.s['serve_rate']:g} MB/s" if self.s["serve_rate"] else ""))
 
     def close(self):
         """Stop the proposer (a request in flight is cancelled), gossip, and the stores."""
@@ -599,6 +617,8 @@ class Node:
         self.proposer.close()
         if self.network:
             self.network.stop()
+        if self.server:
+            self.server.stop()
         self.records.close()
         self.store.db.close()
         self.lock.release()

@@ -1,5 +1,6 @@
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -70,3 +71,42 @@ def uniform_bpb(data):
     rows = prepare.eval_rows(data.val, data.val_docs)
     b = data.token_bytes[rows[:, 1:]]
     return (b > 0).sum() * math.log2(data.vocab_size) / b.sum()
+
+
+def _ip(*args):
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=15)
+
+
+@pytest.fixture
+def two_namespaces():
+    """[(namespace, address), (namespace, address)] on one /24 over a veth pair, multicast routed."""
+    if not hasattr(os, "geteuid") or os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    if shutil.which("ip") is None:
+        pytest.skip("the `ip` command (iproute2) is not installed")
+    tag = os.getpid() % 100_000
+    names, veths = [f"argossip{tag}a", f"argossip{tag}b"], [f"arg{tag}a", f"arg{tag}b"]
+    net = f"10.{200 + tag % 50}.{tag % 250}"
+    addresses = [f"{net}.1", f"{net}.2"]
+    made = []
+    try:
+        for ns in names:
+            r = _ip("netns", "add", ns)
+            if r.returncode != 0:
+                pytest.skip(f"cannot create a network namespace: {r.stderr.strip()}")
+            made.append(ns)
+        steps = [("link", "add", veths[0], "type", "veth", "peer", "name", veths[1])]
+        for ns, veth, address in zip(names, veths, addresses):
+            steps += [("link", "set", veth, "netns", ns),
+                      ("-n", ns, "addr", "add", f"{address}/24", "dev", veth),
+                      ("-n", ns, "link", "set", veth, "up"),
+                      ("-n", ns, "link", "set", "lo", "up"),
+                      ("-n", ns, "route", "add", "224.0.0.0/4", "dev", veth)]
+        for step in steps:
+            r = _ip(*step)
+            if r.returncode != 0:
+                pytest.skip(f"cannot set up the veth pair (ip {' '.join(step)}): {r.stderr.strip()}")
+        yield list(zip(names, addresses))
+    finally:
+        for ns in made:  # deleting a namespace deletes the veth end inside it, and so the pair
+            _ip("netns", "del", ns)

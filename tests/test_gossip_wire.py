@@ -51,6 +51,12 @@ BODIES = {
                                     "hardware": scalars, "description": text,
                                     "expires": st.integers(-2**63, 2**64 - 1)}),
     "note": st.fixed_dictionaries({"text": text}),
+    "task": st.fixed_dictionaries({
+        "task": st.text("0123456789abcdef", min_size=1, max_size=64), "fingerprint": hex_hash, "profile": text,
+        "seq_len": st.integers(-2**63, 2**64 - 1), "eval_tokens": st.integers(-2**63, 2**64 - 1),
+        "files": st.lists(st.integers(0, 3 << 16), min_size=1, max_size=4, unique=True).map(lambda sizes: [
+            {"path": f"d/{i}.bin", "size": n, "sha256": "a" * 64, "chunk": 1 << 16,
+             "chunks": [bytes([i]) * 32] * -(-n // (1 << 16))} for i, n in enumerate(sizes)])}),
 }
 
 typed_body = st.sampled_from(sorted(SCHEMAS)).flatmap(lambda t: st.tuples(st.just(t), BODIES[t]))
@@ -82,6 +88,9 @@ def sample_body(type_):
         "claim": {"task": "t0", "parent": "e" * 64, "child": "f" * 64, "idea": "a" * 64, "hardware": {"backend": "cpu"},
                   "description": "MATRIX_LR 0.04 -> 0.06", "expires": NOW_MS + 60_000},
         "note": {"text": "hello swarm"},
+        "task": {"task": "0123456789abcdef", "fingerprint": "f" * 64, "profile": "cpu", "seq_len": 256,
+                 "eval_tokens": 65536, "files": [{"path": "train.bin", "size": 5, "sha256": "a" * 64,
+                                                  "chunk": 1 << 16, "chunks": [b"\x01" * 32]}]},
     }[type_]
 
 
