@@ -162,7 +162,7 @@ class Node:
         from sandbox import run as sandbox
         exp = self.store.start(kind, self.best(), commit, description, proposer, edit, usage)
         self.events("run", id=exp, kind=kind, commit=commit, description=description)
-        folder = tempfile.mkdtemp(prefix="autoresearch-node-")
+        folder = tempfile.mkdtemp(prefix=sandbox.temp_prefix("node"))
         try:
             label = f"#{exp} {kind} {commit[:7]}"
             source = self.tree.read(commit)
@@ -542,6 +542,10 @@ class Node:
     def run(self):
         """The loop; returns when max_experiments are done, the proposer is exhausted, or on a signal."""
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        from sandbox import run as sandbox
+        removed = sandbox.sweep()
+        if removed:
+            self.say(f"removed {removed} temp files and folders left by nodes killed mid-run")
         try:
             self.join_network()
             self.flush()

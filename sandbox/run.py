@@ -48,6 +48,43 @@ CONFINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confine.py")
 
 
 @functools.cache
+def temp_prefix(kind):
+    """A temp name's prefix that carries this process's pid, so that sweep() can tell a dead node's
+    leftovers from a live one's."""
+    return f"autoresearch-{kind}-{os.getpid()}-"
+
+
+def sweep(folder=None):
+    """Remove what runs of dead processes left in the temp folder: a node killed with kill -9 cannot
+    clean up, and a candidate's scratch folder may hold a copy of the compile cache. Returns how many."""
+    folder = folder or tempfile.gettempdir()
+    removed = 0
+    for name in os.listdir(folder):
+        m = re.fullmatch(r"autoresearch-(?:node|candidate|log|root|probe)-(\d+)-\w+", name)
+        if not m or _alive(int(m.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            removed += 1
+        except OSError:  # another user's, or going away meanwhile
+            pass
+    return removed
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
 def isolation():
     """The strongest confinement this machine allows: (kind, command prefix, names).
     "view": own mount, pid and network namespaces, a filesystem showing only the
@@ -59,7 +96,7 @@ def isolation():
     for user in users:
         prefix = ["unshare", *user, "--mount", "--pid", "--net", "--fork", "--kill-child=SIGKILL", "--propagation", "private"]
         who = "user-nobody" if not user else "no-capabilities"
-        with tempfile.TemporaryDirectory(prefix="autoresearch-probe-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=temp_prefix("probe")) as tmp:
             root, scratch = os.path.join(tmp, "root"), os.path.join(tmp, "scratch")
             os.mkdir(root), os.mkdir(scratch)
             if _works(_view_command(prefix, root, scratch, [sys.executable, "-c", "import numpy, torch"], _candidate_uid(prefix), [])):
@@ -222,12 +259,12 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     problems = scope.check_tree(candidate, parent)
     if problems:
         return result("violation", problems)
-    scratch = tempfile.mkdtemp(prefix="autoresearch-candidate-")
+    scratch = tempfile.mkdtemp(prefix=temp_prefix("candidate"))
     shutil.copy(os.path.join(candidate, scope.EDITABLE), os.path.join(scratch, scope.EDITABLE))
     ours, theirs = socket.socketpair()
     shm_fd, shm = _shared_memory(_batch_size(profile, data, shared=False) * prepare.PROFILES[profile]["max_seq_len"]
                                  * data.vocab_size * 4)
-    log_fd, log_path = tempfile.mkstemp(prefix="autoresearch-log-")  # outside the candidate's folder
+    log_fd, log_path = tempfile.mkstemp(prefix=temp_prefix("log"))  # outside the candidate's folder
     os.close(log_fd)
     # Compile caches: a trusted run (the shipped baseline) fills the shared one; any other
     # run gets its own copy, which dies with it: nothing it writes reaches a later run.
@@ -239,7 +276,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
         compiled = os.path.join(scratch, ".compile")
         shutil.copytree(shared_cache, compiled, symlinks=True)
     argv = [sys.executable, scope.EDITABLE]
-    root = tempfile.mkdtemp(prefix="autoresearch-root-")
+    root = tempfile.mkdtemp(prefix=temp_prefix("root"))
     if kind == "view":
         secret = [os.path.join(data.folder, n) for n in prepare.DATA_FILES if n not in prepare.TRAIN_FILES]
         command = _view_command(prefix, root, scratch, argv, _candidate_uid(prefix),

@@ -163,7 +163,7 @@ def check_consistent(home, data):
 def test_kill_9_at_random_instants_loses_nothing(env, tmp_path, stdlib_data):
     home = str(tmp_path / "home")
     rng = random.Random(7)
-    seen = 0
+    seen, killed = 0, []
     for i in range(6):
         p = subprocess.Popen([sys.executable, "-m", "node", "join", "--home", home, "--profile", "cpu", "--budget", "1",
                               "--max-reruns", "0", "--listen", "127.0.0.1:0", "--no-mdns"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -171,6 +171,7 @@ def test_kill_9_at_random_instants_loses_nothing(env, tmp_path, stdlib_data):
         time.sleep(rng.uniform(1.0, 12.0))
         os.kill(p.pid, signal.SIGKILL)
         p.wait()
+        killed.append(p.pid)
         n = check_consistent(home, stdlib_data)
         assert n >= seen  # no row of the store ever disappears
         seen = n
@@ -178,6 +179,14 @@ def test_kill_9_at_random_instants_loses_nothing(env, tmp_path, stdlib_data):
     while subprocess.run(["pgrep", "-f", "autoresearch-candidate-"], capture_output=True).stdout and time.time() < deadline:
         time.sleep(0.1)
     assert subprocess.run(["pgrep", "-f", "autoresearch-candidate-"], capture_output=True).stdout == b""
+    # what the killed nodes left in the temp folder goes at a node's next start; a live node's stays
+    from sandbox import run as sandbox
+    import tempfile
+    ours = tempfile.mkdtemp(prefix=sandbox.temp_prefix("candidate"))
+    sandbox.sweep()
+    left = [n for n in os.listdir(tempfile.gettempdir()) for pid in killed if n.startswith("autoresearch-") and f"-{pid}-" in n]
+    assert left == [] and os.path.isdir(ours)
+    os.rmdir(ours)
 
 
 def test_suggestions_run_next_and_bad_ones_are_refused(env, tmp_path, stdlib_data, stdlib_cache, monkeypatch):
