@@ -67,23 +67,23 @@ def _settings(args):
 
 
 def _data(s):
-    """The prepared data; when there is none, the seeds' task fetched from peers, or without seeds
-    the `data` source prepared here."""
+    """(the prepared data, {node id: reason} of peers that lied); when there is none, the seeds' task
+    fetched from peers, or without seeds the `data` source prepared here."""
     from model import prepare
     try:
-        return prepare.load_data()
+        return prepare.load_data(), {}
     except prepare.NoDataError:
         pass
     if s["seeds"]:
         from node import tasksync
-        fingerprint = tasksync.join_task(s, say=lambda line: print(line, flush=True))
+        fingerprint, liars = tasksync.join_task(s, say=lambda line: print(line, flush=True))
         prepare._set_current(fingerprint)
-        return prepare.load_data(fingerprint)
+        return prepare.load_data(fingerprint), liars
     source = s["data"]
     print(f"no prepared data yet: preparing --source {source} (once; cached in {prepare.cache_dir()})", flush=True)
     if prepare.main(["--source", source]) != 0:
         raise prepare.DataError(f"could not prepare --source {source}")
-    return prepare.load_data()
+    return prepare.load_data(), {}
 
 
 def join(args):
@@ -94,8 +94,9 @@ def join(args):
         s = _settings(args)
         home = os.path.abspath(args.home or homes.default_home())
         os.makedirs(home, exist_ok=True)
-        data = _data(s)
+        data, liars = _data(s)
         node = loop.Node(home, s, data)
+        node.distrust(liars)
     except (config.ConfigError, BackendError, prepare.DataError, homes.HomeError, tasksync.TaskError, ValueError,
             OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -72,6 +72,7 @@ class Node:
         from model import prepare
         self.task = swarm.task_id(data.fingerprint, settings["profile"], prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS)
         self.ledger = swarm.Ledger(self.records, self.task, self.identity.id)
+        self.ledger.distrusted = set(json.loads(self.store.get("distrusted", "{}")))
         self.memory = memories.Memory(self.ledger, self.store.source)
         self.store.set("task", self.task)
         self._hardware = None
@@ -609,6 +610,19 @@ class Node:
         self.network.publish(manifest.record)
         self.say(f"task {self.task}: serving {manifest.size / 1e6:.1f} MB on port {self.server.port}"
                  + (f" at up to {self.s['serve_rate']:g} MB/s" if self.s["serve_rate"] else ""))
+
+    def distrust(self, nodes):
+        """{node id: reason} of peers caught lying to us (wrong bytes for a task file): their claims
+        rank from now on as those of an author with an attested violation. Kept across restarts."""
+        if not nodes:
+            return
+        known = dict(json.loads(self.store.get("distrusted", "{}")), **nodes)
+        self.store.set("distrusted", json.dumps(known))
+        self.ledger.distrusted = set(known)
+        self.ledger.refresh()
+        for node, why in nodes.items():
+            self.events("distrust", node=node, reason=why)
+            self.say(f"distrusting node {node}: {why}")
 
     def close(self):
         """Stop the proposer (a request in flight is cancelled), gossip, and the stores."""

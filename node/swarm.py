@@ -101,6 +101,7 @@ class Ledger:
         self.claims = []
         self.other_tasks = defaultdict(int)     # task -> records seen
         self.by_author = defaultdict(list)       # author id -> [improvement ids]
+        self.distrusted = set()                  # node ids this node caught lying itself (served wrong task bytes)
         self._standing = {}
 
     def refresh(self):
@@ -131,7 +132,7 @@ class Ledger:
     def standing(self, author, weighted=True):
         """The author's confirmed against refuted claims, Beta(1, 1), each attestation weighted by
         its attestor's own (unweighted) standing, so that a discredited node's word weighs little;
-        an attested violation cuts it to a twentieth."""
+        an attested violation, or a lie we caught ourselves (`distrusted`), cuts it to a twentieth."""
         key = (author, weighted)
         if key not in self._standing:
             good = bad = violation = 0.0
@@ -142,6 +143,8 @@ class Ledger:
                     good += w * (v == "confirmed")
                     bad += w * (v in ("refuted", "crashed", "violation"))
                     violation = max(violation, w * (v == "violation"))
+            if author in self.distrusted:
+                violation = 1.0
             self._standing[key] = (1 + good) / (2 + good + bad) * (1 - 0.95 * min(1.0, 2 * violation))
         return self._standing[key]
 

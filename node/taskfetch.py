@@ -19,8 +19,8 @@ from node.tasksync import _REPLY, _REQ, CONNECTIONS_PER_PEER, MANIFEST, TIMEOUT_
 class Peer:
     """One serving address, kept over a fetch: its requests, bytes, bad chunks, and why it was dropped."""
 
-    def __init__(self, host, port):
-        self.host, self.port = host, port
+    def __init__(self, host, port, node=None):
+        self.host, self.port, self.node = host, port, node  # node: its gossip id, when known
         self.requests = self.bad = self.bytes = 0
         self.dropped = None  # the reason this fetch stopped asking it
 

@@ -37,6 +37,7 @@ MAX_PER_PEER = 4         # connections one address may hold to our server
 CONNECTIONS_PER_PEER = 2  # the fetcher's connections to each serving peer (the server allows MAX_PER_PEER)
 TIMEOUT_S = 30.0
 MANIFEST = -1
+SETTLE_S = 2.0  # once a task is chosen, how long a joiner waits for the seeds that have not answered yet
 _REQ, _REPLY = struct.Struct(">I"), struct.Struct(">BI")
 
 
@@ -116,7 +117,8 @@ def sign(identity, manifest, ts_ms):
 def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0):
     """No prepared data and seeds given: join gossip under a throwaway identity, learn which tasks the
     peers run (their meta), take --task, else the seed's, else the one most peers run, and fetch it.
-    Returns the fetched folder's fingerprint; TaskError when no peer serves a usable task."""
+    Returns the fetched folder's fingerprint and {node id: reason} of the peers that served wrong bytes;
+    TaskError when no peer serves a usable task."""
     from gossip.discovery import join_address, split_address
     from gossip.identity import Identity
     from gossip.transport import Service
@@ -143,7 +145,12 @@ def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0):
                 raise TaskError(f"no peer runs task {settings['task']} after {wait_s:g} s" if settings["task"] else
                                 f"no peer announced a task after {wait_s:g} s (are the seeds running nodes?)")
             time.sleep(0.2)
-        peers = [taskfetch.Peer(split_address(p["address"])[0], p["meta"]["data_port"]) for p in running
+        settle = time.time() + SETTLE_S  # the other seeds too, so that the fetch draws on every peer it can
+        while time.time() < settle and not seeds <= {p["address"] for p in service.peers() if p["state"] == "alive"}:
+            time.sleep(0.1)
+        running = [p for p in service.peers() if p["state"] == "alive" and isinstance(p["meta"].get("task"), str)
+                   and isinstance(p["meta"].get("data_port"), int)]
+        peers = [taskfetch.Peer(split_address(p["address"])[0], p["meta"]["data_port"], p["id"]) for p in running
                  if p["meta"]["task"] == task]
         say(f"task {task}: run by {len(peers)} of {len(running)} peers ({len(tasks)} task{'s' * (len(tasks) != 1)} "
             "in the swarm)")
@@ -160,6 +167,6 @@ def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0):
             + (f", {done.resumed_chunks} chunks resumed from disk" if done.resumed_chunks else "")
             + "".join(f"; {a} served wrong bytes: dropped" for a, _, _, bad, _ in done.peers if bad)
             + f"; verified against fingerprint {manifest.fingerprint[:16]}")
-        return manifest.fingerprint
+        return manifest.fingerprint, {p.node: p.dropped for p in peers if p.bad}
     finally:
         service.stop()

@@ -121,15 +121,20 @@ def test_a_link_is_neither_served_nor_written(tmp_path, stdlib_data, task):
 
 # --- fetching -----------------------------------------------------------------------------------
 
-def test_a_lying_peer_is_dropped_and_its_chunk_fetched_from_an_honest_one(tmp_path, stdlib_data, task, server):
+def lying_server(tmp_path, stdlib_data, task):
+    """A server of `task` whose every chunk of every file is wrong."""
     liar_folder = tmp_path / "liar" / stdlib_data.fingerprint[:16]
     shutil.copytree(stdlib_data.folder, liar_folder)
-    for f in task.files:  # every chunk of every file is wrong
+    for f in task.files:
         path = liar_folder / f.path
         data = bytearray(path.read_bytes())
         data[::1000] = bytes((b + 1) % 256 for b in data[::1000])
         path.write_bytes(data)
-    liar = Server(str(liar_folder), task, "127.0.0.1").start()
+    return Server(str(liar_folder), task, "127.0.0.1").start()
+
+
+def test_a_lying_peer_is_dropped_and_its_chunk_fetched_from_an_honest_one(tmp_path, stdlib_data, task, server):
+    liar = lying_server(tmp_path, stdlib_data, task)
     try:
         # the liar alone: the fetch fails, nothing it sent was written, nothing reached data/
         alone = tmp_path / "alone"
@@ -242,11 +247,11 @@ def test_two_tasks_side_by_side_a_joiner_takes_the_one_it_is_told(tmp_path, stdl
         try:
             lines = []
             # told nothing: the seed's task, though most peers run the other
-            assert tasksync.join_task(settings, say=lines.append) == task.fingerprint
+            assert tasksync.join_task(settings, say=lines.append) == (task.fingerprint, {})
             assert sum(servers[0].requests.values()) == chunk_count(task)
             # told --task: the other, from both peers that run it, and never from the first
             asked_first = sum(servers[0].requests.values())
-            assert tasksync.join_task(dict(settings, task=other.task), say=lines.append) == other.fingerprint
+            assert tasksync.join_task(dict(settings, task=other.task), say=lines.append) == (other.fingerprint, {})
             assert sum(servers[0].requests.values()) == asked_first
             assert sum(s.requests[p] for s in servers[1:] for p in s.requests) == chunk_count(other)
             assert any("run by 2 of 2 peers" in line or "run by 2 of" in line for line in lines), lines
@@ -257,6 +262,42 @@ def test_two_tasks_side_by_side_a_joiner_takes_the_one_it_is_told(tmp_path, stdl
     finally:
         for s in services + servers:
             s.stop()
+
+
+def test_a_joiner_names_the_peer_that_lied_and_its_node_distrusts_it(tmp_path, stdlib_data, stdlib_cache, task, server):
+    from node import config, loop
+    mallory = Identity.from_seed(b"mallory")
+    liar = lying_server(tmp_path, stdlib_data, task)
+    services = []
+    try:
+        for who, srv in ((Identity.from_seed(b"honest"), server), (mallory, liar)):
+            services.append(Service(who, listen="127.0.0.1:0", mdns=False, seeds=[s.address for s in services],
+                                    meta={"task": task.task, "data_port": srv.port}).start())
+        settings = dict(listen="127.0.0.1:0", seeds=[s.address for s in services], mdns=False, profile="cpu",
+                        task=task.task)
+        os.environ["AUTORESEARCH_CACHE"] = str(tmp_path / "joiner")
+        try:
+            fingerprint, liars = tasksync.join_task(settings, say=lambda line: None)
+        finally:
+            os.environ.pop("AUTORESEARCH_CACHE")
+    finally:
+        for s in services + [liar]:
+            s.stop()
+    assert fingerprint == task.fingerprint and list(liars) == [mallory.id] and "wrong bytes" in liars[mallory.id]
+    # the node that joined: the liar's claims rank as after an attested violation, across restarts
+    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), listen="off")
+    node = loop.Node(str(tmp_path / "home"), s, stdlib_data, out=open(os.devnull, "w"))
+    try:
+        before = node.ledger.standing(mallory.id)
+        node.distrust(liars)
+        assert before == 0.5 and node.ledger.standing(mallory.id) < 0.05 and node.ledger.standing(ALICE.id) == 0.5
+    finally:
+        node.close()
+    node = loop.Node(str(tmp_path / "home"), s, stdlib_data, out=open(os.devnull, "w"))
+    try:
+        assert node.ledger.standing(mallory.id) < 0.05
+    finally:
+        node.close()
 
 
 # --- a node that joins with nothing but --seed -------------------------------------------------
