@@ -189,12 +189,13 @@ def _fingerprint(file_hashes):
     return hashlib.sha256("".join(f"{n}:{file_hashes[n]}\n" for n in DATA_FILES).encode()).hexdigest()
 
 
-def verify(folder):
-    """Recompute every file hash and the fingerprint; raise DataError on any mismatch."""
+def verify(folder, hashes=None):
+    """Recompute every file hash (or take `hashes`, {name: sha256}, that the caller computed from the
+    files' bytes) and the fingerprint; raise DataError on any mismatch."""
     try:
         with open(os.path.join(folder, "manifest.json")) as f:
             manifest = json.load(f)
-        hashes = {n: _sha256(os.path.join(folder, n)) for n in DATA_FILES}
+        hashes = {n: hashes[n] if hashes else _sha256(os.path.join(folder, n)) for n in DATA_FILES}
     except (OSError, ValueError) as e:
         raise DataError(f"prepared data at {folder} is incomplete: {e}") from None
     try:

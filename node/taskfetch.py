@@ -9,6 +9,7 @@ import shutil
 import socket
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from gossip import wire
@@ -101,6 +102,7 @@ class Fetcher:
         self.log_path = os.path.join(self.partial, "verified")
         self.fds, self.pending, self.left, self.got, self.resumed = {}, [], 0, 0, 0
         self.done, self.log_lock = set(), threading.Lock()
+        self.hashes = {}  # path -> SHA-256 of the whole file, from _hash_files
 
     def fetch(self):
         if os.path.isdir(self.final):
@@ -112,7 +114,7 @@ class Fetcher:
             f.write(self.m.record.encoded if self.m.record else b"")
         try:
             self._open()
-            self.pending = [(f, i) for f in self.m.files for i in range(len(f.chunks)) if (f.path, i) not in self.done]
+            self.pending = deque((f, i) for f in self.m.files for i in range(len(f.chunks)) if (f.path, i) not in self.done)
             self.left = len(self.pending)
             with open(self.log_path, "a") as self.log:
                 self._fetch_all(t0)
@@ -121,7 +123,7 @@ class Fetcher:
         finally:
             for fd in self.fds.values():
                 os.close(fd)
-        self._verify(self.files_dir)
+        self._verify(self.files_dir, self.hashes if len(self.hashes) == len(self.m.files) else None)
         os.makedirs(os.path.dirname(self.final), exist_ok=True)
         os.rename(self.files_dir, self.final)
         shutil.rmtree(self.partial, ignore_errors=True)
@@ -154,12 +156,14 @@ class Fetcher:
         self.resumed = len(self.done)
 
     def _fetch_all(self, t0):
-        """CONNECTIONS_PER_PEER threads per peer share the pending chunks; hashing, receiving and
-        writing release the GIL, so they overlap."""
-        self.wake, self.error, self.socks = threading.Condition(), None, set()
+        """CONNECTIONS_PER_PEER threads per peer share the pending chunks, taken in file order, and one
+        more hashes each whole file behind them; hashing, receiving and writing release the GIL, so
+        they overlap."""
+        self.wake, self.error, self.socks, self.ended = threading.Condition(), None, set(), False
         threads = [threading.Thread(target=self._worker, args=(p,), name=f"fetch-{p}", daemon=True)
                    for p in self.peers for _ in range(CONNECTIONS_PER_PEER)]
-        for t in threads:
+        hasher = threading.Thread(target=self._hash_files, name="fetch-hash", daemon=True)
+        for t in threads + [hasher]:
             t.start()
         last = time.time()
         try:
@@ -181,6 +185,10 @@ class Fetcher:
                         pass
             for t in threads:
                 t.join()
+        with self.wake:
+            self.ended = True
+            self.wake.notify_all()
+        hasher.join()
         if self.error:
             raise self.error
         if self.left:
@@ -196,7 +204,7 @@ class Fetcher:
                     self.wake.wait_for(lambda: self.pending or not self.left or self._all_dropped() or self.error)
                     if not self.pending or self.error:
                         return
-                    f, i = self.pending.pop()
+                    f, i = self.pending.popleft()
                 ok = False
                 try:
                     if not sock:
@@ -218,7 +226,7 @@ class Fetcher:
                     if ok:
                         self.left -= 1
                     else:
-                        self.pending.append((f, i))
+                        self.pending.appendleft((f, i))
                     self.wake.notify_all()
         finally:
             with self.wake:
@@ -227,13 +235,30 @@ class Fetcher:
                     sock.close()
                 self.wake.notify_all()
 
+    def _hash_files(self):
+        """The whole-file SHA-256s, chunk after chunk as they land (read back from the page cache), so
+        that the fingerprint check at the end needs no second pass over the folder."""
+        for f in self.m.files:
+            whole = hashlib.sha256()
+            for i in range(len(f.chunks)):
+                with self.wake:
+                    self.wake.wait_for(lambda: (f.path, i) in self.done or self.ended)
+                    if (f.path, i) not in self.done:
+                        return
+                whole.update(os.pread(self.fds[f.path], min(f.chunk, f.size - i * f.chunk), i * f.chunk))
+            self.hashes[f.path] = whole.hexdigest()
+
     def _all_dropped(self):
         return all(p.dropped for p in self.peers)
 
     def _write(self, f, i, data):
         """A checked chunk into its file, then into the log: the log never names unwritten bytes."""
+        size = len(data)
         try:
-            os.pwrite(self.fds[f.path], data, i * f.chunk)
+            offset = i * f.chunk
+            while data:  # a short write (the disk or a limit reached mid-chunk) is retried: the rest then fails
+                n = os.pwrite(self.fds[f.path], data, offset)
+                data, offset = data[n:], offset + n
         except OSError as e:
             why = {errno.ENOSPC: "disk full", errno.EDQUOT: "disk quota reached", errno.EFBIG: "file size limit reached"}
             raise TaskError(why.get(e.errno, f"cannot write ({e.strerror})") + f" at "
@@ -243,7 +268,7 @@ class Fetcher:
             self.log.write(f"{i} {f.path}\n")
             self.log.flush()
             self.done.add((f.path, i))
-            self.got += len(data)
+            self.got += size
 
     def status(self, t0):
         total = self.m.size
@@ -254,9 +279,9 @@ class Fetcher:
         return (f"task {self.m.task}: {have / 1e6:.1f}/{total / 1e6:.1f} MB, {rate / 1e6:.1f} MB/s, "
                 f"{serving} peer{'s' * (serving != 1)} serving")
 
-    def _verify(self, folder):
+    def _verify(self, folder, hashes=None):
         try:
-            fingerprint = prepare.verify(folder)["fingerprint"]
+            fingerprint = prepare.verify(folder, hashes)["fingerprint"]
         except prepare.DataError as e:
             raise TaskError(f"fetched task {self.m.task} fails its fingerprint: {e}") from None
         if fingerprint != self.m.fingerprint:

@@ -34,7 +34,7 @@ from node import swarm
 CHUNK_BYTES = 4 << 20
 REQUEST_BYTES = 512
 MAX_PER_PEER = 4         # connections one address may hold to our server
-CONNECTIONS_PER_PEER = 2  # the fetcher's connections to each serving peer (the server allows MAX_PER_PEER)
+CONNECTIONS_PER_PEER = 4  # the fetcher's connections to each serving peer (the server allows MAX_PER_PEER)
 TIMEOUT_S = 30.0
 MANIFEST = -1
 SETTLE_S = 2.0  # once a task is chosen, how long a joiner waits for the seeds that have not answered yet

@@ -156,6 +156,30 @@ def test_a_lying_peer_is_dropped_and_its_chunk_fetched_from_an_honest_one(tmp_pa
         liar.stop()
 
 
+def test_chunks_that_match_a_forged_manifest_still_fail_the_fingerprint(tmp_path, stdlib_data, task):
+    """A signer whose chunk hashes describe other bytes than the task's fingerprint: every chunk checks,
+    the whole files do not, and nothing reaches data/."""
+    forged_folder = tmp_path / "forged" / stdlib_data.fingerprint[:16]
+    shutil.copytree(stdlib_data.folder, forged_folder)
+    train = forged_folder / "train.bin"
+    data = bytearray(train.read_bytes())
+    data[:2] = data[2:4]
+    train.write_bytes(data)
+    chunks = tuple(hashlib.sha256(data[i:i + SMALL_CHUNK]).digest() for i in range(0, len(data), SMALL_CHUNK))
+    files = tuple(tasksync.FileEntry(f.path, f.size, hashlib.sha256(data).hexdigest(), f.chunk, chunks)
+                  if f.path == "train.bin" else f for f in task.files)
+    forged = tasksync.sign(Identity.from_seed(b"forger"), Manifest(**{**task.__dict__, "files": files, "record": None}),
+                           now_ms())
+    srv = Server(str(forged_folder), forged, "127.0.0.1").start()
+    try:
+        peer = Peer("127.0.0.1", srv.port)
+        with pytest.raises(TaskError, match="fails its fingerprint"):
+            Fetcher(forged, [peer], cache=str(tmp_path / "cache")).fetch()
+    finally:
+        srv.stop()
+    assert peer.bad == 0 and not (tmp_path / "cache" / "data").exists()
+
+
 FETCH = """
 import sys
 from node import taskfetch, tasksync
