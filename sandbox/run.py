@@ -47,7 +47,6 @@ DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 CONFINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confine.py")
 
 
-@functools.cache
 def temp_prefix(kind):
     """A temp name's prefix that carries this process's pid, so that sweep() can tell a dead node's
     leftovers from a live one's."""
@@ -85,6 +84,7 @@ def _alive(pid):
     return True
 
 
+@functools.cache
 def isolation():
     """The strongest confinement this machine allows: (kind, command prefix, names).
     "view": own mount, pid and network namespaces, a filesystem showing only the

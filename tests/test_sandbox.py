@@ -121,6 +121,11 @@ def test_no_network(run_candidate):
 view = pytest.mark.skipif(sandbox.isolation()[0] != "view", reason="this machine allows no private filesystem view")
 
 
+def test_isolation_is_probed_once_per_process_and_temp_names_carry_the_pid():
+    assert sandbox.isolation() is sandbox.isolation()  # the probe starts a confined python: seconds, not per run
+    assert sandbox.temp_prefix("candidate") == f"autoresearch-candidate-{os.getpid()}-"
+
+
 @view
 def test_the_validation_split_is_out_of_reach(run_candidate, stdlib_data):
     r = run_candidate(f"""
