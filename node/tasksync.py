@@ -87,22 +87,27 @@ class Manifest:
 
 
 def build_manifest(folder, profile, seq_len, eval_tokens, chunk=CHUNK_BYTES):
-    """The manifest of a prepared folder (verified first); TaskError on a link or a bad folder."""
-    try:
-        fingerprint = prepare.verify(folder)["fingerprint"]
-    except prepare.DataError as e:
-        raise TaskError(str(e)) from None
+    """The manifest of a prepared folder, checked against its fingerprint in the same pass (each file
+    read once, hashed whole and per chunk); TaskError on a link or a bad folder."""
     files = []
     for name in ("manifest.json", *prepare.DATA_FILES):
         path = os.path.join(folder, name)
         if os.path.islink(path):
             raise TaskError(f"{path} is a link: a task holds plain files only")
-        whole, chunks = hashlib.sha256(), []
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                whole.update(block)
-                chunks.append(hashlib.sha256(block).digest())
-        files.append(FileEntry(name, os.path.getsize(path), whole.hexdigest(), chunk, tuple(chunks)))
+        whole, chunks, size = hashlib.sha256(), [], 0
+        try:
+            with open(path, "rb") as f:
+                while block := f.read(chunk):
+                    whole.update(block)
+                    chunks.append(hashlib.sha256(block).digest())
+                    size += len(block)
+        except OSError as e:
+            raise TaskError(f"prepared data at {folder} is incomplete: {e}") from None
+        files.append(FileEntry(name, size, whole.hexdigest(), chunk, tuple(chunks)))
+    try:
+        fingerprint = prepare.verify(folder, {f.path: f.sha256 for f in files})["fingerprint"]
+    except prepare.DataError as e:
+        raise TaskError(str(e)) from None
     task = swarm.task_id(fingerprint, profile, seq_len, eval_tokens)
     return Manifest(task, fingerprint, profile, seq_len, eval_tokens, tuple(files))
 

@@ -98,6 +98,19 @@ def test_a_bad_manifest_is_refused_with_its_reason(task, files, reason):
         wire.decode_record(data, now_ms())
 
 
+def test_a_task_is_built_only_from_a_folder_that_matches_its_fingerprint(tmp_path, stdlib_data):
+    bad = tmp_path / stdlib_data.fingerprint[:16]
+    shutil.copytree(stdlib_data.folder, bad)
+    data = bytearray((bad / "val.bin").read_bytes())
+    data[0] ^= 1
+    (bad / "val.bin").write_bytes(data)
+    with pytest.raises(TaskError, match="does not match its fingerprint .val.bin"):
+        tasksync.build_manifest(str(bad), "cpu", prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS)
+    os.remove(bad / "val.bin")
+    with pytest.raises(TaskError, match="is incomplete"):
+        tasksync.build_manifest(str(bad), "cpu", prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS)
+
+
 def test_a_link_is_neither_served_nor_written(tmp_path, stdlib_data, task):
     linked = tmp_path / stdlib_data.fingerprint[:16]
     shutil.copytree(stdlib_data.folder, linked)
