@@ -119,6 +119,12 @@ def sign(identity, manifest, ts_ms):
 
 # --- joining a task -----------------------------------------------------------------------------
 
+def _serving(service):
+    """The live peers that announce a task and the port that serves it."""
+    return [p for p in service.peers() if p["state"] == "alive" and isinstance(p["meta"].get("task"), str)
+            and isinstance(p["meta"].get("data_port"), int)]
+
+
 def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0):
     """No prepared data and seeds given: join gossip under a throwaway identity, learn which tasks the
     peers run (their meta), take --task, else the seed's, else the one most peers run, and fetch it.
@@ -137,8 +143,7 @@ def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0):
         t0 = time.time()
         say(f"no prepared data: asking peers {', '.join(sorted(seeds))} for their task")
         while True:
-            running = [p for p in service.peers() if p["state"] == "alive" and isinstance(p["meta"].get("task"), str)
-                       and isinstance(p["meta"].get("data_port"), int)]
+            running = _serving(service)
             tasks = Counter(p["meta"]["task"] for p in running)
             seed_tasks = [p["meta"]["task"] for p in running if p["address"] in seeds]
             waited = time.time() - t0
@@ -153,8 +158,7 @@ def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0):
         settle = time.time() + SETTLE_S  # the other seeds too, so that the fetch draws on every peer it can
         while time.time() < settle and not seeds <= {p["address"] for p in service.peers() if p["state"] == "alive"}:
             time.sleep(0.1)
-        running = [p for p in service.peers() if p["state"] == "alive" and isinstance(p["meta"].get("task"), str)
-                   and isinstance(p["meta"].get("data_port"), int)]
+        running = _serving(service)
         peers = [taskfetch.Peer(split_address(p["address"])[0], p["meta"]["data_port"], p["id"]) for p in running
                  if p["meta"]["task"] == task]
         say(f"task {task}: run by {len(peers)} of {len(running)} peers ({len(tasks)} task{'s' * (len(tasks) != 1)} "
