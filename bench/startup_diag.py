@@ -25,8 +25,10 @@ sys.path.insert(0, ROOT)
 OUT = os.environ.get("OUT", os.path.join(ROOT, "bench-out"))
 
 DIAG_TAIL = '''
-from torch._dynamo.utils import counters as _counters
+from torch._dynamo.utils import counters as _counters, compile_times as _compile_times
 print("diag_counters: " + json.dumps({k: dict(_counters[k]) for k in ("inductor", "aot_autograd")}))
+_names, _values = _compile_times(repr="csv", aggregate=True)
+print("diag_compile_times: " + json.dumps(sorted(((float(v), n) for n, v in zip(_names, _values)), reverse=True)[:8]))
 '''
 
 
@@ -42,7 +44,8 @@ def fields(log):
     counters = re.findall(r"^diag_counters: (.*)$", log, re.M)
     c = json.loads(counters[-1]) if counters else {}
     ind, aot = c.get("inductor", {}), c.get("aot_autograd", {})
-    return dict(t_import=get("diag_t_import"), t_setup=get("diag_t_setup"), startup=get("startup_seconds"),
+    times = re.findall(r"^diag_compile_times: (.*)$", log, re.M)
+    return dict(compile=json.loads(times[-1]) if times else None, t_import=get("diag_t_import"), t_setup=get("diag_t_setup"), startup=get("startup_seconds"),
                 eval=get("eval_seconds"), fx_hit=ind.get("fxgraph_cache_hit", 0), fx_miss=ind.get("fxgraph_cache_miss", 0),
                 aot_hit=aot.get("autograd_cache_hit", 0), aot_miss=aot.get("autograd_cache_miss", 0))
 
@@ -51,6 +54,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--budget", type=float, default=5)
     ap.add_argument("--deadline", type=float, default=540, help="skip cases that would start after this many seconds")
+    ap.add_argument("--cases", default="ABDEFGLH", help="which cases, in order (letters as in the table)")
     args = ap.parse_args()
     from model import prepare
     from sandbox import run as sandbox
@@ -61,8 +65,9 @@ def main():
         "baseline": base,
         "lr_edit": base.replace("MATRIX_LR = 0.04 ", "MATRIX_LR = 0.06 "),
         "depth_edit": base.replace("    DEPTH = 8 ", "    DEPTH = 9 "),
+        "line_shift": base.replace("\ndef norm(x):", "\n# a comment line shifts every line below\ndef norm(x):"),
     }
-    assert variants["lr_edit"] != base and variants["depth_edit"] != base
+    assert all(src != base for name, src in variants.items() if name != "baseline")
     trees = {}
     for name, src in variants.items():
         d = tempfile.mkdtemp(prefix=f"diag-{name}-")
@@ -87,19 +92,18 @@ def main():
         rows.append(dict(case=label, rc=res.status + " " + ",".join(res.violations), wall=round(time.time() - t, 1),
                          harness_eval=res.evaluation_seconds, **fields(res.log_tail)))
 
-    cases = [
-        ("A in-process cold", lambda: inprocess("A_inproc_cold", trees["baseline"])),
-        ("B in-process warm", lambda: inprocess("B_inproc_warm", trees["baseline"])),
-        ("C sandbox, cache copied from in-process", lambda: (shutil.rmtree(shared, ignore_errors=True),
-                                                            shutil.copytree(os.path.join(cache, "inductor"), shared),
-                                                            sandboxed("C_sandbox_copied", trees["baseline"]))),
-        ("D sandbox trusted (fills the shared cache)", lambda: (shutil.rmtree(shared, ignore_errors=True),
-                                                               sandboxed("D_sandbox_trusted_cold", trees["baseline"], trusted=True))),
-        ("E sandbox after trusted", lambda: sandboxed("E_sandbox_after_trusted", trees["baseline"])),
-        ("F sandbox lr edit", lambda: sandboxed("F_sandbox_lr_edit", trees["lr_edit"])),
-        ("G sandbox depth edit", lambda: sandboxed("G_sandbox_depth_edit", trees["depth_edit"])),
-        ("H in-process other HOME", lambda: inprocess("H_inproc_home", trees["baseline"], {"HOME": tempfile.mkdtemp()})),
-    ]
+    everything = {
+        "A": ("in-process cold", lambda: inprocess("A_inproc_cold", trees["baseline"])),
+        "B": ("in-process warm", lambda: inprocess("B_inproc_warm", trees["baseline"])),
+        "D": ("sandbox trusted (fills the shared cache)", lambda: (shutil.rmtree(shared, ignore_errors=True),
+                                                                  sandboxed("D_sandbox_trusted_cold", trees["baseline"], trusted=True))),
+        "E": ("sandbox after trusted", lambda: sandboxed("E_sandbox_after_trusted", trees["baseline"])),
+        "F": ("sandbox lr edit", lambda: sandboxed("F_sandbox_lr_edit", trees["lr_edit"])),
+        "G": ("sandbox depth edit", lambda: sandboxed("G_sandbox_depth_edit", trees["depth_edit"])),
+        "L": ("sandbox comment line added", lambda: sandboxed("L_sandbox_line_shift", trees["line_shift"])),
+        "H": ("in-process other HOME", lambda: inprocess("H_inproc_home", trees["baseline"], {"HOME": tempfile.mkdtemp()})),
+    }
+    cases = [(f"{k} {everything[k][0]}", everything[k][1]) for k in args.cases]
     for label, fn in cases:
         if time.time() - t0 > args.deadline:
             rows.append(dict(case=label, rc="skipped (deadline)"))
@@ -108,6 +112,9 @@ def main():
         fn()
         print("   ", rows[-1], flush=True)
     keys = ["case", "rc", "wall", "t_import", "t_setup", "startup", "eval", "harness_eval", "fx_hit", "fx_miss", "aot_hit", "aot_miss"]
+    for r in rows:
+        if r.get("compile"):
+            print(r["case"], "compile times (s):", r["compile"])
     print("| " + " | ".join(keys) + " |")
     print("|" + " --- |" * len(keys))
     for r in rows:

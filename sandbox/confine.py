@@ -6,9 +6,11 @@ candidate may see, give up every privilege, and exec the candidate.
 
 SPEC: root (an empty folder to build the view in), ro (folders and files shown
 read-only at their own paths), rw (folders shown writable: the scratch folder),
-hide (paths to blank out if a folder above made them visible), devices, uid (the
-user to become, or null to stay the namespace's root without capabilities), cwd,
-argv. Stdlib only, and nothing imported from the project: this runs before the
+overlays ([lower, upper, work, target]: `lower` shown writable at `target`, every write
+going to `upper`, a folder of the scratch; where the kernel refuses an overlay, `lower`
+is copied into `upper` instead), hide (paths to blank out if a folder above made them
+visible), devices, uid (the user to become, or null to stay the namespace's root without
+capabilities), cwd, argv. Stdlib only, and nothing imported from the project: this runs before the
 candidate and must not read anything the candidate could have written. Exit 121
 means the view could not be built (the caller then uses a weaker isolation).
 """
@@ -82,6 +84,27 @@ def bind(root, path, writable=False):
         read_only(target)
 
 
+def overlay(root, lower, upper, work, target, uid):
+    """`lower` writable at `target`, copy-on-write into `upper`: a candidate sees the shared
+    compile cache at the very path the trusted run wrote it (compiled code records its
+    absolute paths) and changes only its own layer. Copying is the fallback."""
+    os.makedirs(root + target, exist_ok=True)
+    for d in (upper, work):
+        os.makedirs(d, exist_ok=True)
+    own = (lambda path: os.lchown(path, uid, uid)) if uid is not None else (lambda path: None)
+    own(upper)  # before the mount: the overlay's top folder takes the upper one's owner
+    try:
+        mount("overlay", root + target, "overlay", MS_NOSUID | MS_NODEV,
+              f"lowerdir={lower},upperdir={upper},workdir={work}")
+    except OSError:
+        import shutil
+        shutil.copytree(lower, upper, symlinks=True, dirs_exist_ok=True)
+        for dirpath, dirnames, filenames in os.walk(upper):
+            for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+                own(name)
+        mount(upper, root + target, None, MS_BIND | MS_REC)
+
+
 def build_view(spec):
     root = spec["root"]
     mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -90,6 +113,8 @@ def build_view(spec):
         bind(root, path)
     for path in spec["rw"]:
         bind(root, path, writable=True)
+    for lower, upper, work, target in spec.get("overlays", ()):
+        overlay(root, lower, upper, work, target, spec["uid"])
     for path in spec["hide"]:  # shown by a folder above: cover it
         if os.path.lexists(root + path):
             if os.path.isdir(root + path):

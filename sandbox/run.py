@@ -138,11 +138,12 @@ def _python_dirs():
     return sorted(d for d in dirs if d and os.path.isdir(d) and os.path.realpath(d) != "/")
 
 
-def _view_command(prefix, root, scratch, argv, uid, shown, writable=(), hidden=()):
+def _view_command(prefix, root, scratch, argv, uid, shown, writable=(), hidden=(), overlays=()):
     """The command that runs argv inside the confined view (see confine.py), built on
     the empty folder `root`."""
     spec = dict(root=root, ro=[*SYSTEM_DIRS, *_python_dirs(), MODEL_DIR, *shown],
-                rw=[scratch, *writable], hide=list(hidden), uid=uid, cwd=scratch, argv=argv, shm_bytes=1 << 30,
+                rw=[scratch, *writable], overlays=[list(o) for o in overlays], hide=list(hidden), uid=uid, cwd=scratch,
+                argv=argv, shm_bytes=1 << 30,
                 devices=[*DEVICES, *sorted(glob.glob("/dev/nvidia*")), *sorted(glob.glob("/dev/dri"))])
     if uid is not None:
         for path in (scratch, *writable):
@@ -266,22 +267,21 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                                  * data.vocab_size * 4)
     log_fd, log_path = tempfile.mkstemp(prefix=temp_prefix("log"))  # outside the candidate's folder
     os.close(log_fd)
-    # Compile caches: a trusted run (the shipped baseline) fills the shared one; any other
-    # run gets its own copy, which dies with it: nothing it writes reaches a later run.
-    shared_cache = os.path.join(prepare.cache_dir(), "sandbox-compile")
-    os.makedirs(shared_cache, exist_ok=True)
-    if trusted:
-        compiled = shared_cache
-    else:
-        compiled = os.path.join(scratch, ".compile")
-        shutil.copytree(shared_cache, compiled, symlinks=True)
+    # Compile caches. A trusted run (the shipped baseline) fills the shared one; any other run
+    # sees it at the same path (compiled code records absolute paths: a copy elsewhere misses,
+    # or writes back to the original) through an overlay whose upper layer dies with the run,
+    # so nothing it writes reaches a later run. Without the view there is no such protection.
+    compiled = os.path.join(prepare.cache_dir(), "sandbox-compile")
+    os.makedirs(compiled, exist_ok=True)
     argv = [sys.executable, scope.EDITABLE]
     root = tempfile.mkdtemp(prefix=temp_prefix("root"))
+    layers = tempfile.mkdtemp(prefix=temp_prefix("candidate"))  # the overlay's layer: outside the view
     if kind == "view":
         secret = [os.path.join(data.folder, n) for n in prepare.DATA_FILES if n not in prepare.TRAIN_FILES]
+        layer = [] if trusted else [(compiled, os.path.join(layers, "upper"), os.path.join(layers, "work"), compiled)]
         command = _view_command(prefix, root, scratch, argv, _candidate_uid(prefix),
-                                [os.path.join(data.folder, n) for n in prepare.TRAIN_FILES], [shared_cache] if trusted else [],
-                                [*secret, log_path, *map(os.path.abspath, hide)])
+                                [os.path.join(data.folder, n) for n in prepare.TRAIN_FILES], [compiled] if trusted else [],
+                                [*secret, log_path, *map(os.path.abspath, hide)], layer)
     else:
         command = [*prefix, *argv]
     deadline = budget + limits["startup"]  # for the hand-over
@@ -374,8 +374,21 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
             log = f.read()[-65536:].decode("utf-8", "replace")
         os.remove(log_path)
         shutil.rmtree(scratch, ignore_errors=True)
+        _remove(layers)
         os.rmdir(root)
     return result(status, violations, val_bpb if status == "ok" else None, handover, log, rss, evaluated)
+
+
+def _remove(path):
+    """rmtree that also clears what the kernel left unreadable (an overlay's work folder)."""
+    def unlock(fn, p, exc):
+        os.chmod(os.path.dirname(p), 0o700)
+        os.chmod(p, 0o700) if os.path.isdir(p) and not os.path.islink(p) else None
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+    try:
+        shutil.rmtree(path, onerror=unlock)
+    except OSError:
+        pass
 
 
 def _batch_size(profile, data, shared):
