@@ -87,25 +87,27 @@ def _alive(pid):
 @functools.cache
 def isolation():
     """The strongest confinement this machine allows: (kind, command prefix, names).
-    "view": own mount, pid and network namespaces, a filesystem showing only the
-    system, the training split and the scratch folder, no privileges; "namespaces":
-    own pid and network namespaces only; "none"."""
+    "view": own mount, pid, network and IPC namespaces, a filesystem showing only the
+    system, the training split and the scratch folder, no privileges, no kernel
+    keyrings; "namespaces": own pid, network and IPC namespaces only; "none"."""
     if not (sys.platform.startswith("linux") and shutil.which("unshare")):
         return "none", [], BASE_ISOLATION
     users = [[], ["--user", "--map-root-user"]] if os.geteuid() == 0 else [["--user", "--map-root-user"]]
     for user in users:
-        prefix = ["unshare", *user, "--mount", "--pid", "--net", "--fork", "--kill-child=SIGKILL", "--propagation", "private"]
+        prefix = ["unshare", *user, "--mount", "--pid", "--net", "--ipc", "--fork", "--kill-child=SIGKILL", "--propagation",
+                  "private"]
         who = "user-nobody" if not user else "no-capabilities"
         with tempfile.TemporaryDirectory(prefix=temp_prefix("probe")) as tmp:
             root, scratch = os.path.join(tmp, "root"), os.path.join(tmp, "scratch")
             os.mkdir(root), os.mkdir(scratch)
             if _works(_view_command(prefix, root, scratch, [sys.executable, "-c", "import numpy, torch"], _candidate_uid(prefix), [])):
-                return "view", prefix, BASE_ISOLATION + ("network-namespace", "pid-namespace", "mount-namespace",
-                                                         "validation-hidden", "read-only-outside-scratch", who)
+                return "view", prefix, BASE_ISOLATION + ("network-namespace", "pid-namespace", "ipc-namespace",
+                                                         "mount-namespace", "validation-hidden", "read-only-outside-scratch",
+                                                         "no-keyrings", who)
     for user in users:
-        prefix = ["unshare", *user, "--net", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"]
+        prefix = ["unshare", *user, "--net", "--pid", "--ipc", "--fork", "--mount-proc", "--kill-child=SIGKILL"]
         if _works([*prefix, "true"]):
-            return "namespaces", prefix, BASE_ISOLATION + ("network-namespace", "pid-namespace")
+            return "namespaces", prefix, BASE_ISOLATION + ("network-namespace", "pid-namespace", "ipc-namespace")
     return "none", [], BASE_ISOLATION
 
 

@@ -52,7 +52,7 @@ def test_honest_model_is_scored_by_the_harness(run_candidate, stdlib_data):
     r = run_candidate("prepare.hand_over(unigram, 8, 'cpu')")
     assert r.status == "ok" and r.violations == ()
     assert r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-6)  # float32 reductions may sum in another order
-    assert "network-namespace" in r.isolation and "pid-namespace" in r.isolation
+    assert {"network-namespace", "pid-namespace", "ipc-namespace"} <= set(r.isolation)
     assert r.hardware.backend == "cpu" and r.hardware.data_fingerprint == stdlib_data.fingerprint
 
 
@@ -189,6 +189,24 @@ def test_no_secret_environment_no_other_processes_no_root(run_candidate, monkeyp
     assert r.status == "ok" and "found: []" in r.log_tail and "no root" in r.log_tail
     assert "pids: [1] me: 1" in r.log_tail  # nothing of the harness's side is visible
     assert "user-nobody" in r.isolation or "no-capabilities" in r.isolation
+
+
+@view
+def test_kernel_keyrings_are_refused(run_candidate):
+    """Keyrings belong to a user, not to a namespace: processes running as the same user could leave
+    each other notes there."""
+    import platform
+    from sandbox import confine
+    if platform.machine() not in confine.KEYRING_CALLS:
+        pytest.skip(f"no keyctl number for {platform.machine()}")
+    keyctl = confine.KEYRING_CALLS[platform.machine()][1][2]
+    r = run_candidate(f"""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        print("keyctl", libc.syscall({keyctl}, 0, -4, 0), ctypes.get_errno())  # the user keyring's id
+        prepare.hand_over(unigram, 8, 'cpu')
+    """)
+    assert r.status == "ok" and "keyctl -1 1" in r.log_tail  # EPERM
 
 
 @view
