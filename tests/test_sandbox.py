@@ -50,9 +50,9 @@ def no_process_with(marker):
 
 def test_honest_model_is_scored_by_the_harness(run_candidate, stdlib_data):
     r = run_candidate("prepare.hand_over(unigram, 8, 'cpu')")
-    assert r.status == "ok" and r.violations == ()
+    assert r.status == "ok" and r.violations == () and r.probe_max_diff == 0.0
     assert r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-6)  # float32 reductions may sum in another order
-    assert {"network-namespace", "pid-namespace", "ipc-namespace"} <= set(r.isolation)
+    assert {"network-namespace", "pid-namespace", "ipc-namespace", "frozen-model"} <= set(r.isolation)
     assert r.hardware.backend == "cpu" and r.hardware.data_fingerprint == stdlib_data.fingerprint
 
 
@@ -82,6 +82,46 @@ def test_peeking_at_the_next_token_is_caught(run_candidate):
         prepare.hand_over(peek, 8, 'cpu')
     """)
     assert (r.status, r.violations, r.val_bpb) == ("violation", ("non_causal",), None)
+
+
+def test_a_model_that_remembers_requests_cannot_answer_a_probe_as_its_twin(run_candidate):
+    """A probe and its twin share a prefix. This model peeks at the next token, but answers a prefix
+    it has answered before as it did then: served by one process it passed every probe (issue 3). Served
+    by fresh processes, the one that answers the probes never saw the real rows."""
+    r = run_candidate("""
+        seen = []
+        def remembers(x):
+            following = torch.cat([x[:, 1:], x[:, -1:]], 1)
+            for r, row in enumerate(x.tolist()):
+                if seen:
+                    known = np.array(seen)
+                    same = (known == row).cumprod(1).sum(1)  # the common prefix with each row seen
+                    k = int(same.argmax())
+                    if 0 < same[k] < len(row):  # its last shared position answers as it did then
+                        following[r, same[k] - 1] = int(known[k, same[k]])
+                seen.append(row)
+            out = unigram(x).clone()
+            out[:, :-1].scatter_(2, following[:, :-1, None], 30.0)
+            return out
+        prepare.hand_over(remembers, 8, 'cpu')
+    """)
+    assert (r.status, r.violations, r.val_bpb) == ("violation", ("non_causal",), None)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("""
+        import threading
+        lock = threading.Lock()
+        def locked(x):
+            with lock:
+                return unigram(x)
+        prepare.hand_over(locked, 8, 'cpu')
+    """, "the model handed over cannot be pickled: model.lock: TypeError: cannot pickle '_thread.lock' object"),
+    ("prepare.hand_over(unigram, 8, 'cpu')", "the frozen model is larger than the hand-over limit (4,096 bytes)"),
+])
+def test_a_model_that_cannot_be_handed_over_is_a_crash_that_says_why(run_candidate, body, message):
+    r = run_candidate(body, limits=dict(model_bytes=4096) if "limit" in message else None)
+    assert (r.status, r.violations) == ("crash", ()) and message in r.log_tail, r.log_tail
 
 
 def test_training_past_the_budget_is_a_violation(run_candidate):
@@ -189,6 +229,28 @@ def test_no_secret_environment_no_other_processes_no_root(run_candidate, monkeyp
     assert r.status == "ok" and "found: []" in r.log_tail and "no root" in r.log_tail
     assert "pids: [1] me: 1" in r.log_tail  # nothing of the harness's side is visible
     assert "user-nobody" in r.isolation or "no-capabilities" in r.isolation
+
+
+@view
+def test_the_servers_see_no_data_and_share_no_files(run_candidate, stdlib_data):
+    """Each server has its own empty scratch folder: a note the scoring server leaves there is not
+    in the probe server's, and neither can read the validation split."""
+    r = run_candidate(f"""
+        def nosy(x):
+            if not os.path.exists("note"):
+                with open("note", "w") as f:
+                    f.write("seen")
+                for name in ("val.bin", "train.bin"):
+                    try:
+                        open(os.path.join({stdlib_data.folder!r}, name), "rb")
+                        print("READ", name)
+                    except OSError as e:
+                        print("refused", name, type(e).__name__)
+            return unigram(x)
+        prepare.hand_over(nosy, 8, 'cpu')
+    """)
+    assert r.status == "ok" and "READ" not in r.log_tail
+    assert r.log_tail.count("refused val.bin") == r.log_tail.count("refused train.bin") == 2  # once per server
 
 
 @view
