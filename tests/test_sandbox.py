@@ -124,6 +124,45 @@ def test_a_model_that_cannot_be_handed_over_is_a_crash_that_says_why(run_candida
     assert (r.status, r.violations) == ("crash", ()) and message in r.log_tail, r.log_tail
 
 
+def test_both_servers_load_the_same_sealed_bytes():
+    """What the candidate writes after its hand-over reaches no server, no server can change the frozen
+    bytes, and a server refuses bytes that are not sealed."""
+    from model import serve
+    from sandbox import servers
+    source, frozen = servers.freeze_file(1 << 20), servers.frozen_file()
+    try:
+        size = serve.freeze(dict(framework="torch", fn=torch.nn.Linear(4, 2), device="cpu", ambient=serve.ambient()),
+                            source, "torch")
+        with pytest.raises(RuntimeError, match="not sealed"):
+            serve.thaw(frozen, size)
+        servers.freeze(source, frozen, size)
+        os.pwrite(source, b"rewritten after the hand-over", 0)
+        with pytest.raises(PermissionError):
+            os.pwrite(frozen, b"x", 0)
+        assert isinstance(serve.thaw(frozen, size)["fn"], torch.nn.Linear)
+    finally:
+        os.close(source), os.close(frozen)
+
+
+def test_the_ambient_state_of_the_hand_over_goes_with_the_model():
+    """train.py hands over inside `with autocast:`; the servers must evaluate as it would have."""
+    import contextlib
+    from model import serve
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state = serve.ambient()
+        torch.set_float32_matmul_precision(before)
+        with contextlib.ExitStack() as stack:
+            serve.apply_ambient(state, stack)
+            assert torch.get_float32_matmul_precision() == "medium"
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert not torch.is_autocast_enabled("cpu")
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_training_past_the_budget_is_a_violation(run_candidate):
     r = run_candidate("""
         time.sleep(3)
