@@ -2,7 +2,8 @@
 # The sandbox on the H100. The baseline train.py first runs in-process for a short
 # budget (its own evaluation, timed), which also warms the compile cache; then the
 # same file runs through `python -m node experiment` for the full budget, where the
-# harness drives the evaluation over CUDA IPC. Prints both and the overhead.
+# harness drives the evaluation over CUDA IPC. Prints both, the overhead and what each
+# phase of the harness's evaluation took.
 #
 #   BUDGET=300 SHORT=20 bash bench/h100_sandbox.sh     # on the GPU machine
 #
@@ -34,6 +35,8 @@ print(f"| sandbox | {r['status']} {','.join(r['violations'])} | {r['val_bpb'] or
       f"| {r['total_seconds']:.1f} | {', '.join(r['isolation'])} |")
 if r["evaluation_seconds"]:
     print(f"evaluation overhead: {100 * (r['evaluation_seconds'] / ev - 1):+.1f} % ({r['evaluation_seconds']:.2f} s vs {ev:.2f} s)")
+    print(f"probe_max_diff: {r['probe_max_diff']}")
+    print(next((line for line in r["log_tail"].splitlines() if line.startswith("harness:")), ""))  # the evaluation's phases
 if r["status"] != "ok":
     print(r["log_tail"])
 PY
