@@ -28,8 +28,8 @@ def report(home, projected_budget=300.0):
     from node import home as homes
     store = homes.Store(homes.store_path(home))
     exps = [e for e in store.experiments() if e["finished"] is not None]
-    print("| # | kind | status | description | wall s | startup s | eval s | overhead s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| # | kind | status | description | wall s | startup s | eval s | probe diff | overhead s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     rows, last = [], None
     for e in exps:
         r = json.loads(e["result"]) if e["result"] else {}
@@ -41,7 +41,10 @@ def report(home, projected_budget=300.0):
         trained = budget if r.get("status") == "ok" else 0.0
         rows.append((wall, trained, budget))
         print(f"| {e['id']} | {e['kind']} | {e['status']} | {e['description'][:50]} | {wall:.1f} | {startup or '-'} | "
-              f"{r.get('evaluation_seconds') or '-'} | {wall - trained:.1f} |")
+              f"{r.get('evaluation_seconds') or '-'} | {r.get('probe_max_diff')} | {wall - trained:.1f} |")
+        phases = [line for line in r.get("log_tail", "").splitlines() if line.startswith("harness:")]
+        if phases:
+            print(f"|   | {phases[-1][:300]} |")
     store.db.close()
     wall, trained = sum(r[0] for r in rows), sum(r[1] for r in rows)
     ok = [r for r in rows if r[1] > 0]
@@ -58,6 +61,7 @@ def main():
     ap.add_argument("--max-experiments", type=int, default=4)
     ap.add_argument("--home", help="node home (default: a new temporary folder)")
     ap.add_argument("--report", metavar="HOME", help="only print the table for this home")
+    ap.add_argument("--deadline", type=float, help="stop the node (SIGTERM: it ends cleanly) after this many seconds")
     args = ap.parse_args()
     if args.report:
         return report(args.report)
@@ -66,7 +70,12 @@ def main():
     cmd = [sys.executable, "-m", "node", "join", "--home", home, "--listen", "off", "--no-mdns",
            "--budget", str(args.budget), "--max-experiments", str(args.max_experiments)]
     print(" ".join(cmd), flush=True)
-    rc = subprocess.call(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    p = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        rc = p.wait(timeout=args.deadline)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        rc = p.wait()
     print(f"node exited {rc} after {time.time() - t:.0f} s", flush=True)
     report(home)
 
