@@ -1,7 +1,8 @@
 """Where a candidate's start goes on a GPU machine, in process and under the sandbox: time to
 the first optimizer step and torch.compile's cache hits, for the cases a node meets (the
-shipped baseline cold and warm; a copied cache; a candidate after the trusted baseline
-filled the shared cache; an edit that keeps the graphs; one that changes them).
+shipped baseline cold and warm; a candidate after the trusted baseline filled the shared
+cache; an edit that keeps the graphs; one that changes them; a child of a kept candidate
+that changed them, with what that run compiled kept).
 
     python3 bench/startup_diag.py [--budget 5] [--deadline 540]
 
@@ -65,6 +66,7 @@ def main():
         "baseline": base,
         "lr_edit": base.replace("MATRIX_LR = 0.04 ", "MATRIX_LR = 0.06 "),
         "depth_edit": base.replace("    DEPTH = 8 ", "    DEPTH = 9 "),
+        "depth_lr_edit": base.replace("    DEPTH = 8 ", "    DEPTH = 9 ").replace("MATRIX_LR = 0.04 ", "MATRIX_LR = 0.06 "),
         "line_shift": base.replace("\ndef norm(x):", "\n# a comment line shifts every line below\ndef norm(x):"),
     }
     assert all(src != base for name, src in variants.items() if name != "baseline")
@@ -75,6 +77,7 @@ def main():
         trees[name] = d
     cache = prepare.cache_dir()
     shared = os.path.join(cache, "sandbox-compile")
+    kept = tempfile.mkdtemp(prefix="diag-kept-")
     rows = []
 
     def inprocess(label, tree, env=()):
@@ -85,9 +88,9 @@ def main():
         open(os.path.join(OUT, f"{label}.log"), "w").write(log)
         rows.append(dict(case=label, rc=r.returncode, wall=round(time.time() - t, 1), **fields(log)))
 
-    def sandboxed(label, tree, trusted=False):
+    def sandboxed(label, tree, trusted=False, **kw):
         t = time.time()
-        res = sandbox.run(tree, budget=args.budget, trusted=trusted)
+        res = sandbox.run(tree, budget=args.budget, trusted=trusted, **kw)
         open(os.path.join(OUT, f"{label}.log"), "w").write(res.log_tail)
         rows.append(dict(case=label, rc=res.status + " " + ",".join(res.violations), wall=round(time.time() - t, 1),
                          harness_eval=res.evaluation_seconds, **fields(res.log_tail)))
@@ -101,6 +104,10 @@ def main():
         "F": ("sandbox lr edit", lambda: sandboxed("F_sandbox_lr_edit", trees["lr_edit"])),
         "G": ("sandbox depth edit", lambda: sandboxed("G_sandbox_depth_edit", trees["depth_edit"])),
         "L": ("sandbox comment line added", lambda: sandboxed("L_sandbox_line_shift", trees["line_shift"])),
+        "K": ("sandbox depth edit, what it compiled kept", lambda: sandboxed("K_sandbox_depth_kept", trees["depth_edit"],
+                                                                           keep_layer=kept)),
+        "M": ("sandbox lr edit on top of the kept depth edit", lambda: sandboxed("M_sandbox_child_of_kept",
+                                                                                trees["depth_lr_edit"], layers=[kept])),
         "H": ("in-process other HOME", lambda: inprocess("H_inproc_home", trees["baseline"], {"HOME": tempfile.mkdtemp()})),
     }
     cases = [(f"{k} {everything[k][0]}", everything[k][1]) for k in args.cases]

@@ -242,7 +242,9 @@ def serve(sock, forward, host):
 
 def warm(framework):
     """Import the framework and make what the first request would otherwise wait for: the CUDA
-    context, cuBLAS, the kernels of a transformer's usual operations."""
+    context, cuBLAS, and the kernels of a transformer's usual operations at an evaluation's sizes
+    (a fresh process loads each kernel at its first launch: on an H200 the first batches of a
+    server that had warmed only the context took a second longer than in the training process)."""
     if framework == "mlx":
         import mlx.core  # noqa: F401
         import mlx.nn  # noqa: F401
@@ -255,11 +257,29 @@ def warm(framework):
         pass
     if not torch.cuda.is_available():
         return
-    x = torch.randn(1, 4, 64, 64, device="cuda")
-    for dtype in (torch.float32, torch.bfloat16):
-        y = x.to(dtype)
-        F.scaled_dot_product_attention(y, y, y, is_causal=True)
-        torch.tanh(F.rms_norm(y @ y, (64,))).float().square()
+    try:
+        _warm_cuda(torch, F)
+    except Exception as e:  # noqa: BLE001 -- warming only saves time; the model's own forward decides
+        print(f"serve: warming up failed ({type(e).__name__}: {e}); the first batches will be slower", file=sys.stderr)
+
+
+def _warm_cuda(torch, F):
+    B, T, H, D, V = 2, prepare.MAX_SEQ_LEN, 4, 128, prepare.VOCAB_SIZE
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        idx = torch.randint(0, V, (B, T), device="cuda")
+        docs = torch.cumsum(idx == 0, dim=1)
+        pos = torch.arange(T, device="cuda")
+        mask = (docs[:, :, None] == docs[:, None, :]) & (pos[:, None] >= pos[None, :])
+        x = F.rms_norm(F.embedding(idx, torch.randn(V, H * D, device="cuda", dtype=torch.bfloat16)), (H * D,))
+        for width in (H * D, 3 * H * D, 4 * H * D):
+            F.linear(x, torch.randn(width, H * D, device="cuda"))
+        q = x.view(B, T, H, D)
+        q = torch.cat([q[..., :D // 2] * 2 + q[..., D // 2:], q[..., D // 2:] - q[..., :D // 2]], dim=-1).transpose(1, 2)
+        for m in (mask[:, None], None):
+            F.scaled_dot_product_attention(q, q, q, attn_mask=m, is_causal=m is None)
+        y = torch.sigmoid(F.relu(F.linear(x, torch.randn(4 * H * D, H * D, device="cuda"))).square()[..., :32])
+        logits = F.linear(x, torch.randn(V, H * D, device="cuda")).float()
+        (15 * torch.tanh(logits / 15) + y.sum()).isfinite().all()
     torch.cuda.synchronize()
 
 

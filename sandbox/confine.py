@@ -6,7 +6,8 @@ candidate may see, give up every privilege, and exec the candidate.
 
 SPEC: root (an empty folder to build the view in), ro (folders and files shown
 read-only at their own paths), rw (folders shown writable: the scratch folder),
-overlays ([lower, upper, work, target]: `lower` shown writable at `target`, every write
+overlays ([lower, upper, work, target]: `lower` (folders joined by ":", the top one first)
+shown writable at `target`, every write
 going to `upper`, a folder the candidate does not see; where the kernel refuses an overlay, `lower`
 is copied into `upper` instead), hide (paths to blank out if a folder above made them
 visible), devices, uid (the user to become, or null to stay the namespace's root without
@@ -104,7 +105,8 @@ def overlay(root, lower, upper, work, target, uid):
               f"lowerdir={lower},upperdir={upper},workdir={work}")
     except OSError:
         import shutil
-        shutil.copytree(lower, upper, symlinks=True, dirs_exist_ok=True)
+        for folder in reversed(lower.split(":")):  # the bottom one first, so that upper ones win
+            shutil.copytree(folder, upper, symlinks=True, dirs_exist_ok=True)
         for dirpath, dirnames, filenames in os.walk(upper):
             for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
                 own(name)

@@ -11,6 +11,7 @@ import resource
 import select
 import shutil
 import signal
+import stat
 import socket
 import subprocess
 import sys
@@ -264,12 +265,15 @@ def _summary_value(log, key):
 
 
 def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None, probes=None, limits=None, hide=(),
-        progress=None, trusted=False, backend=None):
+        progress=None, trusted=False, backend=None, layers=(), keep_layer=None):
     """Run the tree at `candidate` (a folder with train.py); never raises for what
     the candidate does. `limits` overrides entries of the profile's LIMITS; `hide`
     names more paths the candidate must not see (the node's home); `progress` is
     called as progress(phase, seconds elapsed, budget seconds left) while it runs;
     `trusted` (the shipped baseline only) lets the run write the shared compile cache;
+    `layers` are compile caches shown above the shared one (what runs of the node's kept
+    candidates compiled), and `keep_layer` a folder that receives what this run compiled
+    when it scored (only with the private view: see merge_layer);
     `backend` (auto | cuda | mps | cpu | mlx, see sandbox.backend; default: torch's own
     choice, as train.py makes it) names what the candidate runs on: an MLX candidate
     (train_mlx.py) hands over through prepare.hand_over_mlx and is evaluated here
@@ -312,11 +316,13 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     os.makedirs(compiled, exist_ok=True)
     argv = [sys.executable, scope.EDITABLE]
     root = tempfile.mkdtemp(prefix=temp_prefix("root"))
-    layers = tempfile.mkdtemp(prefix=temp_prefix("candidate"))  # the overlay's layer: outside the view
+    layer_dir = tempfile.mkdtemp(prefix=temp_prefix("candidate"))  # the overlay's layer: outside the view
+    upper = os.path.join(layer_dir, "upper")
     secret = [os.path.join(data.folder, n) for n in prepare.DATA_FILES if n not in prepare.TRAIN_FILES]
     hidden = [*secret, log_path, *map(os.path.abspath, hide)]
     if kind == "view":
-        layer = [] if trusted else [(compiled, os.path.join(layers, "upper"), os.path.join(layers, "work"), compiled)]
+        lower = ":".join([*(p for p in layers if os.path.isdir(p) and ":" not in p and os.listdir(p)), compiled])
+        layer = [] if trusted else [(lower, upper, os.path.join(layer_dir, "work"), compiled)]
         command = _view_command(prefix, root, scratch, argv, _candidate_uid(prefix),
                                 [os.path.join(data.folder, n) for n in prepare.TRAIN_FILES], [compiled] if trusted else [],
                                 hidden, layer)
@@ -421,10 +427,35 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
             os.remove(path)
         for folder in [scratch, *(server.paths[0] for server in pair)]:
             shutil.rmtree(folder, ignore_errors=True)
-        _remove(layers)
+        if keep_layer and status == "ok" and kind == "view" and not trusted and os.path.isdir(upper):
+            merge_layer(upper, keep_layer)
+        _remove(layer_dir)
         for folder in [root, *(server.paths[1] for server in pair)]:
             os.rmdir(folder)
     return result(status, violations, val_bpb if status == "ok" else None, handover, log, rss, evaluated)
+
+
+def merge_layer(src, dst):
+    """Move what an overlay's upper layer `src` holds into the folder `dst`, owners kept, the
+    overlay's deletion marks left out. A run's compiled code may serve later runs only because
+    its training process never sees a validation input (the model is frozen at the hand-over
+    and scored by other processes), and because a kept candidate's code runs in every later
+    candidate anyway."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        target = os.path.join(dst, os.path.relpath(dirpath, src))
+        os.makedirs(target, exist_ok=True)
+        st = os.lstat(dirpath)
+        os.chown(target, st.st_uid, st.st_gid)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not stat.S_ISREG(os.lstat(path).st_mode) and not os.path.islink(path):  # whiteouts: char devices
+                continue
+            try:
+                os.replace(path, os.path.join(target, name))
+            except OSError:  # another filesystem
+                shutil.copy2(path, os.path.join(target, name), follow_symlinks=False)
+                st = os.lstat(path)
+                os.lchown(os.path.join(target, name), st.st_uid, st.st_gid)
 
 
 def _remove(path):

@@ -324,6 +324,26 @@ def test_nothing_a_candidate_writes_reaches_a_later_run(run_candidate, stdlib_ca
     assert not [p for p in shared.rglob("trojan.py")]  # it wrote into its own copy, gone with it
 
 
+@view
+def test_what_a_kept_run_compiled_serves_later_runs_and_nothing_else(run_candidate, stdlib_cache, tmp_path):
+    shared, kept = stdlib_cache / "sandbox-compile", tmp_path / "kept"
+    write = """
+        with open(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "compiled-{0}.py"), "w") as f:
+            f.write("kernels")
+        {1}
+    """
+    r = run_candidate(write.format("a", "prepare.hand_over(unigram, 8, 'cpu')"), keep_layer=str(kept))
+    assert r.status == "ok" and (kept / "compiled-a.py").read_text() == "kernels"
+    r = run_candidate(write.format("b", "raise SystemExit(3)"), keep_layer=str(kept))
+    assert r.status == "crash" and not (kept / "compiled-b.py").exists()  # a run that did not score keeps nothing
+    r = run_candidate("""
+        print("sees:", open(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "compiled-a.py")).read())
+        prepare.hand_over(unigram, 8, 'cpu')
+    """, layers=[str(kept)])
+    assert r.status == "ok" and "sees: kernels" in r.log_tail
+    assert not list(shared.rglob("compiled-*.py"))  # the shared cache stays the trusted run's alone
+
+
 @pytest.mark.parametrize("frame", [b"\0\0\0\x10{", b"\0\0\x0f\xa0" + b"[" * 4000])
 def test_a_broken_hand_over_frame_is_a_violation_not_a_hang(run_candidate, frame):
     r = run_candidate(f"""
