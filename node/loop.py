@@ -10,6 +10,7 @@ from the store, so a node killed at any instant carries on consistently.
 """
 
 import ast
+import concurrent.futures
 import dataclasses
 import json
 import math
@@ -89,6 +90,7 @@ class Node:
         self.done = 0          # experiments run by this process
         self._running = None   # the candidate under way: source, description
         self._next = None      # the proposal being prepared: (context, skipped, future)
+        self._signalled = False  # set by SIGINT/SIGTERM; checked again where a swallowed Stop would be lost
         try:
             self._recover()
         except BaseException:
@@ -207,6 +209,7 @@ class Node:
         last = [None]
 
         def show(phase, elapsed, remaining):
+            self._check_stop()
             if self.tty:
                 print(f"\r\033[K{label}: {phase} {elapsed:.0f}s (hand-over due within {max(0, remaining):.0f}s)",
                       end="", file=self.out, flush=True)
@@ -376,7 +379,13 @@ class Node:
                 ctx, skipped = self.context(self._running)
                 self._next = (ctx, skipped, self.proposer.submit(ctx))
             ctx, skipped, future = self._next
-            p = future.result()  # a signal still stops the node here: close() cancels the request
+            while True:  # a signal still stops the node here: close() cancels the request
+                self._check_stop()
+                try:
+                    p = future.result(timeout=0.5)
+                    break
+                except concurrent.futures.TimeoutError:
+                    pass
             self._next = None
             self._count_skipped(skipped)
             base = p and (p.base or ctx.source)
@@ -573,6 +582,7 @@ class Node:
             self.flush()
             self.baseline()
             while not self.s["max_experiments"] or self.done < self.s["max_experiments"]:
+                self._check_stop()
                 if self.done and self.s["remeasure_every"] and self.done % self.s["remeasure_every"] == 0:
                     self.remeasure()
                 if self.verify_next():
@@ -596,7 +606,15 @@ class Node:
         return 0
 
     def _stop(self, signum, frame):
+        self._signalled = True
         raise Stop()
+
+    def _check_stop(self):
+        """Raise Stop if a signal came. The handler raises it at once, but where it lands in a
+        finalizer (a Popen's or a file's __del__ run by the garbage collector) Python prints it
+        as 'Exception ignored' and goes on: this is where the node notices all the same."""
+        if self._signalled:
+            raise Stop()
 
     def join_network(self):
         """Start gossip beside the loop (settings listen, seeds, mdns; listen 'off': none)."""

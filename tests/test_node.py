@@ -294,3 +294,40 @@ def test_a_full_disk_stops_the_node_with_one_line_and_loses_nothing(env, tmp_pat
         assert r.returncode == 0, r.stderr
     finally:
         subprocess.run(["umount", "-l", str(home)], capture_output=True)
+
+
+class _SignalInFinalizer:
+    """Sends this process SIGTERM from __del__, where Python prints the handler's exception as
+    'Exception ignored' and goes on: what a garbage-collected Popen or file can do to a node."""
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10000):  # the handler runs at the next check, inside this finalizer
+            pass
+
+
+def test_a_signal_swallowed_by_a_finalizer_still_stops_the_node(tmp_path, stdlib_data, stdlib_cache, monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
+    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), budget=60.0, listen="off")
+    node = loop.Node(str(tmp_path / "n"), s, stdlib_data, out=open(os.devnull, "w"))
+    progress = node._progress
+
+    def swallowing(label):
+        show, fired = progress(label), []
+
+        def first_call_signals(*a):
+            if not fired:
+                fired.append(1)
+                _SignalInFinalizer()  # dropped at once: its __del__ runs here
+            show(*a)
+        return first_call_signals
+    node._progress = swallowing
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_type))
+    try:
+        t0 = time.time()
+        assert node.run() == 0
+        assert time.time() - t0 < 30  # not the 60 s budget: stopped within moments of the signal
+        assert swallowed == [loop.Stop]  # the handler's Stop really was swallowed
+        assert [e["status"] for e in node.store.experiments()] == ["interrupted"]
+    finally:
+        node.close()
