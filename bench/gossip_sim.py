@@ -93,8 +93,9 @@ class Net(sim.Network):
         super().__init__(**kw)
         self.hostile = set()     # addresses
         self.order = []          # addresses in the order they joined
-        self.aimed = Counter()   # (kind, to a hostile node?) for sends by honest nodes
+        self.aimed = Counter()   # (kind, to a hostile node?) for sends by honest nodes, by their choice
         self.honest_sent = 0     # messages sent by honest nodes
+        self.publishing = False  # a publisher's own record goes to every member: no choice to count
 
     def _act(self, address, outputs):
         if address in self.hostile:  # what a hostile node holds does not count as delivered
@@ -103,9 +104,16 @@ class Net(sim.Network):
             for o in outputs:
                 if type(o) is protocol.Send:
                     self.honest_sent += 1
-                    if o.kind in AIMED:
+                    if o.kind in AIMED and not self.publishing:
                         self.aimed[o.kind, o.address in self.hostile] += 1
         super()._act(address, outputs)
+
+    def publish(self, address, record):
+        self.publishing = True
+        try:
+            super().publish(address, record)
+        finally:
+            self.publishing = False
 
     def honest(self):
         return [a for a in self.order if a not in self.hostile and a not in self.down]
@@ -193,8 +201,8 @@ class Hostile(protocol.Node):
         return [] if self.drop and self.censor is None else super()._on_ids(msg, acct, now)
 
     # membership
-    def _piggyback(self, own):
-        p = super()._piggyback(own)
+    def _piggyback(self, own, rumours=True):
+        p = super()._piggyback(own, rumours)
         if self.pollute:
             k = min(len(self.clan_hellos), self.config.piggyback + 2)
             p["members"] = ([self.hello] if own else []) + self.rng.sample(self.clan_hellos, k)
@@ -415,25 +423,29 @@ def warm(net, rng, records=3):
 
 
 def isolation(net):
-    """What honest nodes think of hostile and honest members."""
+    """What honest nodes think of hostile and honest members: standing, service (records they
+    delivered first, decaying), bans, and what became of the rumours honest nodes heard."""
     hostile_ids = {net.nodes[a].id for a in net.hostile}
-    s = {True: [], False: []}
-    excluded, delivered, bans = Counter(), Counter(), Counter()
+    s, service = {True: [], False: []}, {True: [], False: []}
+    excluded, served, bans, rumours = Counter(), Counter(), Counter(), Counter()
     for a in net.honest():
         x = net.nodes[a]
         for m in x.members.values():
             h = m.id in hostile_ids
-            st = x._standing(m.id)
+            st = x.ledger.standing(m.id, net.now)
             s[h].append(st)
             excluded[h] += st < 0
-            delivered[h] += m.deliveries > 0
-        for acct in x.accounts.values():
+            service[h].append(x.ledger.service(m.id, net.now))
+            served[h] += x.ledger.served(m.id, net.now)
+        for acct in x.ledger.accounts.values():
             if acct.banned_until > net.now and acct.node:
                 bans[acct.node in hostile_ids] += 1
+        rumours.update(x.rumours)
     share = len(s[True]) / max(1, len(s[True]) + len(s[False]))
     return {"share": share, "standing": {h: statistics.mean(v) if v else None for h, v in s.items()},
             "excluded": {h: excluded[h] / max(1, len(s[h])) for h in s},
-            "delivered": {h: delivered[h] / max(1, len(s[h])) for h in s}, "bans": bans}
+            "service": {h: statistics.mean(v) if v else None for h, v in service.items()},
+            "served": {h: served[h] / max(1, len(s[h])) for h in s}, "bans": bans, "rumours": rumours}
 
 
 def false_deaths(net, since):
@@ -496,7 +508,7 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
         ids = {net.nodes[a].id for a in net.hostile}
         notes["victim's view after: hostile / all"] = f"{sum(m.id in ids for m in v.members.values())} / {len(v.members)}"
         notes["victim's mean standing of hostile / honest members"] = " / ".join(
-            fmt(statistics.mean([v._standing(m.id) for m in v.members.values() if (m.id in ids) == h] or [0]))
+            fmt(statistics.mean([v.ledger.standing(m.id, net.now) for m in v.members.values() if (m.id in ids) == h] or [0]))
             for h in (True, False))
         delays = [net.held[r["id"]][target] - min(net.held[r["id"]].values()) if target in net.held[r["id"]] else None
                   for r in runs]
@@ -517,7 +529,8 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
 def flood_cpu(seed):
     """Real CPU one node spends on one valid `ping` whose piggyback is stuffed with relayed hellos
     of members it already knows, each in new bytes (re-signed), against an ordinary ping: the
-    most the wire lets through, and 4096 (the array limit) built past make_message's check."""
+    most the wire lets through, and 4096 (the array limit) built past make_message's check; and
+    pings relaying hellos of keys it has never seen (new in every ping), each a signature check."""
     rng = random.Random(seed)
     ids = [Identity.from_seed(f"flood {seed} {i}".encode()) for i in range(201)]
     node = protocol.Node(ids[0], "v", rng=rng, now=0.0)
@@ -538,6 +551,12 @@ def flood_cpu(seed):
     if most < wire.LIMITS.array_len:
         cases.append((f"ping with {wire.LIMITS.array_len} relayed hellos, new bytes",
                       [hello(199, 0)] + [hello(k % 199, 1 + k) for k in range(wire.LIMITS.array_len - 1)]))
+
+    def strangers(i):  # hellos of keys never seen before, new ones in every ping
+        keys = [Identity.from_seed(f"stranger {seed} {i} {j}".encode()) for j in range(most - 1)]
+        return [hello(199, 0)] + [wire.make_message(k, "hello", {"address": f"s{i}.{j}", "incarnation": 0, "meta": {}},
+                                                    0, f"s{i}.{j}") for j, k in enumerate(keys)]
+    cases.append((f"ping with {most} relayed hellos of new keys (each ping its own)", strangers))
     out = {}
     memo = wire.verify, wire.decode_message
     wire.verify, wire.decode_message = UNMEMOIZED
@@ -545,8 +564,8 @@ def flood_cpu(seed):
     try:
         for name, members in cases:  # one second of them at the connection's sustained rate limit
             before = Counter(node.rejected())
-            msgs = [raw(attacker, "ping", {"seq": i, "members": members, "suspects": []}, int(t * 1000) + i, "m199")
-                    for i in range(int(rate))]
+            msgs = [raw(attacker, "ping", {"seq": i, "members": members(i) if callable(members) else members,
+                                           "suspects": []}, int(t * 1000) + i, "m199") for i in range(int(rate))]
             c0 = time.process_time()
             for i, data in enumerate(msgs):
                 node.receive("m199", data, t + i / rate)
@@ -554,8 +573,8 @@ def flood_cpu(seed):
             t += 2.0
             out[name] = (len(msgs[0]), cpu / len(msgs), cpu, ", ".join(f"{k} {v}" for k, v in
                                                                        (Counter(node.rejected()) - before).items()) or "taken")
-            node.accounts.clear()  # a fresh connection for the next case
-            node.node_accounts.clear()
+            node.ledger.accounts.clear()  # a fresh connection for the next case
+            node.ledger.by_member.clear()
     finally:
         wire.verify, wire.decode_message = memo
     return out, node.config.rate_per_s
@@ -615,13 +634,16 @@ def report_c(base, cold_base, results):
         rows.append([r["name"], f"{i['share']:.2f}", f"{a['push']:.2f} / {a['ihave']:.2f} / {a['digest']:.2f}",
                      f"{fmt(i['standing'][True])} / {fmt(i['standing'][False])}",
                      f"{i['excluded'][True]:.2f} / {i['excluded'][False]:.2f}",
-                     f"{i['delivered'][True]:.2f} / {i['delivered'][False]:.2f}",
-                     f"{i['bans'][True]} / {i['bans'][False]}", r["false_deaths"]])
+                     f"{fmt(i['service'][True])} / {fmt(i['service'][False])}",
+                     f"{i['served'][True]:.2f} / {i['served'][False]:.2f}",
+                     f"{i['bans'][True]} / {i['bans'][False]}", r["false_deaths"],
+                     " / ".join(str(i["rumours"][k]) for k in ("heard", "confirmed", "disproved", "unheard"))])
     scores = table(["scenario", "hostile share of honest views",
                     "hostile share of honest gossip targets: push / ihave / digest",
                     "mean standing: hostile / honest members", "standing < 0 (not chosen): hostile / honest",
-                    "members with first deliveries: hostile / honest", "bans in force: of hostile / of honest",
-                    "honest members declared dead"], rows)
+                    "mean service: hostile / honest", "served (preferred): hostile / honest",
+                    "bans in force: of hostile / of honest", "honest members declared dead",
+                    "rumours honest nodes checked / confirmed / disproved / did not hear"], rows)
     notes = [f"- {r['name']}: {k}: {v}" for r in results for k, v in r["notes"].items()]
     return delivery, scores, "\n".join(notes)
 
