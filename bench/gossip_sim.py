@@ -448,6 +448,15 @@ def isolation(net):
             "served": {h: served[h] / max(1, len(s[h])) for h in s}, "bans": bans, "rumours": rumours}
 
 
+def eclipsed(net):
+    """Honest nodes with no honest member in their view and in no honest view: nothing honest
+    reaches them but through hostile nodes."""
+    honest = net.honest()
+    ids = {net.nodes[a].id: a for a in honest}
+    known = {ids[m] for a in honest for m in net.nodes[a].members if m in ids}
+    return {a for a in honest if a not in known and not any(m in ids for m in net.nodes[a].members)}
+
+
 def false_deaths(net, since):
     """member_dead events at honest nodes about honest members that were up."""
     honest_ids = {net.nodes[a].id for a in net.honest()}
@@ -499,6 +508,13 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
             c.censor = net.nodes[target].identity.public_key
         sources = [target]
     runs = attack_records(net, rng, records, sources, limit_s)
+    if how == "cold":
+        cut_off = eclipsed(net)
+        reach = [sum(a in net.held[r["id"]] for a in net.honest() if a not in cut_off) for r in runs]
+        notes["honest nodes that know no honest member and that no honest node knows (all their contacts hostile)"] = \
+            len(cut_off)
+        notes["of the other honest nodes, holding each record at the limit"] = ", ".join(
+            f"{k}/{len(net.honest()) - len(cut_off)}" for k in reach)
     t0, sent0 = net.now, net.honest_sent
     net.run(5.0)
     traffic = (net.honest_sent - sent0) / len(net.honest()) / (net.now - t0)
@@ -671,8 +687,12 @@ keep membership honest enough to stay in views (they answer probes) and attack t
 - cold boot: hostile nodes outnumber honest ones 2:1 and boot with them, mixed; records from 5 s after
   the last join (no record yet, so no standing earned); they drop records and tell only of each other
   (no slander here: it makes the simulation too slow at this size; the two rows above have it).
-Standing is the core's per-member score (the worst of its connections); the core does not choose
-members below 0 as gossip targets. "No attack" is the same honest population without hostile nodes."""
+Standing is the core's per-member score (the worst of its connections, less its debt: unanswered
+digests, disproved rumours); the core does not choose members below 0 as gossip targets. Service is
+the records a member delivered first (decaying by half in 10 min); "served" members (service >= 0.5)
+are drawn for half of every choice of gossip target. Target shares count the honest nodes' own
+choices (pushes of records they forward, ihave, digest), not the publisher's flood of its own record.
+"No attack" is the same honest population without hostile nodes."""
 
 
 # --- main --------------------------------------------------------------------------------------
