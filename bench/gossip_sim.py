@@ -756,7 +756,7 @@ def main():
         if notes:
             print(notes + "\n")
         print("CPU one node spends on valid pings from one connection whose piggyback relays hellos of members it "
-              "knows, re-signed so the bytes are new (no memo):\n")
+              "knows, re-signed so the bytes are new, or of keys it has never seen (no memo):\n")
         print(table(["message", "bytes", f"CPU s for {rate:.0f} of them in 1 s (the per-connection rate limit)",
                      "CPU ms each", "rejected"],
                     [[k, b, f"{total:.2f}", f"{each * 1000:.2f}", how] for k, (b, each, total, how) in flood.items()])

@@ -1,7 +1,7 @@
 """Membership, the half of the protocol core that knows who is out there (gossip/protocol.py
 is the other half: records). Pure like it; a mixin of protocol.Node, which supplies the
 identity, config, rng, ledger and clock (`_now`), signs what goes out (`_message`), bans
-(`_penalize`), and lets records ride on membership messages (`_have`, `_want`).
+(`_penalize`), and lets records ride on membership messages (`_have`, `_hear_of`).
 
 - SWIM: a signed `hello` per node (its address and incarnation) relayed by peers; one probe per
   period, then indirect probes through k others; suspicion before removal; refutation by a
@@ -244,7 +244,8 @@ class Membership:
             if fresh >= self.config.intro_per_message:
                 break
         out += self._hear(msg.sender_id, msg.payload.get("suspects", ()), now)
-        return out + self._want(msg.payload.get("have", ()), acct, msg.address, now)
+        self._hear_of(msg.payload.get("have", ()), acct, msg.address, now)
+        return out
 
     def _hear(self, teller, suspects, now):
         """Suspicions relayed by `teller`: rumours, checked by our own pings before we believe

@@ -56,8 +56,9 @@ class Config:
     promise_timeout_s: float = 1.0
     have_s: float = 60.0           # a record's id rides on our pings and acks this long after we got it
     have_ids: int = 4              # ... the newest this many
+    have_wait_s: float = 0.5       # we pull an id a ping said its sender has this late (the push is faster)
     flood_publish: bool = True     # our own new record goes to every member in good standing, not `fanout`
-    spot_checks: bool = True       # a member whose digest equals ours must serve one of our records when asked
+    spot_checks: float = 0.25      # share of digests equal to ours whose sender must then serve one of our records
     rate_per_s: float = 400.0      # tokens per connection, sustained: a message or a signature check each
     burst: float = 800.0
     ban_score: float = -20.0
@@ -97,6 +98,7 @@ class Node(Membership):
         self.lazy = []                      # ids to announce next round
         self.recent = []                    # (time we got it, id), oldest first: the ids our pings carry
         self.spot = {}                      # member id -> (record id it must serve, deadline, connection)
+        self.heard = {}                     # record id a ping said its sender has -> (pull at, address, connection)
         self.wanted = {}                    # id -> (deadline, connection we asked)
         self.ae_waiting = None              # the member whose digest reply we wait for
         self.sent = Counter()
@@ -171,6 +173,7 @@ class Node(Membership):
                 del self.spot[mid]
                 if origin in self.ledger.accounts:
                     out += self._penalize(self.ledger.accounts[origin], "broken_promise", now)
+        out += self._pull_heard(now)
         for rid, (deadline, origin) in list(self.wanted.items()):
             if now >= deadline:
                 del self.wanted[rid]
@@ -283,6 +286,22 @@ class Node(Membership):
             self.recent.pop(0)
         return [rid for _, rid in self.recent[-self.config.have_ids:]]
 
+    def _hear_of(self, ids, acct, address, now):
+        """Ids a ping or ack said its sender has: pulled in `have_wait_s` if still missing, by then
+        usually pushed to us; so they fill gaps (a cold start, a lost push) and cost little else."""
+        for rid in ids[:self.config.have_ids * 2]:
+            if rid not in self.records and rid not in self.wanted and rid not in self.heard and len(self.heard) < 1024:
+                self.heard[rid] = (now + self.config.have_wait_s, address, acct.origin)
+
+    def _pull_heard(self, now):
+        due = {}
+        for rid, (at, address, origin) in list(self.heard.items()):
+            if now >= at:
+                del self.heard[rid]
+                if rid not in self.records and rid not in self.wanted and origin in self.ledger.accounts:
+                    due.setdefault((address, origin), []).append(rid)
+        return [o for (address, origin), ids in due.items() for o in self._want(ids, self.ledger.accounts[origin], address, now)]
+
     def _on_ihave(self, msg, acct, now):
         return self._want(msg.payload["ids"], acct, msg.address, now)
 
@@ -330,8 +349,8 @@ class Node(Membership):
                     out.append(self._message(address, "ids", {"bucket": k, "ids": ids[j:j + wire.LIMITS.array_len]}, now))
         if msg.payload["reply"]:
             out.append(self._message(address, "digest", {"buckets": self._digest(now), "reply": False}, now))
-        elif (theirs == mine and mine and self.config.spot_checks and msg.sender_id not in self.spot
-              and not self.ledger.vetted(msg.sender_id, now)):
+        elif (theirs == mine and mine and msg.sender_id not in self.spot and not self.ledger.served(msg.sender_id, now)
+              and not self.ledger.vetted(msg.sender_id, now) and self.rng.random() < self.config.spot_checks):
             out += self._spot_check(msg, acct, now)
         return out
 

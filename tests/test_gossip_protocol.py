@@ -599,6 +599,23 @@ def test_a_rumour_nobody_disproves_is_believed_and_repeated():
     assert node.ledger.standing(teller.id, node._now) == 0
 
 
+def test_ids_on_a_ping_are_pulled_when_no_push_brought_them():
+    """A ping's `have` names the sender's newest records: one we still lack after `have_wait_s`
+    is pulled from it; one pushed to us meanwhile is not; a promise not kept costs the sender."""
+    sender = Identity.from_seed(b"sender")
+    node = protocol.Node(Identity.from_seed(b"me"), "me", rng=random.Random(3), now=0.0)
+    node.receive("s", _member_hello(sender, "s"), 1.0)
+    r1, r2 = note("pushed meanwhile", 1.0), note("missed", 1.0)
+    ping = wire.make_message(sender, "ping", {"seq": 1, "members": [], "suspects": [], "have": [r1.id, r2.id]}, 1_000, "s")
+    assert sends(node.receive("s", ping, 1.0), {"iwant"}) == []
+    node.receive("s", push(sender, [r1.encoded], 1.1, "s"), 1.1)
+    assert sends(node.tick(1.0 + CFG.have_wait_s / 2), {"iwant"}) == []
+    pulls = sends(node.tick(1.0 + CFG.have_wait_s), {"iwant"})
+    assert [(o.address, wire.decode_message(o.data, 2_000).payload["ids"]) for o in pulls] == [("s", [r2.id])]
+    node.tick(1.0 + CFG.have_wait_s + CFG.promise_timeout_s)
+    assert node.ledger.accounts["s"].counts["broken_promise"] == 1
+
+
 class Slanderer(protocol.Node):
     """Answers probes like anyone, and tells every member it talks to that others are suspect."""
 
@@ -714,7 +731,7 @@ class MirrorCensor(protocol.Node):
 
 
 def test_silent_censors_earn_no_service_and_fail_spot_checks():
-    net = Sim(seed=121, loss=0.01)
+    net = Sim(seed=121, loss=0.01, config=dataclasses.replace(CFG, spot_checks=1.0))  # every equal digest checked
     net.add()
     for i in range(1, 16):
         net.add(seeds=["n0"], cls=MirrorCensor if i % 4 == 0 else protocol.Node)
