@@ -221,7 +221,7 @@ class Hostile(protocol.Node):
     def tick(self, now):
         out = super().tick(now)
         if self.drop and self.censor is None:  # takes no part in lazy pull or anti-entropy
-            out = [o for o in out if not (type(o) is protocol.Send and o.kind in ("ihave", "digest"))]
+            out = [o for o in out if not (type(o) is protocol.Send and o.kind in ("ihave", "iwant", "digest"))]
         while self.late and self.late[0][0] <= now:
             _, msg, acct = self.late.pop(0)
             out += protocol.Node._on_push(self, msg, acct, now)

@@ -37,9 +37,9 @@ class Member:
     __slots__ = ("id", "key", "address", "incarnation", "meta", "hello", "state", "suspect_until",
                  "last_seen", "deliveries", "seed", "rank")
 
-    def __init__(self, msg, now, rank):
+    def __init__(self, msg, seen, rank):
         self.id, self.key, self.seed, self.deliveries, self.rank = msg.sender_id, msg.sender, False, 0, rank
-        self.state, self.suspect_until, self.last_seen = "alive", 0.0, now
+        self.state, self.suspect_until, self.last_seen = "alive", 0.0, seen  # the last time we know it spoke
         self.update(msg)
 
     def update(self, msg):
@@ -140,17 +140,20 @@ class Membership:
         if m:
             if inc > m.incarnation:
                 m.update(msg)
+                m.last_seen = max(m.last_seen, min(now, msg.ts / 1000))  # it spoke when it signed this
                 self._spread(msg.encoded, mid)
             return []
         if len(self.members) >= self.config.max_view:
             if not self._outranks(mid):
                 return []
             self._drop(self._victim())  # still alive, just out of our sample
-        m = self.members[mid] = Member(msg, now, self._rank(mid))
+        seen = now if direct and acct.node == mid else min(now, msg.ts / 1000)  # a relayed hello: when it was said
+        m = self.members[mid] = Member(msg, seen, self._rank(mid))
         m.seed = m.address in self.seeds
         self._worst = None
         self.dead.pop(mid, None)
-        self._spread(msg.encoded, mid)
+        if seen >= now - self.config.news_s:  # news (a join, a restart, or first-hand): spread it; an old
+            self._spread(msg.encoded, mid)     # hello heard second-hand travels by peer exchange alone
         return [Event("member_joined", {"id": mid, "address": m.address})]
 
     def _peek(self, blob):
@@ -193,6 +196,9 @@ class Membership:
 
     def _piggyback(self, own, rumours=True):
         members = [self.hello] if own else []
+        since = self._now - self.config.news_s  # news of a member that has not spoken since is stale
+        self.updates = [u for u in self.updates if u[2] == self.id or (
+            u[2] in self.members and self.members[u[2]].last_seen >= since)]
         self.updates.sort(key=lambda u: -u[1])  # least sent first (stable sort: newest first among equals)
         for u in self.updates[:self.config.piggyback]:
             members.append(u[0])
@@ -214,9 +220,11 @@ class Membership:
         return out
 
     def _exchange(self, k):
-        """Peer exchange: k random live members, and one more among those that served us (when
-        any did), so that members who forward get introduced to each other."""
-        alive = [m for m in self.members.values() if m.state == "alive"]
+        """Peer exchange: k random live members that spoke lately (to us, or in a hello said
+        within `news_s`), so that a member cut off stops being named; and one more among those
+        that served us (when any did), so that members who forward get introduced to each other."""
+        since = self._now - self.config.news_s
+        alive = [m for m in self.members.values() if m.state == "alive" and m.last_seen >= since]
         if len(alive) <= k:
             return alive
         picked = self.rng.sample(alive, k)

@@ -50,6 +50,8 @@ class Config:
     rejoin_interval_s: float = 4.0 # seeds (while alone) and recently dead members
     max_view: int = 256            # members known at once
     max_dead: int = 1024           # dead members remembered (so their old hellos stay dead)
+    news_s: float = 10.0           # a hello said within this is news we spread; peer exchange names
+                                   # members that spoke within it
     piggyback: int = 4             # hellos relayed per ping or ack (besides peer exchange)
     suspicions: int = 8            # suspicions relayed per ping or ack, and heard from one
     intro_per_message: int = 16    # new members one message may introduce
@@ -99,6 +101,7 @@ class Node(Membership):
         self.recent = []                    # (time we got it, id), oldest first: the ids our pings carry
         self.spot = {}                      # member id -> (record id it must serve, deadline, connection)
         self.heard = {}                     # record id a ping said its sender has -> (pull at, address, connection)
+        self.arrivals = {}                  # record id -> (first held, members that had it from us or were credited)
         self.wanted = {}                    # id -> (deadline, connection we asked)
         self.ae_waiting = None              # the member whose digest reply we wait for
         self.sent = Counter()
@@ -130,6 +133,7 @@ class Node(Membership):
         self._keep(record, now)
         out = [Deliver(record)]
         first = self._targets(len(self.members) if self.config.flood_publish else self.config.fanout)
+        self.arrivals[record.id] = (now, {m.id for m in first})
         out += self._push([record], [m.address for m in first], now)
         self.lazy.append(record.id)
         return out
@@ -174,6 +178,8 @@ class Node(Membership):
                 if origin in self.ledger.accounts:
                     out += self._penalize(self.ledger.accounts[origin], "broken_promise", now)
         out += self._pull_heard(now)
+        for rid in [rid for rid, (t, _) in self.arrivals.items() if now - t > self.config.round_s]:
+            del self.arrivals[rid]
         for rid, (deadline, origin) in list(self.wanted.items()):
             if now >= deadline:
                 del self.wanted[rid]
@@ -252,6 +258,7 @@ class Node(Membership):
                     if self.spot.get(msg.sender_id, (None,))[0] == rid:  # served what its digest claimed
                         del self.spot[msg.sender_id]
                         self.ledger.vet(msg.sender_id, now)
+                    self._forwarded(rid, msg.sender_id, 0.5, now)
                     continue
                 asked = isinstance(rid, bytes) and self.wanted.get(rid, (0, None))[1] == acct.origin
                 if not asked and not self.ledger.take(acct, 1, now):  # an unasked-for signature check costs a token
@@ -272,13 +279,24 @@ class Node(Membership):
             m = self.members.get(msg.sender_id)
             if m:
                 m.deliveries += 1
-            self.ledger.serve(msg.sender_id, 1.0, now)
+            self.arrivals[record.id] = (now, {record.author_id})  # its author's own copy is no service
+            self._forwarded(record.id, msg.sender_id, 1.0, now)
             self.ledger.reward(acct, 0.1)
         if new:
             targets = self._targets(self.config.fanout, exclude={msg.sender_id})
+            for r in new:
+                self.arrivals[r.id][1].update(m.id for m in targets)
             out += self._push(new, [m.address for m in targets], now)
             self.lazy += [r.id for r in new]
         return out
+
+    def _forwarded(self, rid, mid, worth, now):
+        """`mid` pushed us a record someone else wrote, within a round of our first copy: service.
+        Not from those we pushed it to (an echo), and once per member and record."""
+        first = self.arrivals.get(rid)
+        if first is not None and now - first[0] <= self.config.round_s and mid not in first[1]:
+            first[1].add(mid)
+            self.ledger.serve(mid, worth, now)
 
     def _have(self):
         """The ids of our newest records, got within `have_s`: they ride on our pings and acks."""

@@ -753,7 +753,7 @@ def test_silent_censors_earn_no_service_and_fail_spot_checks():
         assert any(p["service"] > 0 for i, p in peers.items() if i not in censor_ids)
     assert caught[True] > caught[False], caught  # most (honest node, censor) pairs: a failed spot check
     targets = Counter(m.id in censor_ids for a in honest for _ in range(20) for m in net.nodes[a]._targets(5))
-    assert targets[True] / sum(targets.values()) < 0.05, targets  # a quarter of the members, rarely a target
+    assert targets[True] / sum(targets.values()) < 0.1, targets  # a quarter of the members, seldom a target
 
 
 # --- hypothesis: any input to Node.receive --------------------------------------------------------
