@@ -9,7 +9,9 @@ network of thousands of nodes (gossip/sim.py).
   publishing: the first hop does not depend on the forwarders); a record new to us is pushed
   at once to `fanout` members; its id is announced lazily (`ihave`) to `lazy_fanout` more each
   round, and rides on our pings and acks for `have_s`; whoever lacks it pulls (`iwant`) it. A
-  record is delivered (to be stored) before anything forwards it.
+  record that reaches us `late_s` after it was signed is announced to every member in good
+  standing (the push path around us failed). A record is delivered (to be stored) before
+  anything forwards it.
 - Anti-entropy: every period a digest of the store (count and xor-hash per hour of record
   time, per day beyond 48 h) goes to one member; both sides list their ids of the buckets
   that differ and pull what they lack. A member whose digest equals ours must serve one of our
@@ -59,6 +61,9 @@ class Config:
     have_s: float = 60.0           # a record's id rides on our pings and acks this long after we got it
     have_ids: int = 4              # ... the newest this many
     have_wait_s: float = 0.5       # we pull an id a ping said its sender has this late (the push is faster)
+    late_s: float = 5.0            # a record this old (by its own time, and at most have_s) when it first reaches
+                                   # us found the push path failing: we announce it to every member in good
+                                   # standing, at most once per anti-entropy period
     flood_publish: bool = True     # our own new record goes to every member in good standing, not `fanout`
     spot_checks: float = 0.25      # share of digests equal to ours whose sender must then serve one of our records
     rate_per_s: float = 400.0      # tokens per connection, sustained: a message or a signature check each
@@ -98,6 +103,7 @@ class Node(Membership):
         self.records = {}                   # id -> Record
         self.hours = {}                     # hour -> [count, xor of ids, ids]
         self.lazy = []                      # ids to announce next round
+        self.late_ids = []                  # ids that reached us late: to announce to every member
         self.recent = []                    # (time we got it, id), oldest first: the ids our pings carry
         self.spot = {}                      # member id -> (record id it must serve, deadline, connection)
         self.heard = {}                     # record id a ping said its sender has -> (pull at, address, connection)
@@ -105,7 +111,7 @@ class Node(Membership):
         self.wanted = {}                    # id -> (deadline, connection we asked)
         self.ae_waiting = None              # the member whose digest reply we wait for
         self.sent = Counter()
-        self.next = {"round": now, "ae": now + config.ae_interval_s}
+        self.next = {"round": now, "ae": now + config.ae_interval_s, "wide": now}
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -191,6 +197,8 @@ class Node(Membership):
                 ids, self.lazy = self.lazy[:wire.LIMITS.array_len], self.lazy[wire.LIMITS.array_len:]
                 for m in self._targets(c.lazy_fanout):
                     out.append(self._message(m.address, "ihave", {"ids": ids}, now))
+        if self.late_ids and now >= nxt["wide"]:
+            out += self._announce_wide(now)
         if now >= nxt["ae"]:
             nxt["ae"] = now + c.ae_interval_s
             if self.ae_waiting in self.members:  # the last digest's reply never came: a member that skips anti-entropy
@@ -288,6 +296,7 @@ class Node(Membership):
                 self.arrivals[r.id][1].update(m.id for m in targets)
             out += self._push(new, [m.address for m in targets], now)
             self.lazy += [r.id for r in new]
+            self.late_ids += [r.id for r in new if self.config.late_s <= now - r.ts / 1000 <= self.config.have_s]
         return out
 
     def _forwarded(self, rid, mid, worth, now):
@@ -319,6 +328,16 @@ class Node(Membership):
                 if rid not in self.records and rid not in self.wanted and origin in self.ledger.accounts:
                     due.setdefault((address, origin), []).append(rid)
         return [o for (address, origin), ids in due.items() for o in self._want(ids, self.ledger.accounts[origin], address, now)]
+
+    def _announce_wide(self, now):
+        """Records that reached us late: the push path around us is failing (forwarders that drop
+        them, a partition that healed), and the few honest members a polluted view holds are not
+        among `fanout` random ones. Announce them to every member in good standing; whoever lacks
+        them pulls. At most once per anti-entropy period, so that records backdated on purpose buy
+        no more than one announcement per member per period."""
+        self.next["wide"] = now + self.config.ae_interval_s
+        ids, self.late_ids = self.late_ids[:wire.LIMITS.array_len], self.late_ids[wire.LIMITS.array_len:]
+        return [self._message(m.address, "ihave", {"ids": ids}, now) for m in self._targets(len(self.members))]
 
     def _on_ihave(self, msg, acct, now):
         return self._want(msg.payload["ids"], acct, msg.address, now)

@@ -616,6 +616,40 @@ def test_ids_on_a_ping_are_pulled_when_no_push_brought_them():
     assert node.ledger.accounts["s"].counts["broken_promise"] == 1
 
 
+def test_a_record_that_arrives_late_is_announced_to_every_member():
+    """A record that reaches us `late_s` after it was signed found the push path failing (droppers
+    in a polluted view, a healed partition): besides its usual push, its id goes to every member
+    in good standing, at most once per anti-entropy period. A fresh record does not; nor does one
+    older than `have_s` (a catch-up after a long absence)."""
+    node = protocol.Node(Identity.from_seed(b"me"), "me", rng=random.Random(5), now=0.0)
+    others = [Identity.from_seed(b"member %d" % i) for i in range(12)]
+    for i, ident in enumerate(others):
+        node.receive(f"m{i}", _member_hello(ident, f"m{i}"), 1.0)
+    assert len(node.members) == 12
+    t = 20.0
+
+    def wide(outputs):
+        return {o.address: wire.decode_message(o.data, int(t * 1000)).payload["ids"] for o in sends(outputs, {"ihave"})}
+
+    fresh = note("fresh", t - 1.0)
+    node.receive("m0", push(others[0], [fresh.encoded], t, "m0"), t)
+    assert len(wide(node.tick(t))) <= CFG.lazy_fanout  # the ordinary lazy round, no more
+    late, later = note("late", t - CFG.late_s - 1), note("later", t - CFG.late_s - 2)
+    node.receive("m0", push(others[0], [late.encoded], t, "m0"), t)
+    t += CFG.round_s / 2
+    announced = wide(node.tick(t))
+    assert {a for a, ids in announced.items() if late.id in ids} == {f"m{i}" for i in range(12)}
+    node.receive("m1", push(others[1], [later.encoded], t, "m1"), t)
+    t += CFG.tick_s
+    assert sum(later.id in ids for ids in wide(node.tick(t)).values()) <= CFG.lazy_fanout  # once per period
+    t += CFG.ae_interval_s
+    assert len([a for a, ids in wide(node.tick(t)).items() if later.id in ids]) == 12
+    old = note("from before a long absence", t - CFG.have_s - 1)
+    node.receive("m2", push(others[2], [old.encoded], t, "m2"), t)
+    t += CFG.ae_interval_s
+    assert sum(old.id in ids for ids in wide(node.tick(t)).values()) <= CFG.lazy_fanout
+
+
 class Slanderer(protocol.Node):
     """Answers probes like anyone, and tells every member it talks to that others are suspect."""
 
