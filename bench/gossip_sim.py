@@ -448,13 +448,35 @@ def isolation(net):
             "served": {h: served[h] / max(1, len(s[h])) for h in s}, "bans": bans, "rumours": rumours}
 
 
-def eclipsed(net):
-    """Honest nodes with no honest member in their view and in no honest view: nothing honest
-    reaches them but through hostile nodes."""
-    honest = net.honest()
-    ids = {net.nodes[a].id: a for a in honest}
-    known = {ids[m] for a in honest for m in net.nodes[a].members if m in ids}
-    return {a for a in honest if a not in known and not any(m in ids for m in net.nodes[a].members)}
+def reach(net, src):
+    """The honest nodes joined to `src` by honest links (one knows the other; either way): all a
+    record can reach while hostile nodes relay no honest member's hello. A node outside learns
+    of this set only from someone inside it, who does not know it: an island, that no protocol
+    fed by honest relays alone reaches (hostile nodes that probe it may yet join it, rarely)."""
+    honest = set(net.honest())
+    by_id = {net.nodes[a].id: a for a in honest}
+    links = {a: set() for a in honest}
+    for a in honest:
+        for m in net.nodes[a].members:
+            if m in by_id:
+                links[a].add(by_id[m])
+                links[by_id[m]].add(a)
+    seen, todo = {src}, [src]
+    while todo:
+        for b in links[todo.pop()] - seen:
+            seen.add(b)
+            todo.append(b)
+    return seen
+
+
+def islands(net):
+    """Sizes of the honest components, largest first."""
+    left, sizes = set(net.honest()), []
+    while left:
+        c = reach(net, next(iter(left)))
+        sizes.append(len(c))
+        left -= c
+    return sorted(sizes, reverse=True)
 
 
 def false_deaths(net, since):
@@ -464,11 +486,19 @@ def false_deaths(net, since):
                if t >= since and e.kind == "member_dead" and a not in net.hostile and e.detail["id"] in honest_ids)
 
 
-def attack_records(net, rng, records, sources=None, limit_s=60.0):
+def attack_records(net, rng, records, sources=None, limit_s=60.0, reachable=False):
+    """`records` records from honest sources; with `reachable`, each measured among the honest
+    nodes its publisher can reach at publish time (its honest component), not all honest nodes."""
     runs = []
     for i in range(records):
         src = sources[i % len(sources)] if sources else rng.choice(net.honest())
-        runs.append(disseminate(net, src, net.honest(), limit_s=limit_s))
+        among = reach(net, src) if reachable else net.honest()
+        r = disseminate(net, src, among, limit_s=limit_s)
+        if reachable:
+            r["reach"] = (len(among), len(net.honest()))
+            r["outside"] = sum(a in net.held[r["id"]] for a in net.honest() if a not in among)
+            r["islands"] = islands(net)
+        runs.append(r)
     return runs
 
 
@@ -507,14 +537,14 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
         for c in classes:
             c.censor = net.nodes[target].identity.public_key
         sources = [target]
-    runs = attack_records(net, rng, records, sources, limit_s)
+    runs = attack_records(net, rng, records, sources, limit_s, reachable=how == "cold")
     if how == "cold":
-        cut_off = eclipsed(net)
-        reach = [sum(a in net.held[r["id"]] for a in net.honest() if a not in cut_off) for r in runs]
-        notes["honest nodes that know no honest member and that no honest node knows (all their contacts hostile)"] = \
-            len(cut_off)
-        notes["of the other honest nodes, holding each record at the limit"] = ", ".join(
-            f"{k}/{len(net.honest()) - len(cut_off)}" for k in reach)
+        notes["honest nodes its publisher could reach (its honest component), for each record"] = ", ".join(
+            f"{r['reach'][0]} of {r['reach'][1]}" for r in runs)
+        notes["sizes of the honest components (islands) at each record's limit"] = "; ".join(
+            " ".join(map(str, r["islands"])) for r in runs)
+        notes["honest nodes outside the publisher's component that got the record"] = ", ".join(
+            str(r["outside"]) for r in runs)
     t0, sent0 = net.now, net.honest_sent
     net.run(5.0)
     traffic = (net.honest_sent - sent0) / len(net.honest()) / (net.now - t0)
@@ -622,6 +652,12 @@ def part_c(h, k, seed, limit_s=60.0):
 
 def report_c(base, cold_base, results):
     def got(runs, limit):
+        if all(x["t100"] is not None for x in runs) and "reach" in runs[0]:
+            return (f"every one its publisher could reach: yes ({', '.join(f'{x[0]}/{x[1]}' for x in (r['reach'] for r in runs))} "
+                    "of honest; the rest in islands that no honest node knows)")
+        if "reach" in runs[0]:
+            return (f"no: {min(x['held'] for x in runs):.0%} of those its publisher could reach at {limit:.0f} s "
+                    "(worst record)")
         if all(x["t100"] is not None for x in runs):
             return "yes"
         return f"no: {min(x['held'] for x in runs):.0%} of honest at {limit:.0f} s (worst record)"
@@ -687,6 +723,11 @@ keep membership honest enough to stay in views (they answer probes) and attack t
 - cold boot: hostile nodes outnumber honest ones 2:1 and boot with them, mixed; records from 5 s after
   the last join (no record yet, so no standing earned); they drop records and tell only of each other
   (no slander here: it makes the simulation too slow at this size; the two rows above have it).
+  Each node joins through 3 random nodes before it, so about (2/3)^3 of the honest ones join through
+  hostile nodes alone; since hostile nodes relay no honest member's hello, the honest nodes split
+  into components (who knows whom, either way) that only honest links could join. A record is
+  measured among the honest nodes of its publisher's component at publish time: no protocol fed
+  by honest relays reaches the others (the notes give the islands' sizes).
 Standing is the core's per-member score (the worst of its connections, less its debt: unanswered
 digests, disproved rumours); the core does not choose members below 0 as gossip targets. Service is
 the records a member delivered first (decaying by half in 10 min); "served" members (service >= 0.5)
