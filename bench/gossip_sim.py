@@ -93,8 +93,9 @@ class Net(sim.Network):
         super().__init__(**kw)
         self.hostile = set()     # addresses
         self.order = []          # addresses in the order they joined
-        self.aimed = Counter()   # (kind, to a hostile node?) for sends by honest nodes
+        self.aimed = Counter()   # (kind, to a hostile node?) for sends by honest nodes, by their choice
         self.honest_sent = 0     # messages sent by honest nodes
+        self.publishing = False  # a publisher's own record goes to every member: no choice to count
 
     def _act(self, address, outputs):
         if address in self.hostile:  # what a hostile node holds does not count as delivered
@@ -103,9 +104,16 @@ class Net(sim.Network):
             for o in outputs:
                 if type(o) is protocol.Send:
                     self.honest_sent += 1
-                    if o.kind in AIMED:
+                    if o.kind in AIMED and not self.publishing:
                         self.aimed[o.kind, o.address in self.hostile] += 1
         super()._act(address, outputs)
+
+    def publish(self, address, record):
+        self.publishing = True
+        try:
+            super().publish(address, record)
+        finally:
+            self.publishing = False
 
     def honest(self):
         return [a for a in self.order if a not in self.hostile and a not in self.down]
@@ -193,8 +201,8 @@ class Hostile(protocol.Node):
         return [] if self.drop and self.censor is None else super()._on_ids(msg, acct, now)
 
     # membership
-    def _piggyback(self, own):
-        p = super()._piggyback(own)
+    def _piggyback(self, own, rumours=True):
+        p = super()._piggyback(own, rumours)
         if self.pollute:
             k = min(len(self.clan_hellos), self.config.piggyback + 2)
             p["members"] = ([self.hello] if own else []) + self.rng.sample(self.clan_hellos, k)
@@ -213,7 +221,7 @@ class Hostile(protocol.Node):
     def tick(self, now):
         out = super().tick(now)
         if self.drop and self.censor is None:  # takes no part in lazy pull or anti-entropy
-            out = [o for o in out if not (type(o) is protocol.Send and o.kind in ("ihave", "digest"))]
+            out = [o for o in out if not (type(o) is protocol.Send and o.kind in ("ihave", "iwant", "digest"))]
         while self.late and self.late[0][0] <= now:
             _, msg, acct = self.late.pop(0)
             out += protocol.Node._on_push(self, msg, acct, now)
@@ -415,25 +423,60 @@ def warm(net, rng, records=3):
 
 
 def isolation(net):
-    """What honest nodes think of hostile and honest members."""
+    """What honest nodes think of hostile and honest members: standing, service (records they
+    delivered first, decaying), bans, and what became of the rumours honest nodes heard."""
     hostile_ids = {net.nodes[a].id for a in net.hostile}
-    s = {True: [], False: []}
-    excluded, delivered, bans = Counter(), Counter(), Counter()
+    s, service = {True: [], False: []}, {True: [], False: []}
+    excluded, served, bans, rumours = Counter(), Counter(), Counter(), Counter()
     for a in net.honest():
         x = net.nodes[a]
         for m in x.members.values():
             h = m.id in hostile_ids
-            st = x._standing(m.id)
+            st = x.ledger.standing(m.id, net.now)
             s[h].append(st)
             excluded[h] += st < 0
-            delivered[h] += m.deliveries > 0
-        for acct in x.accounts.values():
+            service[h].append(x.ledger.service(m.id, net.now))
+            served[h] += x.ledger.served(m.id, net.now)
+        for acct in x.ledger.accounts.values():
             if acct.banned_until > net.now and acct.node:
                 bans[acct.node in hostile_ids] += 1
+        rumours.update(x.rumours)
     share = len(s[True]) / max(1, len(s[True]) + len(s[False]))
     return {"share": share, "standing": {h: statistics.mean(v) if v else None for h, v in s.items()},
             "excluded": {h: excluded[h] / max(1, len(s[h])) for h in s},
-            "delivered": {h: delivered[h] / max(1, len(s[h])) for h in s}, "bans": bans}
+            "service": {h: statistics.mean(v) if v else None for h, v in service.items()},
+            "served": {h: served[h] / max(1, len(s[h])) for h in s}, "bans": bans, "rumours": rumours}
+
+
+def reach(net, src):
+    """The honest nodes joined to `src` by honest links (one knows the other; either way): all a
+    record can reach while hostile nodes relay no honest member's hello. A node outside learns
+    of this set only from someone inside it, who does not know it: an island, that no protocol
+    fed by honest relays alone reaches (hostile nodes that probe it may yet join it, rarely)."""
+    honest = set(net.honest())
+    by_id = {net.nodes[a].id: a for a in honest}
+    links = {a: set() for a in honest}
+    for a in honest:
+        for m in net.nodes[a].members:
+            if m in by_id:
+                links[a].add(by_id[m])
+                links[by_id[m]].add(a)
+    seen, todo = {src}, [src]
+    while todo:
+        for b in links[todo.pop()] - seen:
+            seen.add(b)
+            todo.append(b)
+    return seen
+
+
+def islands(net):
+    """Sizes of the honest components, largest first."""
+    left, sizes = set(net.honest()), []
+    while left:
+        c = reach(net, next(iter(left)))
+        sizes.append(len(c))
+        left -= c
+    return sorted(sizes, reverse=True)
 
 
 def false_deaths(net, since):
@@ -443,11 +486,19 @@ def false_deaths(net, since):
                if t >= since and e.kind == "member_dead" and a not in net.hostile and e.detail["id"] in honest_ids)
 
 
-def attack_records(net, rng, records, sources=None, limit_s=60.0):
+def attack_records(net, rng, records, sources=None, limit_s=60.0, reachable=False):
+    """`records` records from honest sources; with `reachable`, each measured among the honest
+    nodes its publisher can reach at publish time (its honest component), not all honest nodes."""
     runs = []
     for i in range(records):
         src = sources[i % len(sources)] if sources else rng.choice(net.honest())
-        runs.append(disseminate(net, src, net.honest(), limit_s=limit_s))
+        among = reach(net, src) if reachable else net.honest()
+        r = disseminate(net, src, among, limit_s=limit_s)
+        if reachable:
+            r["reach"] = (len(among), len(net.honest()))
+            r["outside"] = sum(a in net.held[r["id"]] for a in net.honest() if a not in among)
+            r["islands"] = islands(net)
+        runs.append(r)
     return runs
 
 
@@ -486,7 +537,14 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
         for c in classes:
             c.censor = net.nodes[target].identity.public_key
         sources = [target]
-    runs = attack_records(net, rng, records, sources, limit_s)
+    runs = attack_records(net, rng, records, sources, limit_s, reachable=how == "cold")
+    if how == "cold":
+        notes["honest nodes its publisher could reach (its honest component), for each record"] = ", ".join(
+            f"{r['reach'][0]} of {r['reach'][1]}" for r in runs)
+        notes["sizes of the honest components (islands) at each record's limit"] = "; ".join(
+            " ".join(map(str, r["islands"])) for r in runs)
+        notes["honest nodes outside the publisher's component that got the record"] = ", ".join(
+            str(r["outside"]) for r in runs)
     t0, sent0 = net.now, net.honest_sent
     net.run(5.0)
     traffic = (net.honest_sent - sent0) / len(net.honest()) / (net.now - t0)
@@ -496,7 +554,7 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
         ids = {net.nodes[a].id for a in net.hostile}
         notes["victim's view after: hostile / all"] = f"{sum(m.id in ids for m in v.members.values())} / {len(v.members)}"
         notes["victim's mean standing of hostile / honest members"] = " / ".join(
-            fmt(statistics.mean([v._standing(m.id) for m in v.members.values() if (m.id in ids) == h] or [0]))
+            fmt(statistics.mean([v.ledger.standing(m.id, net.now) for m in v.members.values() if (m.id in ids) == h] or [0]))
             for h in (True, False))
         delays = [net.held[r["id"]][target] - min(net.held[r["id"]].values()) if target in net.held[r["id"]] else None
                   for r in runs]
@@ -517,7 +575,8 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
 def flood_cpu(seed):
     """Real CPU one node spends on one valid `ping` whose piggyback is stuffed with relayed hellos
     of members it already knows, each in new bytes (re-signed), against an ordinary ping: the
-    most the wire lets through, and 4096 (the array limit) built past make_message's check."""
+    most the wire lets through, and 4096 (the array limit) built past make_message's check; and
+    pings relaying hellos of keys it has never seen (new in every ping), each a signature check."""
     rng = random.Random(seed)
     ids = [Identity.from_seed(f"flood {seed} {i}".encode()) for i in range(201)]
     node = protocol.Node(ids[0], "v", rng=rng, now=0.0)
@@ -538,6 +597,12 @@ def flood_cpu(seed):
     if most < wire.LIMITS.array_len:
         cases.append((f"ping with {wire.LIMITS.array_len} relayed hellos, new bytes",
                       [hello(199, 0)] + [hello(k % 199, 1 + k) for k in range(wire.LIMITS.array_len - 1)]))
+
+    def strangers(i):  # hellos of keys never seen before, new ones in every ping
+        keys = [Identity.from_seed(f"stranger {seed} {i} {j}".encode()) for j in range(most - 1)]
+        return [hello(199, 0)] + [wire.make_message(k, "hello", {"address": f"s{i}.{j}", "incarnation": 0, "meta": {}},
+                                                    0, f"s{i}.{j}") for j, k in enumerate(keys)]
+    cases.append((f"ping with {most} relayed hellos of new keys (each ping its own)", strangers))
     out = {}
     memo = wire.verify, wire.decode_message
     wire.verify, wire.decode_message = UNMEMOIZED
@@ -545,8 +610,8 @@ def flood_cpu(seed):
     try:
         for name, members in cases:  # one second of them at the connection's sustained rate limit
             before = Counter(node.rejected())
-            msgs = [raw(attacker, "ping", {"seq": i, "members": members, "suspects": []}, int(t * 1000) + i, "m199")
-                    for i in range(int(rate))]
+            msgs = [raw(attacker, "ping", {"seq": i, "members": members(i) if callable(members) else members,
+                                           "suspects": []}, int(t * 1000) + i, "m199") for i in range(int(rate))]
             c0 = time.process_time()
             for i, data in enumerate(msgs):
                 node.receive("m199", data, t + i / rate)
@@ -554,8 +619,8 @@ def flood_cpu(seed):
             t += 2.0
             out[name] = (len(msgs[0]), cpu / len(msgs), cpu, ", ".join(f"{k} {v}" for k, v in
                                                                        (Counter(node.rejected()) - before).items()) or "taken")
-            node.accounts.clear()  # a fresh connection for the next case
-            node.node_accounts.clear()
+            node.ledger.accounts.clear()  # a fresh connection for the next case
+            node.ledger.by_member.clear()
     finally:
         wire.verify, wire.decode_message = memo
     return out, node.config.rate_per_s
@@ -587,6 +652,12 @@ def part_c(h, k, seed, limit_s=60.0):
 
 def report_c(base, cold_base, results):
     def got(runs, limit):
+        if all(x["t100"] is not None for x in runs) and "reach" in runs[0]:
+            return (f"every one its publisher could reach: yes ({', '.join(f'{x[0]}/{x[1]}' for x in (r['reach'] for r in runs))} "
+                    "of honest; the rest in islands that no honest node knows)")
+        if "reach" in runs[0]:
+            return (f"no: {min(x['held'] for x in runs):.0%} of those its publisher could reach at {limit:.0f} s "
+                    "(worst record)")
         if all(x["t100"] is not None for x in runs):
             return "yes"
         return f"no: {min(x['held'] for x in runs):.0%} of honest at {limit:.0f} s (worst record)"
@@ -615,13 +686,16 @@ def report_c(base, cold_base, results):
         rows.append([r["name"], f"{i['share']:.2f}", f"{a['push']:.2f} / {a['ihave']:.2f} / {a['digest']:.2f}",
                      f"{fmt(i['standing'][True])} / {fmt(i['standing'][False])}",
                      f"{i['excluded'][True]:.2f} / {i['excluded'][False]:.2f}",
-                     f"{i['delivered'][True]:.2f} / {i['delivered'][False]:.2f}",
-                     f"{i['bans'][True]} / {i['bans'][False]}", r["false_deaths"]])
+                     f"{fmt(i['service'][True])} / {fmt(i['service'][False])}",
+                     f"{i['served'][True]:.2f} / {i['served'][False]:.2f}",
+                     f"{i['bans'][True]} / {i['bans'][False]}", r["false_deaths"],
+                     " / ".join(str(i["rumours"][k]) for k in ("heard", "confirmed", "disproved", "unheard"))])
     scores = table(["scenario", "hostile share of honest views",
                     "hostile share of honest gossip targets: push / ihave / digest",
                     "mean standing: hostile / honest members", "standing < 0 (not chosen): hostile / honest",
-                    "members with first deliveries: hostile / honest", "bans in force: of hostile / of honest",
-                    "honest members declared dead"], rows)
+                    "mean service: hostile / honest", "served (preferred): hostile / honest",
+                    "bans in force: of hostile / of honest", "honest members declared dead",
+                    "rumours honest nodes checked / confirmed / disproved / did not hear"], rows)
     notes = [f"- {r['name']}: {k}: {v}" for r in results for k, v in r["notes"].items()]
     return delivery, scores, "\n".join(notes)
 
@@ -649,8 +723,17 @@ keep membership honest enough to stay in views (they answer probes) and attack t
 - cold boot: hostile nodes outnumber honest ones 2:1 and boot with them, mixed; records from 5 s after
   the last join (no record yet, so no standing earned); they drop records and tell only of each other
   (no slander here: it makes the simulation too slow at this size; the two rows above have it).
-Standing is the core's per-member score (the worst of its connections); the core does not choose
-members below 0 as gossip targets. "No attack" is the same honest population without hostile nodes."""
+  Each node joins through 3 random nodes before it, so about (2/3)^3 of the honest ones join through
+  hostile nodes alone; since hostile nodes relay no honest member's hello, the honest nodes split
+  into components (who knows whom, either way) that only honest links could join. A record is
+  measured among the honest nodes of its publisher's component at publish time: no protocol fed
+  by honest relays reaches the others (the notes give the islands' sizes).
+Standing is the core's per-member score (the worst of its connections, less its debt: unanswered
+digests, disproved rumours); the core does not choose members below 0 as gossip targets. Service is
+the records a member delivered first (decaying by half in 10 min); "served" members (service >= 0.5)
+are drawn for half of every choice of gossip target. Target shares count the honest nodes' own
+choices (pushes of records they forward, ihave, digest), not the publisher's flood of its own record.
+"No attack" is the same honest population without hostile nodes."""
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -714,7 +797,7 @@ def main():
         if notes:
             print(notes + "\n")
         print("CPU one node spends on valid pings from one connection whose piggyback relays hellos of members it "
-              "knows, re-signed so the bytes are new (no memo):\n")
+              "knows, re-signed so the bytes are new, or of keys it has never seen (no memo):\n")
         print(table(["message", "bytes", f"CPU s for {rate:.0f} of them in 1 s (the per-connection rate limit)",
                      "CPU ms each", "rejected"],
                     [[k, b, f"{total:.2f}", f"{each * 1000:.2f}", how] for k, (b, each, total, how) in flood.items()])

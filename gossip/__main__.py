@@ -64,7 +64,8 @@ def _record_fields(record):
 
 def _status(service):
     s = service.status()
-    peers = [{k: p[k] for k in ("id", "address", "state", "score", "last_seen_s")} for p in s["peers"]]
+    peers = [{k: p[k] for k in ("id", "address", "state", "score", "service", "standing", "last_seen_s")}
+             for p in s["peers"]]
     return {"address": s["address"], "alive": sum(p["state"] == "alive" for p in peers), "peers": peers,
             "records": s["records"], "rejected": s["rejected"], "banned": s["banned"], "dropped": s["dropped"]}
 

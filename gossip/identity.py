@@ -55,9 +55,29 @@ class Identity:
         return self._key.sign(data)
 
 
+# The encodings of Ed25519's small-order points (and of y = p, p + 1, which wrap onto two of them),
+# without the sign bit, as libsodium's blocklist has them. A key of small order "verifies" a
+# signature that nobody made (the identity key, 01 00..00, verifies R = 01 00..00, S = 0 over any
+# message); no real key is one, so such a key never signs anything here.
+SMALL_ORDER = frozenset(bytes.fromhex(h) for h in (
+    "0000000000000000000000000000000000000000000000000000000000000000",  # order 4
+    "0100000000000000000000000000000000000000000000000000000000000000",  # order 1: the identity
+    "26e8958fc2b227b045c3f489f2ef98f0d5dfac05d3c63339b13802886d53fc05",  # order 8
+    "c7176a703d4dd84fba3c0b760d10670f2a2053fa2c39ccc64ec7fd7792ac037a",  # order 8
+    "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # order 2: y = p - 1
+    "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p, read as 0
+    "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",  # y = p + 1, read as 1
+))
+
+
+def small_order(public_key):
+    return public_key[:31] + bytes([public_key[31] & 0x7f]) in SMALL_ORDER
+
+
 def verify(public_key, signature, data):
-    """Whether `signature` is `public_key`'s signature of `data`; never raises on bad input."""
-    if len(public_key) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES:
+    """Whether `signature` is `public_key`'s signature of `data`; never raises on bad input, and
+    never holds for a key of small order."""
+    if len(public_key) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES or small_order(public_key):
         return False
     try:
         ed25519.Ed25519PublicKey.from_public_bytes(public_key).verify(signature, data)

@@ -15,6 +15,10 @@ again. A member the core declares dead or gone has its DEALER closed, queue and 
 The address peers are told to reply to is `advertise` if given, else the listen host made
 reachable (discovery.advertised_host).
 
+New connections are throttled per IP address (ConnectionGate): every connection is a fresh
+account in the core, with a clean score and a full token bucket, so a peer that reconnects to
+shed a ban or a bad score gets a new connection heard about once a second, not once a message.
+
 Threads. Everything that touches the core, the sockets or the store runs on the service's
 loop; publish, peers, status and add_seed hand their work to it and wait. Each Deliver is
 written to the store before the Sends that follow it, so a record is durable before it is
@@ -41,13 +45,46 @@ MAX_SEEDS = 64           # seeds the core holds (given ones plus those mDNS find
 SNDHWM = 256             # messages queued per destination
 RECEIVE_BATCH = 64       # messages handled before the loop lets the timers run
 STOP_LINGER_MS = 200     # how long closing waits to flush the last messages (leave)
+NEW_CONNECTIONS = (64.0, 1.0)  # per IP address: burst (20 nodes on one host all fit), then per second
 LOG = logging.getLogger(__name__)
+
+
+class ConnectionGate:
+    """A token bucket per IP address, drawn on by each connection (routing id) the first time it
+    is heard. Pure: the caller passes `now`. Bounded: the least recently heard are forgotten."""
+
+    def __init__(self, burst, per_s, max_connections=8192, max_addresses=4096):
+        self.burst, self.per_s = burst, per_s
+        self.max_connections, self.max_addresses = max_connections, max_addresses
+        self.connections = OrderedDict()   # routing id -> IP address
+        self.addresses = OrderedDict()     # IP address -> [tokens, as of]
+
+    def admit(self, connection, address, now):
+        """Whether a message on `connection` (from `address`) may reach the core."""
+        if connection in self.connections:
+            self.connections.move_to_end(connection)
+            return True
+        bucket = self.addresses.get(address)
+        if bucket is None:
+            bucket = self.addresses[address] = [self.burst, now]
+            while len(self.addresses) > self.max_addresses:
+                self.addresses.popitem(last=False)
+        self.addresses.move_to_end(address)
+        bucket[0], bucket[1] = min(self.burst, bucket[0] + (now - bucket[1]) * self.per_s), now
+        if bucket[0] < 1:
+            return False
+        bucket[0] -= 1
+        self.connections[connection] = address
+        while len(self.connections) > self.max_connections:
+            self.connections.popitem(last=False)
+        return True
 
 class Service:
     """One gossip node on the network. start(), then publish/peers/status from any thread; stop()."""
 
     def __init__(self, identity, listen=f"0.0.0.0:{DEFAULT_PORT}", seeds=(), store=None, meta=None, mdns=True,
-                 config=protocol.CONFIG, on_record=None, on_event=None, advertise=None):
+                 config=protocol.CONFIG, on_record=None, on_event=None, advertise=None,
+                 new_connections=NEW_CONNECTIONS):
         self.identity, self.id = identity, identity.id
         self.listen_host, self.listen_port = split_address(listen, DEFAULT_PORT)
         self.seeds = [join_address(*split_address(s, DEFAULT_PORT)) for s in seeds]
@@ -56,7 +93,8 @@ class Service:
         self.address = None              # "host:port" peers reply to, set by start()
         self.loaded = 0                  # records the store held at start
         self.node = None                 # the protocol core; touched only on the loop thread
-        self.counts = Counter()          # transport-level drops: send_queue_full, bad_address, frames
+        self.counts = Counter()          # transport-level drops: send_queue_full, bad_address, frames, new_connection
+        self.gate = ConnectionGate(*new_connections)
         self._dealers = OrderedDict()    # address -> zmq.Socket (sync, send-only)
         self._thread = self._loop = self._thread_id = None
         self._ready = threading.Event()
@@ -224,12 +262,15 @@ class Service:
     async def _receive(self):
         router, n = self._router, 0
         while True:
-            frames = await router.recv_multipart()
+            frames = await router.recv_multipart(copy=False)
             # [routing id, message]; anything else is malformed and counted against the connection
-            data = frames[1] if len(frames) == 2 else b""
+            origin, data = frames[0].bytes, frames[1].bytes if len(frames) == 2 else b""
             if len(frames) != 2:
                 self.counts["frames"] += 1
-            self._guard(lambda: self._act(self.node.receive(frames[0], data, time.time()), foreign=True), "receive")
+            if not self.gate.admit(origin, _peer_address(frames[-1]), time.monotonic()):
+                self.counts["new_connection"] += 1  # its IP opened too many connections lately
+                continue
+            self._guard(lambda: self._act(self.node.receive(origin, data, time.time()), foreign=True), "receive")
             n += 1
             if n % RECEIVE_BATCH == 0:
                 await asyncio.sleep(0)  # a ready socket never suspends the await: let the timers in
@@ -347,3 +388,10 @@ class Service:
         if sock is not None:
             sock.close(linger=0)
 
+
+def _peer_address(frame):
+    """The IP address a received frame came from ("" where libzmq cannot say)."""
+    try:
+        return frame.get("Peer-Address")
+    except (zmq.ZMQError, AttributeError, TypeError, ValueError):
+        return ""

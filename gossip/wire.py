@@ -331,6 +331,14 @@ MESSAGES = {
     "ids": {"bucket": int, "ids": _ids},
     "leave": {"incarnation": int},
 }
+# Fields a message may carry or not (messages of nodes from before the field still decode).
+MAX_HAVE = 8
+MESSAGES_OPTIONAL = {
+    # have: ids of the newest records the sender holds; the receiver pulls those it lacks, so
+    # every probe also spreads new records to one more member
+    "ping": {"have": lambda x: _ids(x) and len(x) <= MAX_HAVE},
+    "ack": {"have": lambda x: _ids(x) and len(x) <= MAX_HAVE},
+}
 
 
 @dataclass(frozen=True)
@@ -348,7 +356,7 @@ class Message:
 
 
 def make_message(identity, kind, payload, ts_ms, address):
-    check_fields(payload, MESSAGES[kind], kind)
+    check_fields(payload, MESSAGES[kind], kind, MESSAGES_OPTIONAL.get(kind))
     head = [VERSION, kind, identity.public_key, address, int(ts_ms), payload]
     sig = identity.sign(canonical(head))
     return msgpack.packb([*_sorted(head), sig], use_bin_type=True)
@@ -370,7 +378,7 @@ def decode_message(data, now_ms, limits=LIMITS, fresh=True):
         raise WireError("malformed", "header")
     if ts > now_ms + limits.clock_skew_s * 1000 or (fresh and ts < now_ms - limits.clock_skew_s * 1000):
         raise WireError("stale", "message timestamp too far from our clock")
-    check_fields(payload, MESSAGES[kind], kind)
+    check_fields(payload, MESSAGES[kind], kind, MESSAGES_OPTIONAL.get(kind))
     if not verify(sender, sig, canonical([v, kind, sender, address, ts, payload])):
         raise WireError("bad_signature", kind)
     return Message(kind, sender, address, ts, payload, bytes(data))

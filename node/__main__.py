@@ -186,6 +186,7 @@ def status(args):
             tag = f"{hw.get('accelerator', '?')} x{hw.get('count', '?')} {hw.get('backend', '?')} {hw.get('profile', '')}"
             task = hw.get("task", "-") + ("" if hw.get("task") == st["task"] else " (another task)")
             print(f"  {p['id']}  {p['address']:<21}  {tag:<40}  task {task}  seen {p['last_seen_s']:.0f}s ago"
+                  f"  served {p['service']:.1f}  standing {p['standing']:+.1f}"
                   + (f"  [{p['state']}]" if p["state"] != "alive" else ""))
         if st["rejected"]:
             print("rejected input: " + ", ".join(f"{k} {v}" for k, v in sorted(st["rejected"].items())))

@@ -748,7 +748,8 @@ def status(home):
     out["node_id"] = homes.node_id(home)
     out["address"] = snap["address"] if snap else None
     out["peers"] = [{"id": p["id"], "address": p["address"], "hardware": p["meta"], "state": p["state"],
-                     "last_seen_s": p["last_seen_s"], "score": p["score"]} for p in (snap or {}).get("peers", [])]
+                     "last_seen_s": p["last_seen_s"], "score": p["score"], "service": p.get("service", 0.0),
+                     "standing": p.get("standing", p["score"])} for p in (snap or {}).get("peers", [])]
     out["rejected"] = (snap or {}).get("rejected", {})
     out["records"] = (snap or {}).get("records")
     return out

@@ -2,6 +2,7 @@
 partitions, dissemination, replays, forgeries and floods. Every scenario is seeded, so each
 run is the same run; the cores are the real ones, signatures and all."""
 
+import dataclasses
 import math
 import random
 import time
@@ -12,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gossip import protocol, wire
+from gossip import protocol, scoring, wire
 from gossip.identity import Identity
 from gossip.sim import Network
 
@@ -335,11 +336,11 @@ def test_replay_of_an_old_record_is_not_delivered_or_forwarded_again():
     net.run(10)  # later
     target, member = net.nodes["n5"], net.nodes["n8"]
     replay = push(member.identity, [r.encoded], net.now, "n8")
-    lazy, duplicates = list(target.lazy), target.accounts["n8"].counts["duplicate"]
+    lazy, duplicates = list(target.lazy), target.ledger.accounts["n8"].counts["duplicate"]
     out = target.receive("n8", replay, net.now)
     assert delivers(out) == [] and sends(out) == []
     assert target.lazy == lazy
-    assert target.accounts["n8"].counts["duplicate"] == duplicates + 1
+    assert target.ledger.accounts["n8"].counts["duplicate"] == duplicates + 1
     assert target.rejected() == {}
     ihave = wire.make_message(member.identity, "ihave", {"ids": [r.id]}, int(net.now * 1000), "n8")
     assert target.receive("n8", ihave, net.now) == []  # nothing to pull
@@ -412,7 +413,7 @@ def test_forged_records_are_rejected_and_the_honest_one_delivered():
     assert [rid for (a, rid) in net.delivered if a == "n6"] == [r.id]
     rejected = target.rejected()
     assert rejected == {"bad_signature": 2, "id_mismatch": 3}, rejected
-    assert target.accounts["evil"].score <= CFG.ban_score  # five forgeries: Mallory's connection is banned
+    assert target.ledger.accounts["evil"].score <= CFG.ban_score  # five forgeries: Mallory's connection is banned
     assert all(not n.rejected() for a, n in net.nodes.items() if a != "n6")  # never forwarded
 
 
@@ -424,7 +425,7 @@ def test_forged_record_from_a_member_lowers_its_standing():
     blob = _forgeries(r, int(net.now * 1000))["bad_signature"][0]
     out = target.receive("n4", push(member.identity, [blob], net.now, "n4"), net.now)
     assert delivers(out) == [] and sends(out, {"push"}) == []
-    assert target._standing(member.id) < 0
+    assert target.ledger.standing(member.id, net.now) < 0
     assert member.id not in {m.id for m in target._targets(100)}
     peer = next(p for p in target.peers(net.now) if p["id"] == member.id)
     assert peer["counts"]["bad_signature"] == 1 and peer["score"] < 0
@@ -463,7 +464,7 @@ def test_flood_from_one_connection_is_banned_and_costs_little():
     net.run(2)
     cpu = time.process_time() - cpu
     assert "n3" in net.holders(r.id) and held_by(net, r.id, net.nodes)
-    acct = target.accounts["evil"]
+    acct = target.ledger.accounts["evil"]
     assert acct.banned_until > net.now
     assert acct.counts["refused"] >= 9_900, acct.counts
     assert sum(v for k, v in acct.counts.items() if k not in ("refused", "ok")) <= 40  # decoded before the ban
@@ -486,7 +487,7 @@ def test_flood_cost_per_message_is_bounded():
     out = [o for data in flood for o in node.receive("evil", data, 1.0)]
     spent = time.process_time() - start
     assert [o.kind for o in out] == ["peer_banned"]
-    acct = node.accounts["evil"]
+    acct = node.ledger.accounts["evil"]
     assert acct.banned_until > 1.0 and acct.counts["refused"] >= 9_900
     assert spent < 2.0, f"{spent:.2f} s for 10,000 messages"
 
@@ -529,8 +530,8 @@ def test_hello_signed_by_another_key_is_rejected():
                           ("join", {"hello": forged})]:
         target.receive("n4", wire.make_message(member.identity, kind, payload, ms, "n4"), net.now)
     assert victim.id not in target.members and "evil" not in {m.address for m in target.members.values()}
-    assert target.accounts["evil"].counts["bad_signature"] == 1
-    assert target.accounts["n4"].counts["bad_signature"] == 3
+    assert target.ledger.accounts["evil"].counts["bad_signature"] == 1
+    assert target.ledger.accounts["n4"].counts["bad_signature"] == 3
     assert target.rejected() == {"bad_signature": 4}
 
 
@@ -543,8 +544,250 @@ def test_one_connection_speaks_for_one_node():
     other = wire.make_message(net.nodes["n5"].identity, "ihave", {"ids": []}, ms, "n5")
     target.receive("n4", own, net.now)
     target.receive("n4", other, net.now)
-    acct = target.accounts["n4"]
+    acct = target.ledger.accounts["n4"]
     assert acct.node == net.nodes["n4"].id and acct.counts["spoofed"] == 1
+
+
+# --- rumours, signature costs, the view, service ------------------------------------------------
+
+def _member_hello(ident, address, inc=1, ms=1_000):
+    return wire.make_message(ident, "hello", {"address": address, "incarnation": inc, "meta": {}}, ms, address)
+
+
+def _ping(ident, address, seq, suspects=(), members=None, ms=1_000):
+    members = [_member_hello(ident, address)] if members is None else members
+    return wire.make_message(ident, "ping", {"seq": seq, "members": members, "suspects": list(suspects)}, ms, address)
+
+
+def test_a_rumour_is_checked_before_it_is_believed_and_a_false_one_silences_its_teller():
+    teller, target = Identity.from_seed(b"teller"), Identity.from_seed(b"target")
+    node = protocol.Node(Identity.from_seed(b"me"), "me", rng=random.Random(1), now=0.0)
+    node.receive("t", _member_hello(teller, "t"), 1.0)
+    node.receive("x", _member_hello(target, "x"), 1.0)
+    node.suspicions.append([["someone", 1], 5])  # a rumour of our own, queued to spread
+
+    out = node.receive("t", _ping(teller, "t", 7, suspects=[[target.id, 1]]), 1.0)
+    checks = [wire.decode_message(o.data, 1_000) for o in sends(out, {"ping"})]
+    assert [o.address for o in sends(out, {"ping"})] == ["x"]  # one direct ping to the member
+    assert checks[0].payload["suspects"] == [[target.id, 1]]   # telling it only of itself
+    assert node.members[target.id].state == "alive"            # not believed yet
+    assert not [o for o in out if isinstance(o, protocol.Event) and o.kind == "member_suspect"]
+
+    ack = wire.make_message(target, "ack", {"seq": checks[0].payload["seq"], "members": [], "suspects": []}, 1_100, "x")
+    node.receive("x", ack, 1.1)  # the member answers: the rumour was false
+    assert node.rumours == {"heard": 1, "disproved": 1}
+    assert node.ledger.standing(teller.id, 1.2) < 0
+    assert teller.id not in {m.id for m in node._targets(10)}
+    out = node.receive("t", _ping(teller, "t", 8, suspects=[[target.id, 1]], ms=1_200), 1.2)
+    assert sends(out, {"ping"}) == [] and node.rumours["unheard"] == 1  # a teller in debt is not heard
+    node.tick(1.2 + 10 / scoring.DEBT_DECAY)
+    assert node.ledger.standing(teller.id, node._now) == 0  # forgiven in time
+
+
+def test_a_rumour_nobody_disproves_is_believed_and_repeated():
+    teller, target, helper = (Identity.from_seed(s) for s in (b"teller", b"target", b"helper"))
+    node = protocol.Node(Identity.from_seed(b"me"), "me", rng=random.Random(2), now=0.0)
+    for ident, address in ((teller, "t"), (target, "x"), (helper, "h")):
+        node.receive(address, _member_hello(ident, address), 0.5)
+    node.next_probe = 10.0  # no probe of our own in the way
+    node.receive("t", _ping(teller, "t", 7, suspects=[[target.id, 1]]), 1.0)
+    out = [o for t in (1.2, 1.5) for o in node.tick(t)]
+    assert [(o.kind, o.address) for o in sends(out, {"ping_req"})] == [("ping_req", "h")]  # not through the teller
+    node.tick(1.0 + CFG.ping_interval_s)
+    assert node.members[target.id].state == "suspect" and node.rumours["confirmed"] == 1
+    assert [target.id, 1] in node._piggyback(True)["suspects"]  # now ours to repeat
+    assert node.ledger.standing(teller.id, node._now) == 0
+
+
+def test_ids_on_a_ping_are_pulled_when_no_push_brought_them():
+    """A ping's `have` names the sender's newest records: one we still lack after `have_wait_s`
+    is pulled from it; one pushed to us meanwhile is not; a promise not kept costs the sender."""
+    sender = Identity.from_seed(b"sender")
+    node = protocol.Node(Identity.from_seed(b"me"), "me", rng=random.Random(3), now=0.0)
+    node.receive("s", _member_hello(sender, "s"), 1.0)
+    r1, r2 = note("pushed meanwhile", 1.0), note("missed", 1.0)
+    ping = wire.make_message(sender, "ping", {"seq": 1, "members": [], "suspects": [], "have": [r1.id, r2.id]}, 1_000, "s")
+    assert sends(node.receive("s", ping, 1.0), {"iwant"}) == []
+    node.receive("s", push(sender, [r1.encoded], 1.1, "s"), 1.1)
+    assert sends(node.tick(1.0 + CFG.have_wait_s / 2), {"iwant"}) == []
+    pulls = sends(node.tick(1.0 + CFG.have_wait_s), {"iwant"})
+    assert [(o.address, wire.decode_message(o.data, 2_000).payload["ids"]) for o in pulls] == [("s", [r2.id])]
+    node.tick(1.0 + CFG.have_wait_s + CFG.promise_timeout_s)
+    assert node.ledger.accounts["s"].counts["broken_promise"] == 1
+
+
+def test_a_record_that_arrives_late_is_announced_to_every_member():
+    """A record that reaches us `late_s` after it was signed found the push path failing (droppers
+    in a polluted view, a healed partition): besides its usual push, its id goes to every member
+    in good standing, at most once per anti-entropy period. A fresh record does not; nor does one
+    older than `have_s` (a catch-up after a long absence)."""
+    node = protocol.Node(Identity.from_seed(b"me"), "me", rng=random.Random(5), now=0.0)
+    others = [Identity.from_seed(b"member %d" % i) for i in range(12)]
+    for i, ident in enumerate(others):
+        node.receive(f"m{i}", _member_hello(ident, f"m{i}"), 1.0)
+    assert len(node.members) == 12
+    t = 20.0
+
+    def wide(outputs):
+        return {o.address: wire.decode_message(o.data, int(t * 1000)).payload["ids"] for o in sends(outputs, {"ihave"})}
+
+    fresh = note("fresh", t - 1.0)
+    node.receive("m0", push(others[0], [fresh.encoded], t, "m0"), t)
+    assert len(wide(node.tick(t))) <= CFG.lazy_fanout  # the ordinary lazy round, no more
+    late, later = note("late", t - CFG.late_s - 1), note("later", t - CFG.late_s - 2)
+    node.receive("m0", push(others[0], [late.encoded], t, "m0"), t)
+    t += CFG.round_s / 2
+    announced = wide(node.tick(t))
+    assert {a for a, ids in announced.items() if late.id in ids} == {f"m{i}" for i in range(12)}
+    node.receive("m1", push(others[1], [later.encoded], t, "m1"), t)
+    t += CFG.tick_s
+    assert sum(later.id in ids for ids in wide(node.tick(t)).values()) <= CFG.lazy_fanout  # once per period
+    t += CFG.ae_interval_s
+    assert len([a for a, ids in wide(node.tick(t)).items() if later.id in ids]) == 12
+    old = note("from before a long absence", t - CFG.have_s - 1)
+    node.receive("m2", push(others[2], [old.encoded], t, "m2"), t)
+    t += CFG.ae_interval_s
+    assert sum(old.id in ids for ids in wide(node.tick(t)).values()) <= CFG.lazy_fanout
+
+
+class Slanderer(protocol.Node):
+    """Answers probes like anyone, and tells every member it talks to that others are suspect."""
+
+    def _piggyback(self, own, rumours=True):
+        p = super()._piggyback(own, rumours)
+        others = sorted(self.members.values(), key=lambda m: m.id)
+        p["suspects"] = [[m.id, m.incarnation] for m in self.rng.sample(others, min(len(others), CFG.piggyback))]
+        return p
+
+
+def test_slanderers_talk_no_honest_member_to_death():
+    net = Sim(seed=111, loss=0.01)
+    net.add()
+    for i in range(1, 20):
+        net.add(seeds=["n0"], cls=Slanderer if i % 5 == 0 else protocol.Node)
+    liars = {a for a, n in net.nodes.items() if isinstance(n, Slanderer)}
+    t0, pings0 = 15.0, None
+    net.run_until(t0)
+    pings0 = net.sent["ping"] + net.sent["ping_req"]
+    net.run(30)
+    honest = [a for a in net.nodes if a not in liars]
+    honest_ids = {net.nodes[a].id for a in honest}
+    deaths = [(a, e.detail["id"]) for t, a, e in net.events if e.kind == "member_dead" and a in honest]
+    assert deaths == []
+    assert all(set(net.nodes[a].members) >= honest_ids - {net.nodes[a].id} for a in honest)
+    heard = Counter()
+    for a in honest:
+        heard.update(net.nodes[a].rumours)
+    assert heard["disproved"] == heard["heard"] > 0 and heard["confirmed"] == 0
+    assert heard["unheard"] > heard["heard"]  # once disproved, a liar is not heard for a while
+    per_node_s = (net.sent["ping"] + net.sent["ping_req"] - pings0) / 20 / 30
+    assert per_node_s < 3, per_node_s  # probes (1/s with 3 indirect when slow) and a few checks, no storm
+
+
+def test_each_signature_check_costs_the_sender_a_token():
+    """A connection relaying hellos of fresh keys buys one signature check per token: with a
+    bucket of 100 and no refill, 20 pings with 32 hellos each get at most 100 checks."""
+    cfg = dataclasses.replace(CFG, burst=100.0, rate_per_s=0.0)
+    node = protocol.Node(Identity.from_seed(b"me"), "me", config=cfg, now=0.0)
+    relayer = Identity.from_seed(b"relayer")
+    fresh = [Identity.from_seed(b"fresh %d" % i) for i in range(20 * 31)]
+    pings = [_ping(relayer, "r", i, members=[_member_hello(relayer, "r")] +
+                   [_member_hello(k, f"f{j}") for j, k in enumerate(fresh[i * 31:(i + 1) * 31])]) for i in range(20)]
+    checks = Counter()
+    verify = wire.verify
+
+    def counting(*a):
+        checks["verify"] += 1
+        return verify(*a)
+    wire.verify = counting
+    try:
+        for p in pings:
+            node.receive("r", p, 1.0)
+    finally:
+        wire.verify = verify
+    assert checks["verify"] <= 100, checks
+    assert node.ledger.accounts["r"].counts["throttled"] > 0
+    assert len(node.members) < 100
+
+
+def test_a_full_view_is_the_best_ranked_sample_of_the_members_seen():
+    """Whatever order members are introduced in, and however often: a full view holds the
+    best-ranked of all seen (by the node's own keyed hash), and relayed hellos that rank below
+    it cost no signature check."""
+    cfg = dataclasses.replace(CFG, max_view=8)
+    idents = [Identity.from_seed(b"member %d" % i) for i in range(40)]
+    hellos = [_member_hello(k, f"m{i}") for i, k in enumerate(idents)]
+    views = []
+    for order in (1, 2):
+        node = protocol.Node(Identity.from_seed(b"me"), "me", config=cfg, rng=random.Random(7), now=0.0)
+        shuffled = list(zip(idents, hellos))
+        random.Random(order).shuffle(shuffled)
+        for i, (k, h) in enumerate(shuffled):
+            node.receive(f"m{idents.index(k)}", h, 1.0 + i / 100)  # each comes itself
+        best = sorted(idents, key=lambda k: node._rank(k.id))[:8]
+        assert set(node.members) == {k.id for k in best}
+        views.append(set(node.members))
+        clan = [Identity.from_seed(b"clan %d" % i) for i in range(40)]
+        worse = [_member_hello(k, f"c{i}") for i, k in enumerate(clan) if node._rank(k.id) > max(node._rank(m) for m in node.members)]
+        relayer = next(iter(node.members.values()))
+        checks, verify = Counter(), wire.verify
+        wire.verify = lambda *a: checks.update(["verify"]) or verify(*a)
+        try:
+            for j in range(0, len(worse), 8):
+                node.receive(relayer.address, _ping(idents[int(relayer.address[1:])], relayer.address, j,
+                                                   members=worse[j:j + 8], ms=2_000), 2.0)
+        finally:
+            wire.verify = verify
+        assert set(node.members) == views[-1] and checks["verify"] == len(range(0, len(worse), 8))
+    assert views[0] == views[1]
+
+
+class MirrorCensor(protocol.Node):
+    """A silent censor: answers probes, and digests with the asker's own (so nothing is owed or
+    swapped), but never forwards, announces or serves a record."""
+
+    def _on_push(self, msg, acct, now):
+        return []
+
+    def _on_ihave(self, msg, acct, now):
+        return []
+
+    def _on_iwant(self, msg, acct, now):
+        return []
+
+    def _on_digest(self, msg, acct, now):
+        if msg.payload["reply"]:
+            return [self._message(msg.address, "digest", {"buckets": msg.payload["buckets"], "reply": False}, now)]
+        return []
+
+    def _have(self):
+        return []
+
+
+def test_silent_censors_earn_no_service_and_fail_spot_checks():
+    net = Sim(seed=121, loss=0.01, config=dataclasses.replace(CFG, spot_checks=1.0))  # every equal digest checked
+    net.add()
+    for i in range(1, 16):
+        net.add(seeds=["n0"], cls=MirrorCensor if i % 4 == 0 else protocol.Node)
+    censors = {a for a, n in net.nodes.items() if isinstance(n, MirrorCensor)}
+    honest = [a for a in net.nodes if a not in censors]
+    net.run(10)
+    for i in range(6):
+        r = note(f"record {i}", net.now, Identity.from_seed(b"author %d" % i))
+        net.publish(honest[i * 2], r)
+        net.run(5)
+        assert held_by(net, r.id, honest)
+    net.run(40)
+    censor_ids = {net.nodes[a].id for a in censors}
+    caught = Counter()
+    for a in honest:
+        peers = {p["id"]: p for p in net.nodes[a].peers(net.now)}
+        assert all(peers[c]["service"] == 0 and peers[c]["deliveries"] == 0 for c in censor_ids)
+        caught.update(peers[c]["standing"] < 0 and peers[c]["counts"].get("broken_promise", 0) > 0 for c in censor_ids)
+        assert any(p["service"] > 0 for i, p in peers.items() if i not in censor_ids)
+    assert caught[True] > caught[False], caught  # most (honest node, censor) pairs: a failed spot check
+    targets = Counter(m.id in censor_ids for a in honest for _ in range(20) for m in net.nodes[a]._targets(5))
+    assert targets[True] / sum(targets.values()) < 0.1, targets  # a quarter of the members, seldom a target
 
 
 # --- hypothesis: any input to Node.receive --------------------------------------------------------

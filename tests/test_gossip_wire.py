@@ -622,6 +622,35 @@ def test_verify_good_and_bad():
     assert verify(b"\xff" * 32, sig, b"data") is False
 
 
+def test_small_order_keys_verify_nothing():
+    """Each small-order key (both signs) lets anyone forge: the library alone accepts a signature
+    R = a small-order point, S = 0 over one of a few messages. verify() accepts none of them, and
+    no message signed by such a key decodes."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from gossip.identity import SMALL_ORDER
+    points = sorted(SMALL_ORDER) + [p[:31] + bytes([p[31] | 0x80]) for p in sorted(SMALL_ORDER)]
+
+    def forgery(key):
+        lib = ed25519.Ed25519PublicKey.from_public_bytes(key)
+        for m in (b"%d" % i for i in range(16)):
+            for r in points:
+                try:
+                    lib.verify(r + bytes(32), m)
+                    return r + bytes(32), m
+                except Exception:  # noqa: BLE001 (InvalidSignature: try the next)
+                    pass
+        return None
+
+    for key in points:
+        forged = forgery(key)
+        assert forged is not None, key.hex()  # the hole is real for every one of them
+        assert verify(key, *forged) is False, key.hex()
+    head = [wire.VERSION, "ihave", points[1], "evil", NOW_MS, {"ids": []}]
+    data = msgpack.packb([*head, points[1] + bytes(32)], use_bin_type=True)
+    assert reason(decode_message, data, NOW_MS) == "bad_signature"
+
+
 @FUZZ
 @given(st.binary(max_size=40), st.binary(max_size=80), st.binary(max_size=64))
 @example(b"\x00" * 32, b"\x00" * 64, b"")

@@ -282,3 +282,45 @@ def test_the_service_api_in_one_process(tmp_path):
         a.peers()
     store_a.close()
     store_b.close()
+
+
+def test_new_connections_are_throttled_per_address():
+    from gossip.transport import ConnectionGate
+
+    gate = ConnectionGate(3, 1.0)
+    assert all(gate.admit(c, "10.0.0.1", 0.0) for c in (b"a", b"b", b"c"))
+    assert not gate.admit(b"d", "10.0.0.1", 0.0)  # a fourth new connection at once
+    assert gate.admit(b"a", "10.0.0.1", 0.0)      # a connection already heard is always heard
+    assert gate.admit(b"x", "10.0.0.2", 0.0)      # another address has its own bucket
+    assert gate.admit(b"d", "10.0.0.1", 1.0)      # a second later, one more
+    assert not gate.admit(b"e", "10.0.0.1", 1.5)
+
+
+def test_a_peer_reconnecting_for_fresh_accounts_is_throttled(tmp_path):
+    """Ten connections from one address at once, each with a valid hello of its own key: the
+    service hears the first four (its burst here) and drops the rest before the core sees them."""
+    from gossip.transport import Service
+
+    svc = Service(Identity.generate(), listen="127.0.0.1:0", mdns=False, new_connections=(4, 0.001)).start()
+    ctx, socks = zmq.Context(), []
+    try:
+        keys = [Identity.generate() for _ in range(10)]
+        for key in keys:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{svc.address}")
+            sock.send(wire.make_message(key, "hello", {"address": "127.0.0.1:9", "incarnation": 1, "meta": {}},
+                                        int(time.time() * 1000), "127.0.0.1:9"))
+            socks.append(sock)
+        deadline = time.monotonic() + DEADLINE_S
+        while svc.status()["dropped"].get("new_connection", 0) < 6:
+            assert time.monotonic() < deadline, svc.status()
+            time.sleep(0.05)
+        status = svc.status()
+        assert status["dropped"]["new_connection"] == 6
+        assert len(status["peers"]) == 4 and {p["id"] for p in status["peers"]} <= {k.id for k in keys}
+    finally:
+        for sock in socks:
+            sock.close()
+        ctx.term()
+        svc.stop()

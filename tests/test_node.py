@@ -250,8 +250,9 @@ def test_two_nodes_join_through_a_seed_and_status_lists_peers(env, tmp_path):
         assert [(p["id"], p["address"]) for p in a["peers"]] == [(b["node_id"], b["address"])]
         assert [(p["id"], p["address"]) for p in b["peers"]] == [(a["node_id"], a["address"])]
         assert a["peers"][0]["hardware"]["backend"] == "cpu" and a["peers"][0]["last_seen_s"] < 30
+        assert a["peers"][0]["service"] >= 0 and a["peers"][0]["standing"] >= 0  # what it did for us, what it owes
         text = node_cli("status", "--home", homes_[0], env=env).stdout
-        assert "peers:          1" in text and b["node_id"] in text
+        assert "peers:          1" in text and b["node_id"] in text and "standing +" in text
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
