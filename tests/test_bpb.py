@@ -47,3 +47,27 @@ def test_unscored_infinite_logits_do_not_poison_the_sum():
     logits[..., 0] = -math.inf
     nats, nbytes = prepare.bpb_counts(logits, torch.tensor([[0, 2]]), torch.tensor([0, 1, 3, 2]))
     assert (nats, nbytes) == (pytest.approx(math.log(3)), 3)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_one_non_finite_logit_anywhere_is_refused_by_the_harness(bad):
+    from sandbox import evaluate
+
+    class Local:  # the harness's model interface, served in this process
+        def send(self, x):
+            self.x = x
+
+        def receive(self):
+            out = torch.zeros(*self.x.shape, 8)
+            if self.x[0, 0] == 7:
+                out[1, 2, 5] = bad  # one logit of one batch, at a position no target asks about
+            return out
+
+        def release(self):
+            pass
+    rows = np.ones((6, 5), dtype=np.int64)
+    rows[2:4, 0] = 7
+    with pytest.raises(evaluate.ModelError, match="nan_logits"):
+        evaluate.score(Local(), rows, np.ones(8, dtype=np.int64), 2, {})
+    rows[2:4, 0] = 1
+    assert evaluate.score(Local(), rows, np.ones(8, dtype=np.int64), 2, {})[0] == pytest.approx(3.0)
