@@ -551,9 +551,12 @@ class Node:
             self.join_network()
             self.flush()
             self.baseline()
+            remeasured = 0  # self.done at the last re-measurement: once per remeasure_every experiments, not
+            # once per pass (verifications and idle waits pass without an experiment)
             while not self.s["max_experiments"] or self.done < self.s["max_experiments"]:
-                if self.done and self.s["remeasure_every"] and self.done % self.s["remeasure_every"] == 0:
+                if self.s["remeasure_every"] and self.done - remeasured >= self.s["remeasure_every"]:
                     self.remeasure()
+                    remeasured = self.done
                 if self.verify_next():
                     continue
                 if not self.experiment():

@@ -370,3 +370,19 @@ def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data
     assert "restore-the-lrs" in a_export and "confirmed by " + ", ".join(sorted(ids[n] for n in adopters)) in a_export
     for n in adopters:
         assert LR_LINE in export.strip_header((tmp_path / f"{n}.py").read_text())  # the cut undone
+
+
+def test_the_best_is_re_measured_once_per_remeasure_every_experiments(tmp_path, stdlib_data, monkeypatch):
+    """Verifications between experiments do not re-measure the best again (they once did, before each)."""
+    node = make_node(tmp_path / "n", stdlib_data, max_experiments=9, remeasure_every=4)
+    calls = []
+    try:
+        monkeypatch.setattr(node, "baseline", lambda: None)
+        monkeypatch.setattr(node, "remeasure", lambda: calls.append(("remeasure", node.done)))
+        monkeypatch.setattr(node, "verify_next", lambda: len(calls) % 3 == 1 and not calls.append(("verify", node.done)))
+        monkeypatch.setattr(node, "experiment", lambda: not calls.append(("experiment", node.done)))
+        assert node.run() == 0
+    finally:
+        node.close()
+    assert [d for kind, d in calls if kind == "remeasure"] == [4, 8]
+    assert sum(kind == "experiment" for kind, _ in calls) == 9 and any(kind == "verify" for kind, _ in calls)
