@@ -175,7 +175,7 @@ class Memory:
         by peers without a keep; claims in flight."""
         improvements = []
         for rid, r in self.ledger.improvements.items():
-            if r.author_id == self.ledger.me or swarm.adopted_from(r) is not None:
+            if r.author_id == self.ledger.me or swarm.adopted_from(r):
                 continue
             votes = [a.body["verdict"] for a in self.ledger.verdicts(rid, r.author_id)]
             improvements.append(dict(
