@@ -232,7 +232,7 @@ class Node:
     def scores(self, commit):
         return swarm.score(self.measurements()[commit], self.noise())
 
-    def claim(self, parent, commit, idea, description):
+    def claim(self, parent, commit, idea, description, diff):
         """Tell the swarm we run this candidate now (not durable: it only matters while we run). It
         lasts twice the wall time of the candidate with all its re-runs, at the pace this node has
         been finishing runs (a 30-minute run of three nodes taking turns on one CPU saw a claim
@@ -244,11 +244,13 @@ class Node:
         record = self.sign("claim", dict(task=self.task, parent=swarm.content_hash(self.tree.read(parent)),
                                          child=swarm.content_hash(self.tree.read(commit)), idea=idea,
                                          hardware=self.hardware(), description=description[:500],
-                                         expires=int(expires * 1000)))
+                                         expires=int(expires * 1000),
+                                         **({"diff": diff} if len(diff) <= wire.CLAIM_DIFF_CHARS else {})))
         if self.network:
             self.network.publish(record)
         else:
             self.records.add(record)
+        return record
 
     def experiment_record(self, parent, commit, description, proposer, status, r, diff, idea, inspired=None):
         m = self.measurements()
@@ -320,7 +322,7 @@ class Node:
                         swarm=self.memory.findings(hw, verdicts, now), crash=self._crash(), running=running)
         device = hw["device"] if self.lineage == "mlx" else self.backend  # what DEVICE is in our baseline file
         ctx = proposers.Context(best, self.history() + self.memory.history(hw, self.noise()), self.noise(),
-                                device, self.store.notes(), taken, **more)
+                                device, self.store.notes(), taken, self.memory.busy(hw, now), **more)
         return ctx, skipped
 
     def _crash(self):
@@ -417,17 +419,23 @@ class Node:
 
     def experiment(self):
         """One candidate through to its decision; False when the proposer has nothing left."""
-        p = self.next_candidate()
-        if p is None:
-            return False
-        source, description, proposer = p.source, p.description, p.proposer or self.proposer.name
-        kind = "suggestion" if proposer == "human" else "candidate"
-        parent = self.best()
-        commit = self.tree.commit(source, description)
-        self.store.add_source(source)
-        diff = self.tree.diff(parent, commit)
-        idea = memories.idea_key(self.tree.read(parent), source)
-        self.claim(parent, commit, idea, description)
+        for lost in range(CLAIM_TRIES):
+            p = self.next_candidate()
+            if p is None:
+                return False
+            source, description, proposer = p.source, p.description, p.proposer or self.proposer.name
+            kind = "suggestion" if proposer == "human" else "candidate"
+            parent = self.best()
+            commit = self.tree.commit(source, description)
+            self.store.add_source(source)
+            diff = self.tree.diff(parent, commit)
+            idea = memories.idea_key(self.tree.read(parent), source)
+            claim = self.claim(parent, commit, idea, description, diff)
+            if kind == "suggestion" or lost == CLAIM_TRIES - 1 or not self.lost_race(claim):
+                break  # a person's suggestion runs here whoever else runs it
+            self.tree.reset(self.best())
+            self._count_skipped(["claimed"])
+            self.events("claim_lost", idea=idea, description=description[:200])
         edit = dict(p.edit or {}, inspired_by=p.inspired_by) if p.inspired_by else p.edit
         self._running = dict(source=source, description=description)
         try:
@@ -447,6 +455,18 @@ class Node:
         else:
             self.tree.reset(self.best())
         return True
+
+    def lost_race(self, claim):
+        """Whether a peer claimed the same idea before us. It waits claim_settle seconds first (about
+        the time a record takes to reach the swarm), so that two nodes that chose one candidate
+        within that time both see both claims and agree: the earlier claim runs (the lower node id
+        on a tie), the other node chooses again. Only with peers to race."""
+        if not (self.network and self.s["claim_settle"] and self.network.alive()):
+            return False
+        time.sleep(self.s["claim_settle"])
+        self.ledger.refresh()
+        rivals = self.memory.claims(self.hardware(), time.time()).get(claim.body["idea"], ())
+        return any((c.ts, c.author_id) < (claim.ts, claim.author_id) for c in rivals)
 
     def trial(self, kind, commit, description, proposer, edit=None, usage=None):
         """Measure a committed candidate, re-running a thin win: (keep | discard | crash, run ids,
@@ -685,6 +705,7 @@ class Node:
 
 ADOPT_PROPOSER = "verify"
 IDLE_S = 10.0
+CLAIM_TRIES = 3    # candidates a node gives up to earlier claims before it runs the next one anyway
 
 
 def _experiment_status(status, r):
