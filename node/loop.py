@@ -37,9 +37,10 @@ class Stop(BaseException):
     on the way may swallow it)."""
 
 
-def noise(measurements, floor):
-    """Pooled standard deviation of val_bpb over commits measured more than once."""
-    ss, dof = 0.0, 0
+def noise(measurements, floor, peers=(0.0, 0)):
+    """Pooled standard deviation of val_bpb over commits measured more than once, with `peers`
+    (sum of squares, degrees of freedom) from same-tag peers' records (memory.Memory.peer_noise)."""
+    ss, dof = peers
     for xs in measurements.values():
         if len(xs) > 1:
             m = sum(xs) / len(xs)
@@ -141,7 +142,7 @@ class Node:
         return homes.measurements(self.store.experiments())
 
     def noise(self):
-        return noise(self.measurements(), self.s["noise_floor"])
+        return noise(self.measurements(), self.s["noise_floor"], self.memory.peer_noise(self.hardware()))
 
     # -- running ------------------------------------------------------------
 

@@ -194,3 +194,20 @@ def test_the_step_of_a_parameter_shrinks_with_our_own_tries_only():
     peers = dict(proposers.OfflineProposer(0)._stats(ctx(tries(9, "bob"))))[("MATRIX_LR", "up")]
     ours = dict(proposers.OfflineProposer(0)._stats(ctx(tries(9, None))))[("MATRIX_LR", "up")]
     assert peers[0] == ours[0] == 9 and peers[2] == 0 and ours[2] == 9  # the bandit counts both
+
+
+def test_noise_is_pooled_with_same_tag_peers_records(mem):
+    def spread(author, sd, runs, hardware=HW, child=UP):
+        r = experiment(author, BASELINE, child, hardware=hardware)
+        body = dict(r.body, before=dict(val_bpb=3.0, runs=runs, spread=sd), after=dict(val_bpb=3.0, runs=runs, spread=sd))
+        return wire.make_record(author, "experiment", body, r.ts)
+    add(mem, spread(BOB, 0.003, 2), spread(BOB, 0.003, 3, child=edit(BASELINE, "DEPTH = 4", "DEPTH = 5")),
+        spread(MALLORY, 0.0001, 1), spread(Identity.from_seed(b"far"), 0.05, 5, hardware=dict(HW, accelerator="H100")))
+    ss, dof = mem.peer_noise(HW)
+    # Bob: the baseline (before) twice with 3 runs at most, UP with 2, the other child with 3; one run says nothing
+    assert dof == 2 + 1 + 2 and ss == pytest.approx(5 * 0.003 ** 2)
+    assert loop.noise({"c": [1.0, 1.0]}, 0.0, (ss, dof)) == pytest.approx(0.003 * (5 / 6) ** 0.5)
+    many = [spread(Identity.from_seed(b"sybil"), 0.0001, 40, child=edit(BASELINE, "DEPTH = 4", f"DEPTH = {d}"))
+            for d in (6, 7, 8)]
+    add(mem, *many)
+    assert mem.peer_noise(HW)[1] == dof + memory.MAX_PEER_DOF  # one peer counts for at most 8 degrees of freedom
