@@ -22,7 +22,7 @@ efficiency against N = 1 (T1 / (N x TN), from the medians), and, up to the targe
 and wasted verification (verification runs that adopted nothing, as a share of all runs, baselines
 and re-runs included); then where the swarm's run time went up to the target.
 
-    python bench/swarm_sim.py [--nodes 1,2,5,10,20,50] [--hours 24] [--seeds 10] [--trace N]
+    python bench/swarm_sim.py [--nodes 1,2,5,10,20,50] [--hours 24] [--seeds 10] [--memory both|on|off] [--set KEY=VALUE] [--trace N]
 """
 
 import argparse
@@ -52,7 +52,7 @@ TARGET = 0.6           # share of the baseline-to-optimum gap to close
 TAGS = [dict(accelerator=a, count=1, backend=b, framework="torch 2.11.0", budget_seconds=300.0, profile="gpu",
              data_fingerprint="f" * 64) for a, b in (("NVIDIA H100", "cuda"), ("NVIDIA A100", "cuda"), ("Apple M2", "mps"))]
 TASK = "sim"
-KINDS = ("baseline", "remeasure", "experiment", "rerun", "verify", "idle")
+KINDS = ("baseline", "remeasure", "experiment", "rerun", "verify", "settle", "idle")
 
 
 class Objective:
@@ -181,6 +181,8 @@ class SimNode:
         self.m = defaultdict(list)   # content hash -> measurements
         self.history = []
         self.done = set()            # improvement ids with our verdict
+        self.batch_failed = None     # the best when a merged verification last failed
+        self.last = None             # what the last run was for
         self.verify_minutes = self.minutes = 0.0
         self.rng = random.Random(sim.rng.random())
         self.timeline = []           # (start minute, kind, what, outcome) for --trace
@@ -197,7 +199,7 @@ class SimNode:
         return self.sim.obj.true(self.best, self.tag)
 
     def noise(self):
-        return loop.noise(self.m, SETTINGS["noise_floor"])
+        return loop.noise(self.m, SETTINGS["noise_floor"], self.memory.peer_noise(self.hw) if self.sim.use_memory else (0, 0))
 
     def score(self, h):
         return swarm.score(self.m[h], self.noise())
@@ -213,6 +215,7 @@ class SimNode:
 
     def run(self, source, kind):
         """One run: the node learns its result when it ends."""
+        self.last = kind
         yield from self.wait(kind, RUN_MIN)
         h = swarm.content_hash(source)
         self.m[h].append(self.sim.obj.true(source, self.tag) + self.rng.gauss(0, NOISE))
@@ -253,35 +256,47 @@ class SimNode:
                 continue
             if (yield from self.experiment()):
                 experiments += 1
-            else:
+            elif not (yield from self.verify(alternate=False)):
                 yield from self.wait("idle", RUN_MIN)  # nothing untried: wait a run's time for news
 
-    def verify(self):
+    def verify(self, alternate=True):
+        """loop.Node.verify_next and _verify: a batch of foreign improvements merged in one run, never
+        two verifications in a row (with `alternate`), one at a time after a merged run that failed."""
+        if alternate and SETTINGS["verify_batch"] > 1 and self.last == "verify":
+            return False
         share = self.verify_minutes / self.minutes if self.minutes else 0.0
-        for e in self.ledger.rank(self.hw, self.noise(), RUN_MIN, self.sim.now * 60, self.done, SETTINGS["keep_sigmas"]):
-            if share >= (max(0.75, SETTINGS["verify_share"]) if e.strong else SETTINGS["verify_share"]):
-                return False
-            plan = swarm.plan(self.ledger, e.record, self.best, self.known)
-            if plan.action != "wait":
-                self.done.add(e.record.id)
-            if plan.action != "run":
-                continue
-            start, parent = self.sim.now, swarm.content_hash(self.best)
-            verdict, runs = yield from self.trial(plan.source, "verify")
-            h = swarm.content_hash(plan.source)
-            self.sources[h] = plan.source
-            att = "confirmed" if verdict == "keep" else "refuted"
-            self.sim.publish(self, self.sign("attestation", dict(
-                task=TASK, improvement=e.record.id, verdict=att, before=self.score(parent), after=self.score(h),
-                hardware=self.hw, note="")))
-            if verdict == "keep":
-                old, self.best = self.best, plan.source
-                self.sim.publish(self, self.improvement(old, plan.source, swarm.ADOPT + e.record.id.hex()))
-            else:
-                self.sim.wasted += runs
-            self.log(start, "verify", e.record.body["description"], f"{att} ({runs} run(s))")
-            return True
-        return False
+        entries = self.ledger.rank(self.hw, self.noise(), RUN_MIN, self.sim.now * 60, self.done, SETTINGS["keep_sigmas"])
+        limit = 1 if self.batch_failed == self.best else SETTINGS["verify_batch"]
+        b = swarm.batch(self.ledger, swarm.due(entries, share, SETTINGS["verify_share"]), self.best, self.known, limit)
+        self.done.update(r.id for r, _ in b.settled)
+        if not b.records:
+            return False
+        start, old, h = self.sim.now, self.best, swarm.content_hash(b.source)
+        parent = swarm.content_hash(old)
+        self.sources[h] = b.source
+        verdict, runs = yield from self.trial(b.source, "verify")
+        if self.sim.use_memory:  # loop.Node._verify: the run is an experiment record too
+            self.sim.publish(self, self.sign("experiment", dict(
+                task=TASK, lineage=swarm.LINEAGE, parent=parent, child=h, idea=memories.idea_key(old, b.source),
+                diff=gittree.diff_texts(old, b.source), hypothesis="verify", status=verdict,
+                before=self.score(parent), after=self.score(h), hardware=self.hw, proposer="verify", log_tail="")))
+        att = "confirmed" if verdict == "keep" else "refuted"
+        if verdict == "keep" or len(b.records) == 1:
+            for r in b.records:
+                self.done.add(r.id)
+                others = [o.id for o in b.records if o is not r]
+                self.sim.publish(self, self.sign("attestation", dict(
+                    task=TASK, improvement=r.id, verdict=att, before=self.score(parent), after=self.score(h),
+                    hardware=self.hw, note="", **({"jointly": others} if others else {}))))
+        else:
+            self.batch_failed = self.best
+        if verdict == "keep":
+            self.best = b.source
+            self.sim.publish(self, self.improvement(old, b.source, swarm.adopt_proposer(b.records)))
+        else:
+            self.sim.wasted += runs
+        self.log(start, "verify", "; ".join(r.body["description"] for r in b.records), f"{att} ({runs} run(s))")
+        return True
 
     def improvement(self, parent, child, proposer, description="sim"):
         ph, ch = swarm.content_hash(parent), swarm.content_hash(child)
@@ -291,26 +306,39 @@ class SimNode:
                                              description=description))
 
     def experiment(self):
-        best = self.best
-        taken = None
-        if self.sim.use_memory:
-            now = self.sim.now * 60
-            measured, claimed = self.memory.measured(self.hw), self.memory.claims(self.hw, now)
+        """loop.Node.experiment: propose, claim, let the claim settle (the swarm's records arrive
+        meanwhile), choose again when a peer claimed the same idea first, then run."""
+        for lost in range(loop.CLAIM_TRIES):
+            best, taken, busy = self.best, None, frozenset()
+            if self.sim.use_memory:
+                now = self.sim.now * 60
+                measured, claimed = self.memory.measured(self.hw), self.memory.claims(self.hw, now)
+                busy = self.memory.busy(self.hw, now)
 
-            def taken(source):
-                key = memories.idea_key(best, source)
-                return key in measured or key in claimed
-        history = self.history + (self.memory.history(self.hw, self.noise()) if self.sim.use_memory else [])
-        p = self.proposer.propose(proposers.Context(best, history, self.noise(), "cpu", [], taken))
-        if p is None:
-            return False
-        ph, ch = swarm.content_hash(best), swarm.content_hash(p.source)
-        self.sources[ch] = p.source
-        idea = memories.idea_key(best, p.source)
-        if self.sim.use_memory:
+                def taken(source):
+                    key = memories.idea_key(best, source)
+                    return key in measured or key in claimed
+            history = self.history + (self.memory.history(self.hw, self.noise()) if self.sim.use_memory else [])
+            p = self.proposer.propose(proposers.Context(best, history, self.noise(), "cpu", [], taken, busy))
+            if p is None:
+                return False
+            ph, ch = swarm.content_hash(best), swarm.content_hash(p.source)
+            self.sources[ch] = p.source
+            idea = memories.idea_key(best, p.source)
+            if not self.sim.use_memory:
+                break
             expires = self.sim.now + 2 * RUN_MIN * (1 + SETTINGS["max_reruns"])  # as loop.Node.claim
-            self.sim.publish(self, self.sign("claim", dict(task=TASK, parent=ph, child=ch, idea=idea, hardware=self.hw,
-                                                           description=p.description, expires=int(expires * 60_000))))
+            claim = self.sign("claim", dict(task=TASK, parent=ph, child=ch, idea=idea, hardware=self.hw,
+                                            description=p.description, expires=int(expires * 60_000),
+                                            diff=gittree.diff_texts(best, p.source)))
+            self.sim.publish(self, claim)
+            if lost == loop.CLAIM_TRIES - 1 or len(self.sim.nodes) == 1:  # no peer to race
+                break
+            yield from self.wait("settle", SETTINGS["claim_settle"] / 60)
+            self.ledger.refresh()
+            rivals = self.memory.claims(self.hw, self.sim.now * 60).get(idea, ())
+            if not any((c.ts, c.author_id) < (claim.ts, claim.author_id) for c in rivals):
+                break
         start, parent_bpb = self.sim.now, sum(self.m[ph]) / len(self.m[ph])
         verdict, runs = yield from self.trial(p.source, "experiment")
         self.sim.experiments += 1
@@ -341,27 +369,39 @@ def trace(n, seed, hours):
         print(f"  {start:6.1f} min  {kind:10s} {what[:56]:56s} {outcome:22s} {gap:4.0%}")
 
 
+def _number(text):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", default="1,2,5,10,20,50")
     ap.add_argument("--hours", type=float, default=24)
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--memory", choices=("both", "on", "off"), default="both", help="swarm memory and claims")
     ap.add_argument("--trace", type=int, metavar="N", help="print the critical path of one N-node run (seed 0) and exit")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a node setting other than configs/default.toml's (e.g. verify_batch=1)")
     args = ap.parse_args()
+    SETTINGS.update(config.load(os.path.join(ROOT, "configs", "default.toml"),
+                                {k: _number(v) for k, v in (kv.split("=", 1) for kv in args.set)}))
     if args.trace:
         trace(args.trace, 0, args.hours)
         return
     ns = [int(x) for x in args.nodes.split(",")]
     print(f"synthetic task: {len(Objective(0).names)} constants, target {TARGET:.0%} of the gap to the optimum, "
           f"runs of {RUN_MIN:g} min, noise sd {NOISE}, records delayed {DELAY_S:g} s; cut off at {args.hours:g} h; "
-          f"medians over {args.seeds} seeds")
+          f"medians over {args.seeds} seeds" + (f"; settings {', '.join(args.set)}" if args.set else ""))
     print("| nodes | memory + claims | experiments to target | hours to target | parallel efficiency | duplicate runs |"
           " wasted verification | wall s |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     t1, spent = {}, {}
     med = lambda xs: statistics.median(xs) if xs else None
     for n in ns:
-        for use in (True, False):
+        for use in {"both": (True, False), "on": (True,), "off": (False,)}[args.memory]:
             t = time.perf_counter()
             sims = [Sim(n, seed, use, args.hours).run() for seed in range(args.seeds)]
             inf = float("inf")
