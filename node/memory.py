@@ -78,6 +78,15 @@ def edit_from_diff(diff):
     return {"changes": changes}
 
 
+def _lost(claim, rivals):
+    """Whether another node on a compatible tag claimed the same idea earlier, while its claim held
+    (the lower node id on a tie): the node that made `claim` lost the race (loop.Node.lost_race) and
+    chose again, so that the claim never becomes a record is no fault of its author's."""
+    return any(r.author_id != claim.author_id and (r.ts, r.author_id) < (claim.ts, claim.author_id)
+               and r.body["expires"] > claim.ts and swarm.closeness(r.body["hardware"], claim.body["hardware"]) >= COMPATIBLE
+               for r in rivals)
+
+
 class Memory:
     """Experiments and claims of our task, as the node's ledger holds them. An experiment record
     whose parent we can rebuild is checked: its diff must apply and give its child hash, and the
@@ -130,15 +139,17 @@ class Memory:
         """idea -> the honoured, unexpired claims of other nodes on compatible tags (any tag with
         `compatible` false)."""
         done = {(r.author_id, r.body["idea"]) for r in self.experiments()}
-        by_author = defaultdict(list)
+        by_author, by_idea = defaultdict(list), defaultdict(list)
         for c in self.ledger.claims:
+            by_idea[c.body["idea"]].append(c)
             if c.author_id != self.ledger.me:
                 by_author[c.author_id].append(c)
         self.ignored = defaultdict(int)
         out = defaultdict(list)
         for author, cs in by_author.items():
             expired = [c for c in cs if c.body["expires"] / 1000 <= now]
-            unfulfilled = sum((author, c.body["idea"]) not in done for c in expired)
+            unfulfilled = sum((author, c.body["idea"]) not in done and not _lost(c, by_idea[c.body["idea"]])
+                              for c in expired)
             active = sorted((c for c in cs if c.body["expires"] / 1000 > now), key=lambda c: -c.ts)
             if unfulfilled >= UNFULFILLED_LIMIT and unfulfilled * 2 > len(expired):
                 self.ignored["unfulfilled"] += len(active)

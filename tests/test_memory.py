@@ -95,6 +95,26 @@ def test_claims_honoured_expired_flooded_and_unfulfilled(mem):
     assert memory.idea_key(BASELINE, UP) in mem.claims(HW, now) and memory.idea_key(BASELINE, a) in mem.measured(HW)
 
 
+def test_claims_lost_in_a_race_are_not_held_against_their_author(mem):
+    """A node that claimed an idea a peer had claimed a moment earlier chooses again (loop.Node.lost_race):
+    that its claim never becomes a record does not make its later claims count for nothing."""
+    now = time.time()
+    carol = Identity.from_seed(b"carol")
+    children = [edit(BASELINE, "SCALAR_LR = 0.5", f"SCALAR_LR = 0.{i}") for i in range(1, 4)]
+    for child in children:  # Carol claimed first each time and ran it; Bob lost the race three times
+        add(mem, claim(carol, BASELINE, child, expires_in=90, now=now - 100), claim(BOB, BASELINE, child, expires_in=89, now=now - 99),
+            experiment(carol, BASELINE, child))
+    add(mem, claim(BOB, BASELINE, UP, now=now))
+    assert memory.idea_key(BASELINE, UP) in mem.claims(HW, now) and not mem.ignored["unfulfilled"]
+    # claims that lost to another tag's claim were no race: they count
+    other = dict(HW, backend="cuda", accelerator="H100")
+    for child in children:
+        add(mem, claim(MALLORY, BASELINE, child, expires_in=89, now=now - 99, hardware=other))
+    add(mem, claim(MALLORY, BASELINE, UP, hardware=other, now=now))
+    claimed = mem.claims(HW, now, compatible=False)[memory.idea_key(BASELINE, UP)]
+    assert [c.author_id for c in claimed] == [BOB.id] and mem.ignored["unfulfilled"] == 1
+
+
 def test_experiment_records_are_checked_against_their_parent(mem):
     good = experiment(BOB, BASELINE, UP)
     wrong_diff = experiment(MALLORY, BASELINE, UP, diff=gittree.diff_texts(UP, edit(UP, "MATRIX_LR = 0.06", "MATRIX_LR = 0.07")))
