@@ -310,6 +310,9 @@ class Data:
         if len(self.token_bytes) != self.vocab_size or self.token_bytes[self.bos_id] != 0:
             raise DataError(f"prepared data at {folder}: manifest vocab_size/bos_id disagree with its files")
 
+    def __getstate__(self):  # a frozen model may name its Data: it goes without the token arrays
+        return dict(self.__dict__, train=None, train_docs=None, val=None, val_docs=None)
+
     def tokenizer(self):
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(os.path.join(self.folder, "tokenizer.json"))
@@ -519,15 +522,22 @@ def eval_rows(val_tokens, val_offsets, seq_len=MAX_SEQ_LEN, eval_tokens=EVAL_TOK
     return rows
 
 
-def bpb_counts(logits, targets, token_bytes):
-    """(model outputs, targets, bytes per token) -> (nats, bytes). Targets that are
-    special tokens (0 bytes) count in neither sum."""
+def bpb_sums(logits, targets, token_bytes):
+    """(model outputs, targets, bytes per token) -> (nats, bytes) as 0-d tensors, float64
+    and int64, without waiting for the device (on the CPU where MPS has no float64).
+    Targets that are special tokens (0 bytes) count in neither sum."""
     import torch
     import torch.nn.functional as F
     nbytes = token_bytes[targets].reshape(-1)
     nats = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1), reduction="none")
     nats = torch.where(nbytes > 0, nats, 0.0)  # not a product: an unscored inf must not make NaN
-    return nats.cpu().double().sum().item(), int(nbytes.sum().item())  # float64 on the CPU (MPS has none)
+    return (nats.cpu() if nats.device.type == "mps" else nats).double().sum(), nbytes.sum()
+
+
+def bpb_counts(logits, targets, token_bytes):
+    """bpb_sums as Python numbers."""
+    nats, nbytes = bpb_sums(logits, targets, token_bytes)
+    return nats.item(), int(nbytes.item())
 
 
 def eval_batches(rows, batch_size):
@@ -560,15 +570,18 @@ def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_
 # ---------------------------------------------------------------------------
 # Handing the trained model to the harness
 # ---------------------------------------------------------------------------
-# Under the sandbox, train.py's last call serves its model over a socket: the
-# harness sends input rows, the candidate returns logits, and the harness alone
-# sees targets and computes the metric. hand_over serves a torch model,
-# hand_over_mlx an MLX one (train_mlx.py): the harness cannot tell them apart.
-# A frame is a 4-byte big-endian header length, a JSON header, then
-# `header["bytes"]` raw bytes.
+# Under the sandbox, train.py's last call freezes its model: its code and weights are
+# pickled into a file the harness made (serve.py says how), and the harness serves that
+# frozen copy from two fresh processes, one for the scored batches and one for the
+# causality probes, so that no state of the candidate, nor any it could keep between
+# requests, links a probe to its twin. The harness alone sees targets and computes the
+# metric. hand_over freezes a torch model, hand_over_mlx an MLX one (train_mlx.py).
+# A frame is a 4-byte big-endian header length, a JSON header, then `header["bytes"]`
+# raw bytes.
 
 HARNESS_ENV = "AUTORESEARCH_HARNESS_FD"  # set by the sandbox: the socket's file descriptor
-SHARED_ENV = "AUTORESEARCH_HARNESS_SHM"  # "fd:bytes" of a sealed shared-memory file for CPU logits
+FREEZE_ENV = "AUTORESEARCH_HARNESS_FREEZE"  # set by the sandbox: the file to freeze the model into (its size: the limit)
+SHARED_ENV = "AUTORESEARCH_HARNESS_SHM"  # "fd:bytes" of a sealed shared-memory file for CPU logits (the servers')
 MAX_HEADER = 4096
 
 
@@ -606,96 +619,73 @@ def recv_frame(sock, max_bytes):
     return header, _recv_exact(sock, size) if size else b""
 
 
+def _serve_module():
+    try:
+        from . import serve
+    except ImportError:  # imported as top-level `prepare` (python model/train.py)
+        import serve
+    return serve
+
+
 def hand_over(logits_fn, batch_size, device, data=None):
     """train.py's last call. Standalone: evaluate here on `data` (the Data it trained
-    on, else load_data()) and return val_bpb. Under the
-    sandbox: serve `logits_fn` (inputs (B, T) -> logits (B, T, V)) to the harness,
-    which computes the metric itself, and return nan. On CUDA the logits stay on the
-    GPU: they go into one buffer that the harness maps (CUDA IPC), and only the
-    request and the reply's header cross the socket."""
+    on, else load_data()) and return val_bpb. Under the sandbox: freeze `logits_fn`
+    (inputs (B, T) -> logits (B, T, V); a torch.compile'd module goes as the module it
+    wraps) with the ambient state of this call (autocast, matmul precision) for the
+    harness, which evaluates it in fresh processes and computes the metric itself, and
+    return nan. So the model must pickle: its code (train.py's own classes and functions
+    go by value) and everything its forward reaches; a HandOverError names what does not."""
     fd = os.environ.get(HARNESS_ENV)
     if fd is None:
         return evaluate_bpb(logits_fn, data or load_data(), batch_size, device)
-    import socket
     import torch
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    sock = socket.socket(fileno=int(fd))
-    send_frame(sock, {"op": "ready", "batch_size": batch_size, "device": str(device)})
-    shared = export = address = host = None
-    if os.environ.get(SHARED_ENV):
-        import mmap
-        shm_fd, size = map(int, os.environ[SHARED_ENV].split(":"))
-        host = torch.frombuffer(mmap.mmap(shm_fd, size), dtype=torch.float32)
-    with torch.no_grad():
-        while True:
-            header, payload = recv_frame(sock, 1 << 30)
-            if header.get("op") != "forward":
-                break
-            rows, cols = header["shape"]
-            x = torch.frombuffer(payload, dtype=torch.int32).view(rows, cols).to(device).long()
-            logits = logits_fn(x)
-            reply = {"op": "logits", "shape": list(logits.shape), "dtype": "float32"}
-            if header.get("shm") and host is not None and logits.numel() <= host.numel():
-                host[:logits.numel()].view(logits.shape).copy_(logits)  # into the harness's memory: no copy on the way
-                send_frame(sock, dict(reply, shm=True))
-            elif header.get("ipc"):
-                if shared is None or shared.numel() < logits.numel():
-                    if shared is not None:
-                        cuda_free(address)
-                    address, shared = cuda_alloc(logits.numel(), device)
-                    export = cuda_ipc_export(address)
-                shared[:logits.numel()].view(logits.shape).copy_(logits)
-                torch.cuda.synchronize(device)
-                send_frame(sock, dict(reply, ipc=export))
-            else:
-                send_frame(sock, reply, logits.float().cpu().contiguous().numpy().tobytes())
-    sock.close()
-    if shared is not None:
-        cuda_free(address)
+    compiled = sys.modules.get("torch._dynamo.eval_frame")  # imported only if something was compiled
+    while compiled and isinstance(logits_fn, compiled.OptimizedModule):
+        logits_fn = logits_fn._orig_mod
+    logits_fn = getattr(logits_fn, "_torchdynamo_orig_callable", logits_fn)  # a compiled function
+    serve = _serve_module()
+    payload = dict(framework="torch", fn=logits_fn, device=str(device), ambient=serve.ambient())
+    _hand_over_frozen(int(fd), batch_size, str(device), lambda out: serve.freeze(payload, out, "torch"))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # what training cached goes back now, for the servers, before this process exits
     return float("nan")
 
 
 def hand_over_mlx(model, batch_size, data=None):
     """train_mlx.py's last call: hand_over for an MLX model (int32 inputs (B, T) -> logits
     (B, T, V)). MLX stays on the candidate's side: the harness neither imports nor trusts
-    it. Under the sandbox the model is served over the same channel as a torch model on the
-    CPU (inputs in, float32 logits into the harness's shared memory, copied once out of
-    MLX's unified memory), and the harness computes the metric with its own code, the
-    causality probes and the budget unchanged. Standalone: the shared evaluate_bpb here."""
+    it. Under the sandbox the model is frozen (pickled with its code, as hand_over's) and
+    served by fresh processes exactly as a torch model on the CPU (inputs in, float32
+    logits into the harness's shared memory), and the harness computes the metric with its
+    own code, the causality probes and the budget unchanged. Standalone: the shared
+    evaluate_bpb here."""
     import mlx.core as mx
 
-    def forward(x):  # numpy int32 (B, T) -> numpy float32 (B, T, V)
-        return np.asarray(model(mx.array(x)).astype(mx.float32))
     fd = os.environ.get(HARNESS_ENV)
     if fd is None:
         import torch
-        return evaluate_bpb(lambda x: torch.from_numpy(forward(x.numpy().astype(np.int32))), data or load_data(),
-                            batch_size, "cpu")
-    import socket
-    sock = socket.socket(fileno=int(fd))
-    device = "gpu" if mx.default_device() == mx.gpu else "cpu"
-    send_frame(sock, {"op": "ready", "batch_size": batch_size, "device": f"mlx:{device}"})
-    host = None
-    if os.environ.get(SHARED_ENV):
-        import mmap
-        shm_fd, size = map(int, os.environ[SHARED_ENV].split(":"))
-        host = np.frombuffer(mmap.mmap(shm_fd, size), dtype=np.float32)
-    while True:
-        header, payload = recv_frame(sock, 1 << 30)
-        if header.get("op") != "forward":
-            break
-        rows, cols = header["shape"]
-        logits = forward(np.frombuffer(payload, dtype=np.int32).reshape(rows, cols))
-        reply = {"op": "logits", "shape": list(logits.shape), "dtype": "float32"}
-        if header.get("shm") and host is not None and logits.size <= host.size:
-            host[:logits.size].reshape(logits.shape)[...] = logits
-            send_frame(sock, dict(reply, shm=True))
-        else:
-            send_frame(sock, reply, logits.tobytes())
-    sock.close()
+
+        def forward(x):  # torch int (B, T) -> torch float32 (B, T, V)
+            return torch.from_numpy(np.asarray(model(mx.array(x.numpy().astype(np.int32))).astype(mx.float32)))
+        return evaluate_bpb(forward, data or load_data(), batch_size, "cpu")
+    device = "mlx:gpu" if mx.default_device() == mx.gpu else "mlx:cpu"
+    serve = _serve_module()
+    payload = dict(framework="mlx", fn=model, device=device)
+    _hand_over_frozen(int(fd), batch_size, device, lambda out: serve.freeze(payload, out, "mlx"))
     return float("nan")
+
+
+def _hand_over_frozen(fd, batch_size, device, freeze):
+    """The sandbox's side of a hand-over: ready (the clock stops), the frozen model, done."""
+    import socket
+    sock = socket.socket(fileno=fd)
+    send_frame(sock, {"op": "ready", "batch_size": batch_size, "device": device})
+    size = freeze(int(os.environ[FREEZE_ENV]))
+    send_frame(sock, {"op": "model", "size": size})
+    sock.close()
 
 
 # CUDA IPC through the driver API. The buffer is allocated with cuMemAlloc, outside

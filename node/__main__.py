@@ -86,6 +86,22 @@ def _data(s):
     return prepare.load_data(), {}
 
 
+def _disk_full(e):
+    """What filled up, when `e` (from a store write, a journal line, git or the sandbox's temp files) is
+    a full disk or quota; else None. Every write is a transaction or is rebuilt at start, so the node
+    can stop right there."""
+    import errno
+    import sqlite3
+    from node import gittree
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return e.filename or os.strerror(e.errno)
+    if isinstance(e, sqlite3.OperationalError) and "full" in str(e):
+        return f"the store: {e}"
+    if isinstance(e, gittree.GitError) and "No space left on device" in str(e):
+        return "the git tree"
+    return None
+
+
 def join(args):
     from model import prepare
     from node import config, home as homes, loop, tasksync
@@ -118,6 +134,13 @@ def join(args):
     except homes.HomeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:  # noqa: BLE001 -- only a full disk is answered here; anything else stays a traceback
+        full = _disk_full(e)
+        if full is None:
+            raise
+        print(f"error: disk full ({full}): the node stopped; what it kept is in {home} and a restart carries on "
+              "once there is space", file=sys.stderr)
+        return 2
     finally:
         node.close()
     st = loop.status(home)

@@ -123,6 +123,7 @@ class Node:
         self.store.add_source(first)
         interrupted = self.store.mark_interrupted()
         self.tree.reset(self.best())
+        shutil.rmtree(self._compiled("runs"), ignore_errors=True)  # layers of runs never decided
         for path in BASELINES.values():  # every lineage's baseline: chains of records start there
             with open(path) as f:
                 self.store.add_source(f.read())
@@ -172,7 +173,8 @@ class Node:
                 f.write(source)
             trusted = source == self.baseline_source  # only the shipped file may fill the shared compile cache
             r = sandbox.run(folder, budget=self.s["budget"], profile=self.s["profile"], data=self.data, seed=exp,
-                            hide=[self.home], progress=self._progress(label), trusted=trusted, backend=self.backend)
+                            hide=[self.home], progress=self._progress(label), trusted=trusted, backend=self.backend,
+                            layers=[self._compiled("kept")], keep_layer=self._compiled("runs", str(exp)))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         status = "measured" if r.status == "ok" else "crash"
@@ -183,6 +185,24 @@ class Node:
         shown = f"{r.val_bpb:.6f}" if r.val_bpb is not None else r.status + (f" ({', '.join(r.violations)})" if r.violations else "")
         self.say(f"{label}: {shown}  [{r.total_seconds:.0f}s] {description}")
         return exp, r
+
+    def _compiled(self, *parts):
+        return os.path.join(self.home, "compile", *parts)
+
+    def _keep_compiled(self, ids, kept):
+        """What the runs `ids` compiled joins the kept layer when they made the new best (its children
+        then start warm, a changed model included), and is dropped otherwise. Only a cache: a node killed
+        before this merely compiles again."""
+        from sandbox import run as sandbox
+        runs = [self._compiled("runs", str(i)) for i in ids]
+        layer = next((r for r in runs if os.path.isdir(r)), None) if kept else None
+        if layer:
+            kept_layer = self._compiled("kept")
+            if _folder_bytes(kept_layer) > KEPT_LAYER_BYTES:  # content-keyed entries of old bests: start afresh
+                shutil.rmtree(kept_layer, ignore_errors=True)
+            sandbox.merge_layer(layer, kept_layer)
+        for r in runs:
+            shutil.rmtree(r, ignore_errors=True)
 
     def _progress(self, label):
         last = [None]
@@ -200,6 +220,7 @@ class Node:
         """Give every run of one candidate its final status (and move the best), with the signed
         records that announce it, then journal it and send the records."""
         self.store.decide(ids, status, best, [r.encoded for r in records], verdicts)
+        self._keep_compiled(ids, best is not None)
         rows = {e["id"]: e for e in self.store.experiments()}
         for i in ids:
             homes.append_results(self.results, rows[i])
@@ -705,8 +726,13 @@ class Node:
 
 
 ADOPT_PROPOSER = "verify"
+KEPT_LAYER_BYTES = 8 << 30  # the kept candidates' compile cache (HOME/compile/kept) starts afresh beyond this
 IDLE_S = 10.0
 CLAIM_TRIES = 3    # candidates a node gives up to earlier claims before it runs the next one anyway
+
+
+def _folder_bytes(path):
+    return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(path) for f in files)
 
 
 def _experiment_status(status, r):

@@ -127,6 +127,9 @@ def facts(hw):
   the logits of the model train.py hands over: train.py ends with
   `prepare.hand_over(logits_fn, batch_size, device, data)` (MLX: `prepare.hand_over_mlx(model,
   batch_size, data)`), where logits_fn maps token ids (B, T) to logits (B, T, {prepare.VOCAB_SIZE}). Nothing train.py prints counts.
+  The model is pickled (train.py's classes and functions by value) and served by fresh processes: everything
+  its forward reaches must pickle (no open files, threads, locks or data loaders), and its answers must not
+  depend on earlier calls.
 - Evaluation profile {hw['profile']}: sequences of {p['max_seq_len']} tokens, {p['eval_tokens']:,} validation
   tokens, vocabulary {prepare.VOCAB_SIZE} (byte-level BPE; id 0 is the BOS token that starts every
   document). The harness probes causality: logits at a position must not change when later tokens

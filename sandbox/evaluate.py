@@ -1,7 +1,14 @@
 """The trusted side of evaluation: validation inputs go to the candidate's model,
 logits come back, and only the harness sees targets and computes bits per byte.
-Causality probes are mixed in: a copy of a real batch whose tokens after a random
-cut come from other validation rows; logits up to the cut must not move."""
+
+Two servers of one frozen model answer (see servers.py). The scoring server gets every
+real batch, in order, and nothing else: `score` copies each reply as it arrives, sends the
+next request, then computes the metric on its copy, the same work for every batch, and
+keeps the copies of the batches chosen for probes. Only once it is gone does the probe
+server get those batches' twins (`check_probes`): each row's tokens after a random cut
+come from another validation row; its logits up to the cut must equal the kept ones.
+So neither server ever sees both a probe and its twin, and nothing the scoring server
+can observe depends on which batches are probed."""
 
 import math
 import socket
@@ -19,51 +26,62 @@ class ModelError(Exception):
     """The candidate's model broke a rule; the message is the violation's name."""
 
 
-def check_logits(logits, shape):
-    if not isinstance(logits, torch.Tensor) or logits.dtype != torch.float32 or tuple(logits.shape) != shape:
-        raise ModelError("bad_logits")
-    if not torch.isfinite(logits).all():
-        raise ModelError("nan_logits")
-    return logits
+def plan_probes(rows, batch_size, rng, probes, vocab_size):
+    """{batch index: (twin inputs, cuts)} for `probes` batches drawn at random."""
+    batches = list(prepare.eval_batches(rows, batch_size))
+    chosen = rng.choice(len(batches), size=min(probes, len(batches)), replace=False)
+    return {int(k): probe_inputs(_inputs(batches[k][0]), rows, rng, vocab_size) for k in sorted(chosen)}
 
 
-def evaluate(forward, rows, token_bytes, batch_size, rng, probes=2, device="cpu", stats=None, tolerance=PROBE_TOLERANCE):
-    """val_bpb of `forward` (int32 (B, T) -> float32 (B, T, V) on `device`) on `rows`
-    (N, T + 1), with `probes` causality probes hidden among the batches. A reply may
-    live in a buffer the next call overwrites: what is kept is copied. `stats`, a dict,
-    gets the largest logit change the probes saw ("probe_max_diff")."""
+def _inputs(batch):
+    return np.ascontiguousarray(batch[:, :-1], dtype=np.int32)
+
+
+def score(model, rows, token_bytes, batch_size, plan, device="cpu"):
+    """(val_bpb, {probed batch: its logits}) of `model` on `rows` (N, T + 1). Each reply is
+    copied once, as it arrives; the metric and every check read only the copy, so a reply
+    rewritten while the harness reads it changes nothing, and the next request goes out at
+    once, while the harness works on the copy (no device round trip per batch)."""
+    batches = list(prepare.eval_batches(rows, batch_size))
     V = len(token_bytes)
-    n_batches = -(-len(rows) // batch_size)
-    probed = set(rng.choice(n_batches, size=min(probes, n_batches), replace=False).tolist())
+    shape = (batch_size, rows.shape[1] - 1, V)
+    # made and touched now: no allocation or first-touch page fault tells a probed batch apart
+    spare = torch.zeros(shape, device=device)
+    kept = {k: torch.zeros(shape, device=device) for k in plan}
     tb = torch.from_numpy(np.asarray(token_bytes)).to(device)
-    nats, nbytes = 0.0, 0
-    for k, (batch, real) in enumerate(prepare.eval_batches(rows, batch_size)):
-        x = np.ascontiguousarray(batch[:, :-1], dtype=np.int32)
-        shape = (*x.shape, V)
-        if k in probed:
-            px, cuts = probe_inputs(x, rows, rng, V)
-            if rng.random() < 0.5:
-                logits = check_logits(forward(x), shape).clone()
-                plogits = check_logits(forward(px), shape)
-            else:
-                plogits = check_logits(forward(px), shape).clone()
-                logits = check_logits(forward(x), shape)
-            for r, cut in enumerate(cuts):
-                diff = (logits[r, :cut + 1] - plogits[r, :cut + 1]).abs().max().item()
-                if stats is not None:
-                    stats["probe_max_diff"] = max(stats.get("probe_max_diff", 0.0), diff)
-                if diff > tolerance:
-                    raise ModelError("non_causal")
-        else:
-            logits = check_logits(forward(x), shape)
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nbytes = torch.zeros((), dtype=torch.int64, device=device)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    model.send(_inputs(batches[0][0]))
+    for k, (batch, real) in enumerate(batches):
+        logits = kept.get(k, spare)
+        logits.copy_(model.receive())
+        model.release()
+        if k + 1 < len(batches):
+            model.send(_inputs(batches[k + 1][0]))
+        finite &= torch.isfinite(logits).all()
         targets = torch.from_numpy(batch[:real, 1:]).to(device)
         for j in range(0, real, 8):  # bounded memory for the float32 softmax; padding rows of a last batch left out
-            n, b = prepare.bpb_counts(logits[j:min(j + 8, real)], targets[j:j + 8], tb)
-            nats, nbytes = nats + n, nbytes + b
-    bpb = nats / (math.log(2) * nbytes)
-    if not math.isfinite(bpb):  # replies are read in place: one rewritten after its check
+            n, b = prepare.bpb_sums(logits[j:min(j + 8, real)], targets[j:j + 8], tb)
+            nats += n
+            nbytes += b
+    if not finite.item():
         raise ModelError("nan_logits")
-    return bpb
+    return nats.item() / (math.log(2) * nbytes.item()), kept
+
+
+def check_probes(model, plan, kept, stats=None, tolerance=PROBE_TOLERANCE):
+    """Send each probed batch's twin and compare the logits up to each row's cut with the kept
+    ones. `stats`, a dict, gets the largest change seen ("probe_max_diff")."""
+    for k, (px, cuts) in plan.items():
+        ours, theirs = kept[k], model(px)
+        worst = torch.stack([(ours[r, :c + 1] - theirs[r, :c + 1].to(ours.device)).abs().max()
+                             for r, c in enumerate(cuts)]).max().item()
+        model.release()
+        if stats is not None:
+            stats["probe_max_diff"] = max(stats.get("probe_max_diff", 0.0), worst)
+        if not worst <= tolerance:  # NaN too: a twin's logits are read in place, once
+            raise ModelError("non_causal")
 
 
 def probe_inputs(x, rows, rng, vocab_size):
@@ -81,74 +99,104 @@ def probe_inputs(x, rows, rng, vocab_size):
     return px, cuts
 
 
+def warm(device, vocab_size):
+    """Run the kernels the evaluation uses once, on small tensors: CUDA loads each lazily."""
+    logits = torch.zeros(1, 8, vocab_size, device=device)
+    copy = torch.empty_like(logits)
+    copy.copy_(logits)
+    targets = torch.zeros(1, 8, dtype=torch.long, device=device)
+    n, b = prepare.bpb_sums(copy, targets, torch.ones(vocab_size, dtype=torch.long, device=device))
+    (n / b + torch.isfinite(copy).all() + (copy[0, :4] - logits[0, :4]).abs().max()).item()
+
+
 class RemoteModel:
-    """`forward` over the candidate's socket, with every reply checked and bounded."""
+    """A server's model over its socket: send a request, receive the reply, checked and
+    bounded; a reply stays valid until `release`."""
 
     def __init__(self, sock, vocab_size):
-        self.sock, self.vocab_size = sock, vocab_size
+        self.sock, self.vocab_size, self.shape, self.extra = sock, vocab_size, None, {}
 
     deadline = float("inf")  # time.time() by which the whole evaluation must be done
 
-    def request(self, x, **extra):
-        B, T = x.shape
+    def send(self, x, **extra):
         left = self.deadline - time.time()
         if left <= 0:
             raise socket.timeout("evaluation past the wall limit")
         self.sock.settimeout(min(left, 3600))
-        prepare.send_frame(self.sock, {"op": "forward", "shape": [B, T], **extra}, x.tobytes())
+        self.shape, self.extra = (*x.shape, self.vocab_size), extra
+        prepare.send_frame(self.sock, {"op": "forward", "shape": list(x.shape), **extra}, x.tobytes())
+
+    def _reply(self):
+        left = self.deadline - time.time()
+        if left <= 0:
+            raise socket.timeout("evaluation past the wall limit")
+        self.sock.settimeout(min(left, 3600))
         try:
-            header, payload = prepare.recv_frame(self.sock, 0 if extra else B * T * self.vocab_size * 4)
+            header, payload = prepare.recv_frame(self.sock, 0 if self.extra else math.prod(self.shape) * 4)
         except ValueError:
             raise ModelError("bad_logits") from None
-        if header.get("op") != "logits" or header.get("dtype") != "float32" or header.get("shape") != [B, T, self.vocab_size]:
+        if header.get("op") != "logits" or header.get("dtype") != "float32" or header.get("shape") != list(self.shape):
             raise ModelError("bad_logits")
         return header, payload
 
-    def __call__(self, x):
-        _, payload = self.request(x)
-        if len(payload) != x.size * self.vocab_size * 4:
+    def receive(self):
+        _, payload = self._reply()
+        if len(payload) != math.prod(self.shape) * 4:
             raise ModelError("bad_logits")
-        return torch.frombuffer(payload, dtype=torch.float32).view(*x.shape, self.vocab_size)
+        return torch.frombuffer(payload, dtype=torch.float32).view(self.shape)
 
-
-class SharedMemoryModel(RemoteModel):
-    """Requests over the socket; the logits come back in a shared-memory file the
-    harness made and sealed (it cannot shrink under the harness), read in place."""
-
-    def __init__(self, sock, vocab_size, shm):
-        super().__init__(sock, vocab_size)
-        self.shm = shm
+    def release(self):
+        pass
 
     def __call__(self, x):
-        n = x.size * self.vocab_size
-        if n * 4 > len(self.shm):
-            return super().__call__(x)
-        header, _ = self.request(x, shm=True)
-        if header.get("shm") is not True:
-            raise ModelError("bad_logits")
-        return torch.frombuffer(self.shm, dtype=torch.float32, count=n).view(*x.shape, self.vocab_size)
+        self.send(x)
+        return self.receive()
 
     def close(self):
         pass
 
 
+class SharedMemoryModel(RemoteModel):
+    """Requests over the socket; the logits come back in a shared-memory file the
+    harness made and sealed (it cannot shrink under the harness's mapping)."""
+
+    def __init__(self, sock, vocab_size, shm):
+        super().__init__(sock, vocab_size)
+        self.shm = shm
+
+    def send(self, x):
+        if x.size * self.vocab_size * 4 > len(self.shm):
+            return super().send(x)
+        super().send(x, shm=True)
+
+    def receive(self):
+        if not self.extra:
+            return super().receive()
+        header, _ = self._reply()
+        if header.get("shm") is not True:
+            raise ModelError("bad_logits")
+        return torch.frombuffer(self.shm, dtype=torch.float32, count=math.prod(self.shape)).view(self.shape)
+
+
 class CudaIpcModel(RemoteModel):
-    """Requests over the socket; the logits stay in the candidate's GPU buffer, mapped
-    here once (CUDA IPC) and read in place: no copy through the socket."""
+    """Requests over the socket; the logits stay in the server's GPU buffer, mapped
+    here once (CUDA IPC): no copy through the socket."""
 
     def __init__(self, sock, vocab_size, device):
         super().__init__(sock, vocab_size)
         self.device, self.handle, self.address, self.size = torch.device(device), None, None, 0
 
-    def __call__(self, x):
-        torch.cuda.synchronize(self.device)  # done reading the last reply before the candidate overwrites it
-        header, _ = self.request(x, ipc=True)
+    def send(self, x):
+        super().send(x, ipc=True)
+
+    def receive(self):
+        header, _ = self._reply()
         ipc = header.get("ipc")
         try:
             handle, offset = bytes.fromhex(ipc["handle"]), ipc["offset"]
         except (TypeError, KeyError, ValueError, AttributeError):
             raise ModelError("bad_logits") from None
-        nbytes = x.size * self.vocab_size * 4
+        nbytes = math.prod(self.shape) * 4
         if len(handle) != 64 or type(offset) is not int or offset < 0 or offset % 4:
             raise ModelError("bad_logits")
         if handle != self.handle:
@@ -160,7 +208,10 @@ class CudaIpcModel(RemoteModel):
             self.handle = handle
         if offset + nbytes > self.size:
             raise ModelError("bad_logits")
-        return torch.as_tensor(prepare.CudaArray(self.address + offset, (*x.shape, self.vocab_size)), device=self.device)
+        return torch.as_tensor(prepare.CudaArray(self.address + offset, self.shape), device=self.device)
+
+    def release(self):
+        torch.cuda.synchronize(self.device)  # done reading the reply before the server may overwrite it
 
     def close(self):
         if self.address is not None:

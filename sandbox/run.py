@@ -2,17 +2,16 @@
 limit; the harness evaluates the model the candidate hands over and returns a Result."""
 
 import ctypes
-import fcntl
 import functools
 import glob
 import json
-import mmap
 import os
 import re
 import resource
 import select
 import shutil
 import signal
+import stat
 import socket
 import subprocess
 import sys
@@ -21,8 +20,8 @@ import time
 
 import numpy as np
 
-from model import prepare
-from sandbox import backend as backends, evaluate, scope
+from model import prepare, serve
+from sandbox import backend as backends, evaluate, scope, servers
 from sandbox.result import HardwareTag, Result
 
 # Seconds beyond the training budget: `startup` to start (imports, compilation); a hand-over
@@ -33,9 +32,12 @@ from sandbox.result import HardwareTag, Result
 # the cut may move by `probe_tolerance`. Honest baselines move them by exactly 0 on CPU and
 # on an H100 (1216 probe rows, 4 runs); a one-token look-ahead moved every row by >= 0.28.
 # A leak of tau per logit can buy up to ~0.84 tau bpb, so tau stays far below the noise.
+# `model_bytes`: the most a frozen model (code and weights) may take.
 LIMITS = {
-    "gpu": dict(startup=120, grace=30, evaluation=180, processes=64, file_bytes=4 << 30, probe_rows=64, probe_tolerance=1e-4),
-    "cpu": dict(startup=30, grace=10, evaluation=120, processes=64, file_bytes=4 << 30, probe_rows=16, probe_tolerance=1e-4),
+    "gpu": dict(startup=120, grace=30, evaluation=180, processes=64, file_bytes=4 << 30, probe_rows=64, probe_tolerance=1e-4,
+                model_bytes=4 << 30),
+    "cpu": dict(startup=30, grace=10, evaluation=120, processes=64, file_bytes=4 << 30, probe_rows=16, probe_tolerance=1e-4,
+                model_bytes=1 << 30),
 }
 LOG_TAIL_LINES = 40
 MODEL_DIR = os.path.dirname(os.path.abspath(prepare.__file__))
@@ -45,6 +47,11 @@ BASE_ISOLATION = ("process-group", "parent-death-signal", "rlimits", "scrubbed-e
 SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/sys")
 DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom")
 CONFINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confine.py")
+SERVE = os.path.join(MODEL_DIR, "serve.py")
+# How the model was evaluated: frozen at the hand-over and served by fresh processes (every
+# run); the probe server shares no namespace or writable storage with the scoring server
+# (only where each has its own filesystem view; elsewhere they share the node user's files).
+FROZEN, ISOLATED_PROBES = ("frozen-model",), ("isolated-probe-server",)
 
 
 def temp_prefix(kind):
@@ -59,7 +66,7 @@ def sweep(folder=None):
     folder = folder or tempfile.gettempdir()
     removed = 0
     for name in os.listdir(folder):
-        m = re.fullmatch(r"autoresearch-(?:node|candidate|log|root|probe)-(\d+)-\w+", name)
+        m = re.fullmatch(r"autoresearch-(?:node|candidate|server|log|root|probe)-(\d+)-\w+", name)
         if not m or _alive(int(m.group(1))):
             continue
         path = os.path.join(folder, name)
@@ -87,25 +94,27 @@ def _alive(pid):
 @functools.cache
 def isolation():
     """The strongest confinement this machine allows: (kind, command prefix, names).
-    "view": own mount, pid and network namespaces, a filesystem showing only the
-    system, the training split and the scratch folder, no privileges; "namespaces":
-    own pid and network namespaces only; "none"."""
+    "view": own mount, pid, network and IPC namespaces, a filesystem showing only the
+    system, the training split and the scratch folder, no privileges, no kernel
+    keyrings; "namespaces": own pid, network and IPC namespaces only; "none"."""
     if not (sys.platform.startswith("linux") and shutil.which("unshare")):
         return "none", [], BASE_ISOLATION
     users = [[], ["--user", "--map-root-user"]] if os.geteuid() == 0 else [["--user", "--map-root-user"]]
     for user in users:
-        prefix = ["unshare", *user, "--mount", "--pid", "--net", "--fork", "--kill-child=SIGKILL", "--propagation", "private"]
+        prefix = ["unshare", *user, "--mount", "--pid", "--net", "--ipc", "--fork", "--kill-child=SIGKILL", "--propagation",
+                  "private"]
         who = "user-nobody" if not user else "no-capabilities"
         with tempfile.TemporaryDirectory(prefix=temp_prefix("probe")) as tmp:
             root, scratch = os.path.join(tmp, "root"), os.path.join(tmp, "scratch")
             os.mkdir(root), os.mkdir(scratch)
             if _works(_view_command(prefix, root, scratch, [sys.executable, "-c", "import numpy, torch"], _candidate_uid(prefix), [])):
-                return "view", prefix, BASE_ISOLATION + ("network-namespace", "pid-namespace", "mount-namespace",
-                                                         "validation-hidden", "read-only-outside-scratch", who)
+                return "view", prefix, BASE_ISOLATION + ("network-namespace", "pid-namespace", "ipc-namespace",
+                                                         "mount-namespace", "validation-hidden", "read-only-outside-scratch",
+                                                         "no-keyrings", who)
     for user in users:
-        prefix = ["unshare", *user, "--net", "--pid", "--fork", "--mount-proc", "--kill-child=SIGKILL"]
+        prefix = ["unshare", *user, "--net", "--pid", "--ipc", "--fork", "--mount-proc", "--kill-child=SIGKILL"]
         if _works([*prefix, "true"]):
-            return "namespaces", prefix, BASE_ISOLATION + ("network-namespace", "pid-namespace")
+            return "namespaces", prefix, BASE_ISOLATION + ("network-namespace", "pid-namespace", "ipc-namespace")
     return "none", [], BASE_ISOLATION
 
 
@@ -138,11 +147,12 @@ def _python_dirs():
     return sorted(d for d in dirs if d and os.path.isdir(d) and os.path.realpath(d) != "/")
 
 
-def _view_command(prefix, root, scratch, argv, uid, shown, writable=(), hidden=()):
+def _view_command(prefix, root, scratch, argv, uid, shown, writable=(), hidden=(), overlays=()):
     """The command that runs argv inside the confined view (see confine.py), built on
     the empty folder `root`."""
     spec = dict(root=root, ro=[*SYSTEM_DIRS, *_python_dirs(), MODEL_DIR, *shown],
-                rw=[scratch, *writable], hide=list(hidden), uid=uid, cwd=scratch, argv=argv, shm_bytes=1 << 30,
+                rw=[scratch, *writable], overlays=[list(o) for o in overlays], hide=list(hidden), uid=uid, cwd=scratch,
+                argv=argv, shm_bytes=1 << 30,
                 devices=[*DEVICES, *sorted(glob.glob("/dev/nvidia*")), *sorted(glob.glob("/dev/dri"))])
     if uid is not None:
         for path in (scratch, *writable):
@@ -220,18 +230,50 @@ def _scrubbed_env(scratch, fd, data, profile, budget, compiled, backend):
                 AUTORESEARCH_PROFILE=profile, AUTORESEARCH_TIME_BUDGET=str(budget), **{prepare.HARNESS_ENV: str(fd)})
 
 
+def _server_env(scratch, fds, profile, budget, backend):
+    keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES") if k in os.environ}
+    return dict(keep, **backends.environment(backend), HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR, PYTHONUNBUFFERED="1",
+                PYTHONDONTWRITEBYTECODE="1", AUTORESEARCH_CACHE=scratch, AUTORESEARCH_PROFILE=profile,
+                AUTORESEARCH_TIME_BUDGET=str(budget), TORCHINDUCTOR_CACHE_DIR=os.path.join(scratch, ".compile"), **fds)
+
+
+def _start_server(role, kind, prefix, limits, frozen_fd, shm_bytes, profile, budget, backend, hidden):
+    """One of the two fresh processes that will serve the frozen model (servers.py), confined
+    like a candidate but in a view of its own: the system, Python and model/, read-only, and
+    an empty scratch folder; no data at all."""
+    scratch, root = tempfile.mkdtemp(prefix=temp_prefix("server")), tempfile.mkdtemp(prefix=temp_prefix("root"))
+    log_fd, log_path = tempfile.mkstemp(prefix=temp_prefix("log"))
+    ours, theirs = socket.socketpair()
+    shm_fd, shm = servers.shared_memory(shm_bytes)
+    argv = [sys.executable, SERVE, "mlx" if backend == "mlx" else "torch"]
+    command = (_view_command(prefix, root, scratch, argv, _candidate_uid(prefix), [], (), hidden) if kind == "view"
+               else [*prefix, *argv])
+    fds = {serve.SOCKET_ENV: str(theirs.fileno()), serve.MODEL_ENV: str(frozen_fd), prepare.SHARED_ENV: f"{shm_fd}:{len(shm)}"}
+    try:
+        proc = subprocess.Popen(command, cwd=scratch, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
+                                pass_fds=[theirs.fileno(), frozen_fd, shm_fd], env=_server_env(scratch, fds, profile, budget, backend),
+                                # threads count too, for the user it shares with the candidate: room for its own pool
+                                preexec_fn=_confine(dict(limits, processes=limits["processes"] + (os.cpu_count() or 1))))
+    finally:
+        os.close(log_fd), os.close(shm_fd), theirs.close()
+    return servers.Server(role, proc, ours, shm, log_path, (scratch, root))
+
+
 def _summary_value(log, key):
     m = re.findall(rf"^{key}:\s+([0-9.]+)\s*$", log, re.M)
     return float(m[-1]) if m else None
 
 
 def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None, probes=None, limits=None, hide=(),
-        progress=None, trusted=False, backend=None):
+        progress=None, trusted=False, backend=None, layers=(), keep_layer=None):
     """Run the tree at `candidate` (a folder with train.py); never raises for what
     the candidate does. `limits` overrides entries of the profile's LIMITS; `hide`
     names more paths the candidate must not see (the node's home); `progress` is
     called as progress(phase, seconds elapsed, budget seconds left) while it runs;
     `trusted` (the shipped baseline only) lets the run write the shared compile cache;
+    `layers` are compile caches shown above the shared one (what runs of the node's kept
+    candidates compiled), and `keep_layer` a folder that receives what this run compiled
+    when it scored (only with the private view: see merge_layer);
     `backend` (auto | cuda | mps | cpu | mlx, see sandbox.backend; default: torch's own
     choice, as train.py makes it) names what the candidate runs on: an MLX candidate
     (train_mlx.py) hands over through prepare.hand_over_mlx and is evaluated here
@@ -242,6 +284,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     data = data or prepare.load_data()
     limits = dict(LIMITS[profile], **(limits or {}))
     kind, prefix, confinement = isolation()
+    confinement += FROZEN + (ISOLATED_PROBES if kind == "view" else ())
     hardware = HardwareTag.detect(budget, profile, data.fingerprint, backend)
 
     stats = {}
@@ -262,46 +305,50 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     scratch = tempfile.mkdtemp(prefix=temp_prefix("candidate"))
     shutil.copy(os.path.join(candidate, scope.EDITABLE), os.path.join(scratch, scope.EDITABLE))
     ours, theirs = socket.socketpair()
-    shm_fd, shm = _shared_memory(_batch_size(profile, data, shared=False) * prepare.PROFILES[profile]["max_seq_len"]
-                                 * data.vocab_size * 4)
+    model_fd = servers.freeze_file(min(limits["model_bytes"], limits["file_bytes"]))  # the candidate freezes its model here
     log_fd, log_path = tempfile.mkstemp(prefix=temp_prefix("log"))  # outside the candidate's folder
     os.close(log_fd)
-    # Compile caches: a trusted run (the shipped baseline) fills the shared one; any other
-    # run gets its own copy, which dies with it: nothing it writes reaches a later run.
-    shared_cache = os.path.join(prepare.cache_dir(), "sandbox-compile")
-    os.makedirs(shared_cache, exist_ok=True)
-    if trusted:
-        compiled = shared_cache
-    else:
-        compiled = os.path.join(scratch, ".compile")
-        shutil.copytree(shared_cache, compiled, symlinks=True)
+    # Compile caches. A trusted run (the shipped baseline) fills the shared one; any other run
+    # sees it at the same path (compiled code records absolute paths: a copy elsewhere misses,
+    # or writes back to the original) through an overlay whose upper layer dies with the run,
+    # so nothing it writes reaches a later run. Without the view there is no such protection.
+    compiled = os.path.join(prepare.cache_dir(), "sandbox-compile")
+    os.makedirs(compiled, exist_ok=True)
     argv = [sys.executable, scope.EDITABLE]
     root = tempfile.mkdtemp(prefix=temp_prefix("root"))
+    layer_dir = tempfile.mkdtemp(prefix=temp_prefix("candidate"))  # the overlay's layer: outside the view
+    upper = os.path.join(layer_dir, "upper")
+    secret = [os.path.join(data.folder, n) for n in prepare.DATA_FILES if n not in prepare.TRAIN_FILES]
+    hidden = [*secret, log_path, *map(os.path.abspath, hide)]
     if kind == "view":
-        secret = [os.path.join(data.folder, n) for n in prepare.DATA_FILES if n not in prepare.TRAIN_FILES]
+        lower = ":".join([*(p for p in layers if os.path.isdir(p) and ":" not in p and os.listdir(p)), compiled])
+        layer = [] if trusted else [(lower, upper, os.path.join(layer_dir, "work"), compiled)]
         command = _view_command(prefix, root, scratch, argv, _candidate_uid(prefix),
-                                [os.path.join(data.folder, n) for n in prepare.TRAIN_FILES], [shared_cache] if trusted else [],
-                                [*secret, log_path, *map(os.path.abspath, hide)])
+                                [os.path.join(data.folder, n) for n in prepare.TRAIN_FILES], [compiled] if trusted else [],
+                                hidden, layer)
     else:
         command = [*prefix, *argv]
     deadline = budget + limits["startup"]  # for the hand-over
     hard_limit = deadline + limits["grace"] + limits["evaluation"]
-    status, violations, val_bpb, handover, ready, evaluated, rss = None, [], None, None, None, None, 0.0
+    status, violations, val_bpb, handover, ready, size, evaluated, rss = None, [], None, None, None, None, None, 0.0
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, cwd=scratch, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                pass_fds=[theirs.fileno(), shm_fd], env=dict(
+                                pass_fds=[theirs.fileno(), model_fd], env=dict(
                                     _scrubbed_env(scratch, theirs.fileno(), data, profile, budget, compiled, hardware.backend),
-                                    **{prepare.SHARED_ENV: f"{shm_fd}:{len(shm)}"}),
+                                    **{prepare.FREEZE_ENV: str(model_fd)}),
                                 preexec_fn=_confine(limits))
     theirs.close()
-    os.close(shm_fd)
+    frozen_fd, pair, timings = servers.frozen_file(), [], {}
     try:
-        # while the candidate starts: what the evaluation needs, so that it starts at once
+        # while the candidate starts: the servers of its model-to-be, and what the evaluation needs
+        shm_bytes = _batch_size(profile, data, shared=False) * prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size * 4
+        for role in ("scoring", "probe"):
+            pair.append(_start_server(role, kind, prefix, limits, frozen_fd, shm_bytes, profile, budget, hardware.backend, hidden))
         rows = prepare.eval_rows(data.val, data.val_docs, prepare.PROFILES[profile]["max_seq_len"],
                                  prepare.PROFILES[profile]["eval_tokens"])
-        _warm_cuda(hardware)
-        # training: wait for the hand-over, watching the process tree and the clock
-        while status is None and handover is None:
+        _warm_cuda(hardware, data.vocab_size)
+        # training: wait for the hand-over (ready, then the frozen model), watching the process tree and the clock
+        while status is None and size is None:
             readable, _, _ = select.select([ours], [], [], 0.2)
             if progress:
                 progress("training", time.time() - t0, deadline - (time.time() - t0))
@@ -313,69 +360,114 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                     header, _ = prepare.recv_frame(ours, 0)
                 except (ValueError, EOFError, OSError):
                     header = None
-                if header is not None and header.get("op") == "ready":
+                op = header.get("op") if header is not None else None
+                if op == "ready" and handover is None:
                     handover, ready = time.time() - t0, header
+                    if handover > deadline:
+                        status, violations = "violation", ["over_budget"]
+                elif op == "model" and handover is not None:
+                    size = header.get("size")
+                    if type(size) is not int or not 0 < size <= os.fstat(model_fd).st_size:
+                        status, violations = "violation", ["bad_handover"]
                 else:  # a closed or garbled channel: it exited, or it broke the protocol
                     try:
                         proc.wait(timeout=2)
                         status, violations = _exit_status(proc, log_path)
                     except subprocess.TimeoutExpired:
                         status, violations = "violation", ["bad_handover"]
-            elif proc.poll() is not None:
+            elif proc.poll() is not None and not select.select([ours], [], [], 0)[0]:  # what it sent before it exited first
                 status, violations = _exit_status(proc, log_path)
             elif len(tree) > limits["processes"]:
                 status, violations = "violation", ["too_many_processes"]
-            elif time.time() - t0 > deadline + limits["grace"]:
+            elif time.time() - t0 > (deadline + limits["grace"] if handover is None else hard_limit):
                 status = "timeout"
-        if status is None and handover > deadline:
-            status, violations = "violation", ["over_budget"]
         if status is None:  # evaluation, driven from here
             if progress:
                 progress("evaluating", time.time() - t0, 0)
-            rng = np.random.default_rng(seed)
-            device = _cuda_device(ready.get("device"))
-            model = (evaluate.CudaIpcModel(ours, data.vocab_size, device) if device else
-                     evaluate.SharedMemoryModel(ours, data.vocab_size, shm))
-            model.deadline = t0 + hard_limit  # for the whole evaluation, not per reply
             try:
+                t = time.time()
+                servers.freeze(model_fd, frozen_fd, size)
+                timings[f"model of {size / 1e6:.2f} MB frozen"] = time.time() - t
                 asked = ready.get("batch_size") if type(ready.get("batch_size")) is int else 1 << 30
-                batch = max(1, min(asked, _batch_size(profile, data, shared=bool(device))))  # as in-process, within the cap
-                val_bpb = evaluate.evaluate(model, rows, data.token_bytes, batch,
-                                            rng, probes=-(-limits["probe_rows"] // batch) if probes is None else probes,
-                                            device=device or "cpu", stats=stats, tolerance=limits["probe_tolerance"])
+                shared = bool(servers.cuda_device(ready.get("device")))
+                batch = max(1, min(asked, _batch_size(profile, data, shared)))  # as in-process, within the cap
+                val_bpb = servers.evaluate_frozen(
+                    *pair, size, rows, data.token_bytes, batch, np.random.default_rng(seed),
+                    -(-limits["probe_rows"] // batch) if probes is None else probes, t0 + hard_limit,
+                    lambda: _kill(proc), _kill, stats, limits["probe_tolerance"], timings)
                 status, evaluated = "ok", time.time() - t0
-                model.close()
-                prepare.send_frame(ours, {"op": "done"})
+            except servers.LoadError:
+                status, violations = "crash", ["model_load_failed"]
             except evaluate.ModelError as e:
                 status, violations = "violation", [str(e)]
             except socket.timeout:
                 status = "timeout"
             except (EOFError, OSError):
                 status, violations = "crash", ["died_during_evaluation"]
-            except RuntimeError:  # CUDA refused what the candidate's buffer turned into
+            except RuntimeError:  # CUDA refused what a server's buffer turned into
                 status, violations = "crash", ["evaluation_error"]
             except Exception as e:  # noqa: BLE001 -- a fault of ours on this candidate's replies: no score, node lives
                 status, violations = "crash", [f"harness_error: {type(e).__name__}: {e}"[:200]]
-            finally:
-                try:
-                    model.close()
-                except RuntimeError:
-                    pass
-            if status == "ok":
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    pass
     finally:
         rss = max(rss, _peak_mb([proc.pid, *_descendants(proc.pid)]))
         _kill(proc)
+        for server in pair:
+            try:
+                server.stop(_kill)
+            except RuntimeError:  # unmapping a dead server's buffer
+                pass
         ours.close()
+        os.close(model_fd), os.close(frozen_fd)
         with open(log_path, "rb") as f:
             log = f.read()[-65536:].decode("utf-8", "replace")
-        os.remove(log_path)
-        shutil.rmtree(scratch, ignore_errors=True)
-        os.rmdir(root)
+        log += "".join(server.log() for server in pair)
+        if timings:
+            log += "harness: " + " | ".join(f"{k} {v:.2f}s" for k, v in timings.items()) + "\n"
+        for path in [log_path, *(server.log_path for server in pair)]:
+            os.remove(path)
+        for folder in [scratch, *(server.paths[0] for server in pair)]:
+            shutil.rmtree(folder, ignore_errors=True)
+        if keep_layer and status == "ok" and kind == "view" and not trusted and os.path.isdir(upper):
+            merge_layer(upper, keep_layer)
+        _remove(layer_dir)
+        for folder in [root, *(server.paths[1] for server in pair)]:
+            os.rmdir(folder)
     return result(status, violations, val_bpb if status == "ok" else None, handover, log, rss, evaluated)
+
+
+def merge_layer(src, dst):
+    """Move what an overlay's upper layer `src` holds into the folder `dst`, owners kept, the
+    overlay's deletion marks left out. A run's compiled code may serve later runs only because
+    its training process never sees a validation input (the model is frozen at the hand-over
+    and scored by other processes), and because a kept candidate's code runs in every later
+    candidate anyway."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        target = os.path.join(dst, os.path.relpath(dirpath, src))
+        os.makedirs(target, exist_ok=True)
+        st = os.lstat(dirpath)
+        os.chown(target, st.st_uid, st.st_gid)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not stat.S_ISREG(os.lstat(path).st_mode) and not os.path.islink(path):  # whiteouts: char devices
+                continue
+            try:
+                os.replace(path, os.path.join(target, name))
+            except OSError:  # another filesystem
+                shutil.copy2(path, os.path.join(target, name), follow_symlinks=False)
+                st = os.lstat(path)
+                os.lchown(os.path.join(target, name), st.st_uid, st.st_gid)
+
+
+def _remove(path):
+    """rmtree that also clears what the kernel left unreadable (an overlay's work folder)."""
+    def unlock(fn, p, exc):
+        os.chmod(os.path.dirname(p), 0o700)
+        os.chmod(p, 0o700) if os.path.isdir(p) and not os.path.islink(p) else None
+        shutil.rmtree(p) if os.path.isdir(p) and not os.path.islink(p) else os.remove(p)
+    try:
+        shutil.rmtree(path, onerror=unlock)
+    except OSError:
+        pass
 
 
 def _batch_size(profile, data, shared):
@@ -385,29 +477,11 @@ def _batch_size(profile, data, shared):
     return max(1, min(64, cap // (prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size)))
 
 
-def _shared_memory(size):
-    """(fd, mapping) of a fresh shared-memory file of `size` bytes, sealed so that
-    the candidate, which gets the fd, cannot shrink it under the harness's mapping."""
-    fd = os.memfd_create("autoresearch-logits", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
-    return fd, mmap.mmap(fd, size)
-
-
-def _warm_cuda(hardware):
-    """Create this process's CUDA context now (about a second), not when evaluation starts."""
+def _warm_cuda(hardware, vocab_size):
+    """Create this process's CUDA context now (about a second) and load the kernels the
+    evaluation uses, not when evaluation starts."""
     if hardware.backend == "cuda":
-        import torch
-        torch.empty(1, device="cuda")
-
-
-def _cuda_device(name):
-    """The CUDA device the candidate's logits live on, when this process can map them."""
-    m = re.fullmatch(r"cuda:(\d+)", name) if isinstance(name, str) else None
-    if not m:
-        return None
-    import torch
-    return f"cuda:{m[1]}" if torch.cuda.is_available() and int(m[1]) < torch.cuda.device_count() else None
+        evaluate.warm("cuda", vocab_size)
 
 
 def _kill(proc, patience=10.0):

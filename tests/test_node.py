@@ -259,3 +259,38 @@ def test_two_nodes_join_through_a_seed_and_status_lists_peers(env, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs
     assert "gossip: node" in outs[0] and "member joined" in outs[0]
     assert not os.path.exists(os.path.join(homes_[0], "peers.json"))  # a stopped node shows no live peers
+
+
+def test_a_full_disk_stops_the_node_with_one_line_and_loses_nothing(env, tmp_path, stdlib_data):
+    """The home on a small tmpfs, filled once the first baseline is in: the node stops with exit 2 and
+    one line; once there is space again it restarts consistent and carries on."""
+    home = tmp_path / "home"
+    home.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(home)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        join = [sys.executable, "-m", "node", "join", "--home", str(home), "--profile", "cpu", "--budget", "1",
+                "--max-reruns", "0", "--listen", "off"]
+        p = subprocess.Popen([*join, "--max-experiments", "50"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not (home / "results.tsv").exists() or len(open(home / "results.tsv").readlines()) < 2:
+            assert p.poll() is None and time.time() < deadline, "the first baseline never finished"
+            time.sleep(0.2)
+        with open(home / "filler", "wb") as f:  # every byte that is left
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2 and err.strip().count("\n") == 0 and err.startswith("error: disk full"), err
+        os.remove(home / "filler")
+        check_consistent(str(home), stdlib_data)
+        r = node_cli("join", "--home", str(home), "--profile", "cpu", "--budget", "1", "--max-reruns", "0",
+                     "--listen", "off", "--max-experiments", "1", env=env)
+        assert r.returncode == 0, r.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(home)], capture_output=True)

@@ -50,9 +50,9 @@ def no_process_with(marker):
 
 def test_honest_model_is_scored_by_the_harness(run_candidate, stdlib_data):
     r = run_candidate("prepare.hand_over(unigram, 8, 'cpu')")
-    assert r.status == "ok" and r.violations == ()
+    assert r.status == "ok" and r.violations == () and r.probe_max_diff == 0.0
     assert r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-6)  # float32 reductions may sum in another order
-    assert "network-namespace" in r.isolation and "pid-namespace" in r.isolation
+    assert {"network-namespace", "pid-namespace", "ipc-namespace", "frozen-model"} <= set(r.isolation)
     assert r.hardware.backend == "cpu" and r.hardware.data_fingerprint == stdlib_data.fingerprint
 
 
@@ -82,6 +82,85 @@ def test_peeking_at_the_next_token_is_caught(run_candidate):
         prepare.hand_over(peek, 8, 'cpu')
     """)
     assert (r.status, r.violations, r.val_bpb) == ("violation", ("non_causal",), None)
+
+
+def test_a_model_that_remembers_requests_cannot_answer_a_probe_as_its_twin(run_candidate):
+    """A probe and its twin share a prefix. This model peeks at the next token, but answers a prefix
+    it has answered before as it did then: served by one process it passed every probe (issue 3). Served
+    by fresh processes, the one that answers the probes never saw the real rows."""
+    r = run_candidate("""
+        seen = []
+        def remembers(x):
+            following = torch.cat([x[:, 1:], x[:, -1:]], 1)
+            for r, row in enumerate(x.tolist()):
+                if seen:
+                    known = np.array(seen)
+                    same = (known == row).cumprod(1).sum(1)  # the common prefix with each row seen
+                    k = int(same.argmax())
+                    if 0 < same[k] < len(row):  # its last shared position answers as it did then
+                        following[r, same[k] - 1] = int(known[k, same[k]])
+                seen.append(row)
+            out = unigram(x).clone()
+            out[:, :-1].scatter_(2, following[:, :-1, None], 30.0)
+            return out
+        prepare.hand_over(remembers, 8, 'cpu')
+    """)
+    assert (r.status, r.violations, r.val_bpb) == ("violation", ("non_causal",), None)
+
+
+@pytest.mark.parametrize("body, message", [
+    ("""
+        import threading
+        lock = threading.Lock()
+        def locked(x):
+            with lock:
+                return unigram(x)
+        prepare.hand_over(locked, 8, 'cpu')
+    """, "the model handed over cannot be pickled: model.lock: TypeError: cannot pickle '_thread.lock' object"),
+    ("prepare.hand_over(unigram, 8, 'cpu')", "the frozen model is larger than the hand-over limit (4,096 bytes)"),
+])
+def test_a_model_that_cannot_be_handed_over_is_a_crash_that_says_why(run_candidate, body, message):
+    r = run_candidate(body, limits=dict(model_bytes=4096) if "limit" in message else None)
+    assert (r.status, r.violations) == ("crash", ()) and message in r.log_tail, r.log_tail
+
+
+def test_both_servers_load_the_same_sealed_bytes():
+    """What the candidate writes after its hand-over reaches no server, no server can change the frozen
+    bytes, and a server refuses bytes that are not sealed."""
+    from model import serve
+    from sandbox import servers
+    source, frozen = servers.freeze_file(1 << 20), servers.frozen_file()
+    try:
+        size = serve.freeze(dict(framework="torch", fn=torch.nn.Linear(4, 2), device="cpu", ambient=serve.ambient()),
+                            source, "torch")
+        with pytest.raises(RuntimeError, match="not sealed"):
+            serve.thaw(frozen, size)
+        servers.freeze(source, frozen, size)
+        os.pwrite(source, b"rewritten after the hand-over", 0)
+        with pytest.raises(PermissionError):
+            os.pwrite(frozen, b"x", 0)
+        assert isinstance(serve.thaw(frozen, size)["fn"], torch.nn.Linear)
+    finally:
+        os.close(source), os.close(frozen)
+
+
+def test_the_ambient_state_of_the_hand_over_goes_with_the_model():
+    """train.py hands over inside `with autocast:`; the servers must evaluate as it would have."""
+    import contextlib
+    from model import serve
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            state = serve.ambient()
+        torch.set_float32_matmul_precision(before)
+        with contextlib.ExitStack() as stack:
+            serve.apply_ambient(state, stack)
+            assert torch.get_float32_matmul_precision() == "medium"
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert not torch.is_autocast_enabled("cpu")
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def test_training_past_the_budget_is_a_violation(run_candidate):
@@ -192,6 +271,46 @@ def test_no_secret_environment_no_other_processes_no_root(run_candidate, monkeyp
 
 
 @view
+def test_the_servers_see_no_data_and_share_no_files(run_candidate, stdlib_data):
+    """Each server has its own empty scratch folder: a note the scoring server leaves there is not
+    in the probe server's, and neither can read the validation split."""
+    r = run_candidate(f"""
+        def nosy(x):
+            if not os.path.exists("note"):
+                with open("note", "w") as f:
+                    f.write("seen")
+                for name in ("val.bin", "train.bin"):
+                    try:
+                        open(os.path.join({stdlib_data.folder!r}, name), "rb")
+                        print("READ", name)
+                    except OSError as e:
+                        print("refused", name, type(e).__name__)
+            return unigram(x)
+        prepare.hand_over(nosy, 8, 'cpu')
+    """)
+    assert r.status == "ok" and "READ" not in r.log_tail
+    assert r.log_tail.count("refused val.bin") == r.log_tail.count("refused train.bin") == 2  # once per server
+
+
+@view
+def test_kernel_keyrings_are_refused(run_candidate):
+    """Keyrings belong to a user, not to a namespace: processes running as the same user could leave
+    each other notes there."""
+    import platform
+    from sandbox import confine
+    if platform.machine() not in confine.KEYRING_CALLS:
+        pytest.skip(f"no keyctl number for {platform.machine()}")
+    keyctl = confine.KEYRING_CALLS[platform.machine()][1][2]
+    r = run_candidate(f"""
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        print("keyctl", libc.syscall({keyctl}, 0, -4, 0), ctypes.get_errno())  # the user keyring's id
+        prepare.hand_over(unigram, 8, 'cpu')
+    """)
+    assert r.status == "ok" and "keyctl -1 1" in r.log_tail  # EPERM
+
+
+@view
 def test_nothing_a_candidate_writes_reaches_a_later_run(run_candidate, stdlib_cache):
     shared = stdlib_cache / "sandbox-compile"
     r = run_candidate("""
@@ -203,6 +322,26 @@ def test_nothing_a_candidate_writes_reaches_a_later_run(run_candidate, stdlib_ca
     """)
     assert r.status == "ok"
     assert not [p for p in shared.rglob("trojan.py")]  # it wrote into its own copy, gone with it
+
+
+@view
+def test_what_a_kept_run_compiled_serves_later_runs_and_nothing_else(run_candidate, stdlib_cache, tmp_path):
+    shared, kept = stdlib_cache / "sandbox-compile", tmp_path / "kept"
+    write = """
+        with open(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "compiled-{0}.py"), "w") as f:
+            f.write("kernels")
+        {1}
+    """
+    r = run_candidate(write.format("a", "prepare.hand_over(unigram, 8, 'cpu')"), keep_layer=str(kept))
+    assert r.status == "ok" and (kept / "compiled-a.py").read_text() == "kernels"
+    r = run_candidate(write.format("b", "raise SystemExit(3)"), keep_layer=str(kept))
+    assert r.status == "crash" and not (kept / "compiled-b.py").exists()  # a run that did not score keeps nothing
+    r = run_candidate("""
+        print("sees:", open(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "compiled-a.py")).read())
+        prepare.hand_over(unigram, 8, 'cpu')
+    """, layers=[str(kept)])
+    assert r.status == "ok" and "sees: kernels" in r.log_tail
+    assert not list(shared.rglob("compiled-*.py"))  # the shared cache stays the trusted run's alone
 
 
 @pytest.mark.parametrize("frame", [b"\0\0\0\x10{", b"\0\0\x0f\xa0" + b"[" * 4000])

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The sandbox on a GPU machine, on that machine's small stdlib corpus (start-up and evaluation
+# do not depend on the corpus; bench/RESULTS.md has the figures):
+#   bash bench/sandbox_gpu.sh startup [CASES]   # bench/startup_diag.py's cases (default DEEKM)
+#   bash bench/sandbox_gpu.sh duty              # a node's runs: bench/duty_cycle.py (BUDGET, EXPERIMENTS, DEADLINE)
+# Both first time the in-process evaluation (bench/eval_overhead.py). The node needs its packages:
+# carry them as wheels (the device tool's README).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-bench-out} AUTORESEARCH_CACHE=${AUTORESEARCH_CACHE:-/tmp/ar-sandbox-gpu} AUTORESEARCH_PROFILE=gpu PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -m model.prepare --source stdlib > "$OUT/prepare.log" 2>&1 || { tail "$OUT/prepare.log"; exit 1; }
+python3 bench/eval_overhead.py --repeat 3 2>&1 | grep -v Warning
+case "${1:-startup}" in
+  startup)
+    python3 bench/startup_diag.py --budget 5 --deadline 400 --cases "${2:-DEEKM}"
+    for f in "$OUT"/*.log; do grep -H "^harness:" "$f"; done ;;
+  duty)
+    python3 bench/duty_cycle.py --budget "${BUDGET:-30}" --max-experiments "${EXPERIMENTS:-4}" --home /tmp/duty-home \
+      --deadline "${DEADLINE:-480}" 2>&1 | tee "$OUT/duty.txt" | grep -v "^step" ;;
+  *) echo "usage: bash bench/sandbox_gpu.sh startup [CASES] | duty" >&2; exit 2 ;;
+esac

@@ -1,0 +1,149 @@
+"""The two fresh processes that serve a candidate's frozen model (model/serve.py): the
+scoring server gets every real evaluation batch; the probe server gets only the probes'
+twins, and only once the scoring server and the candidate are gone.
+
+Both start with the candidate, while it trains, so that Python, the framework and the CUDA
+context are ready when its model arrives; each in a confinement of its own (run.py starts
+them: own mount, pid, network and IPC namespaces, an empty scratch folder, no data, nothing
+writable that anything else can see). The candidate freezes its model into a file of the
+harness's; the harness copies those bytes into a file it seals against writes, so both
+servers load the very same model, and no candidate code ever runs in two of the three
+processes at once, except the candidate's last moments beside the scoring server's first
+(the candidate has seen no validation input; it has nothing to tell). A stateful model thus
+gains nothing from remembering requests: the probe server never saw the real rows, and the
+scoring server never sees a probe nor can tell, from anything it observes, which of its
+batches the harness will check."""
+
+import fcntl
+import mmap
+import os
+import re
+import socket
+import time
+
+from model import prepare
+from sandbox import evaluate
+
+SEALED = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+
+class LoadError(Exception):
+    """A server could not load the frozen model; its log says why."""
+
+
+def shared_memory(size, name="autoresearch-logits"):
+    """(fd, mapping) of a fresh shared-memory file of `size` bytes, sealed so that the
+    process it is given to cannot shrink it under the harness's mapping."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALED)
+    return fd, mmap.mmap(fd, size)
+
+
+def freeze_file(limit):
+    """The file a candidate freezes its model into: `limit` bytes (sparse) that it cannot grow."""
+    fd = os.memfd_create("autoresearch-model", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, limit)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALED)
+    return fd
+
+
+def frozen_file():
+    """The file both servers load from: empty until `freeze` fills and seals it."""
+    return os.memfd_create("autoresearch-frozen", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+
+
+def freeze(source, frozen, size):
+    """Copy the first `size` bytes the candidate wrote into `frozen` and seal it against
+    any change: the candidate may still be writing, but both servers read this copy."""
+    os.ftruncate(frozen, size)
+    done = 0
+    while done < size:
+        n = os.copy_file_range(source, frozen, size - done, done, done)
+        if n == 0:
+            raise OSError("the candidate's model file is shorter than it said")
+        done += n
+    fcntl.fcntl(frozen, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | SEALED)
+
+
+class Server:
+    """One server process (started by run.py) and the harness's end of it."""
+
+    def __init__(self, role, proc, sock, shm, log_path, paths):
+        self.role, self.proc, self.sock, self.shm, self.log_path, self.paths = role, proc, sock, shm, log_path, paths
+        self.remote = None
+
+    def load(self, size, deadline):
+        """Tell it to load the frozen model; its device once it is ready."""
+        self.sock.settimeout(max(0.001, deadline - time.time()))
+        try:
+            prepare.send_frame(self.sock, {"op": "load", "size": size})
+            header, _ = prepare.recv_frame(self.sock, 0)
+        except ValueError:
+            raise evaluate.ModelError("bad_handover") from None
+        except (EOFError, ConnectionError):
+            raise LoadError(self.role) from None
+        if header.get("op") != "ready" or not isinstance(header.get("device"), str):
+            raise evaluate.ModelError("bad_handover")
+        return header["device"]
+
+    def model(self, vocab_size, device, deadline):
+        """Its model for evaluate: logits over CUDA IPC where the harness can map them, else
+        through this server's shared memory."""
+        cuda = cuda_device(device)
+        self.remote = (evaluate.CudaIpcModel(self.sock, vocab_size, cuda) if cuda else
+                       evaluate.SharedMemoryModel(self.sock, vocab_size, self.shm))
+        self.remote.deadline = deadline  # for the whole evaluation, not per reply
+        return self.remote, cuda or "cpu"
+
+    def stop(self, kill):
+        """Unmap its logits and kill its whole tree; returns once every process is gone."""
+        try:
+            if self.remote is not None:
+                self.remote.close()
+        finally:
+            if self.proc.returncode is None:  # once: a reaped pid may be another process's by now
+                kill(self.proc)
+            self.sock.close()
+
+    def log(self):
+        try:
+            with open(self.log_path, "rb") as f:
+                text = f.read()[-65536:].decode("utf-8", "replace").strip()
+        except OSError:
+            return ""
+        return f"--- {self.role} server ---\n{text}\n" if text else ""
+
+
+def evaluate_frozen(scorer, prober, size, rows, token_bytes, batch_size, rng, probes, deadline, between, kill,
+                    stats, tolerance, timings):
+    """val_bpb of the frozen model: scored by `scorer`, then, once it and the candidate are
+    gone (`between()`), its probes checked by `prober`. `timings` gets each phase's seconds."""
+    V = len(token_bytes)
+    plan = evaluate.plan_probes(rows, batch_size, rng, probes, V)
+    t = time.time()
+    model, device = scorer.model(V, scorer.load(size, deadline), deadline)
+    timings["scoring server loaded"] = time.time() - t
+    t = time.time()
+    bpb, kept = evaluate.score(model, rows, token_bytes, batch_size, plan, device)
+    timings[f"{-(-len(rows) // batch_size)} batches scored"] = time.time() - t
+    t = time.time()
+    scorer.stop(kill)
+    between()
+    timings["scoring server and candidate gone"] = time.time() - t
+    t = time.time()
+    model, _ = prober.model(V, prober.load(size, deadline), deadline)
+    timings["probe server loaded"] = time.time() - t
+    t = time.time()
+    evaluate.check_probes(model, plan, kept, stats, tolerance)
+    timings[f"{len(plan)} probe batches checked"] = time.time() - t
+    return bpb
+
+
+def cuda_device(name):
+    """The CUDA device a server's logits live on, when this process can map them."""
+    m = re.fullmatch(r"cuda:(\d+)", name) if isinstance(name, str) else None
+    if not m:
+        return None
+    import torch
+    return f"cuda:{m[1]}" if torch.cuda.is_available() and int(m[1]) < torch.cuda.device_count() else None
