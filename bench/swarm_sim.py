@@ -19,10 +19,11 @@ and claims on and off: experiments and simulated hours until the swarm's best (t
 objective on its own tag) closes TARGET of the gap from the baseline to the optimum, parallel
 efficiency against N = 1 (T1 / (N x TN), from the medians), and, up to the target, duplicate runs
 (a (parent, child) pair run again on one tag, anywhere in the swarm, as a share of experiments)
-and wasted verification (verification runs that adopted nothing, as a share of all runs, baselines
-and re-runs included); then where the swarm's run time went up to the target.
+wasted verification (verification runs that adopted nothing, as a share of all runs, baselines
+and re-runs included) and false keeps (a node's own keeps not truly better than their parent, as a
+share of its keeps); then where the swarm's run time went up to the target.
 
-    python bench/swarm_sim.py [--nodes 1,2,5,10,20,50] [--hours 24] [--seeds 10] [--memory both|on|off] [--set KEY=VALUE] [--trace N]
+    python bench/swarm_sim.py [--nodes 1,2,5,10,20,50] [--hours 24] [--seeds 10] [--target 0.6] [--memory both|on|off] [--set KEY=VALUE] [--trace N]
 """
 
 import argparse
@@ -132,6 +133,7 @@ class Sim:
         self.runs = defaultdict(int)   # (tag, parent, child) -> runs started
         self.minutes = Counter()       # kind -> node-minutes, up to the target
         self.duplicates = self.experiments = self.wasted = self.total_runs = 0
+        self.keeps = self.false_keeps = 0  # the nodes' own keeps, and those not truly better than their parent
         base = {t: self.obj.true(BASELINE, t) for t in range(len(TAGS))}
         self.goal = {t: base[t] - TARGET * (base[t] - self.obj.floor[t]) for t in range(len(TAGS))}
         self.reached = None      # (minute, experiments, node index)
@@ -350,6 +352,8 @@ class SimNode:
                 hypothesis=p.description, status=verdict, before=self.score(ph), after=self.score(ch), hardware=self.hw,
                 proposer="offline", log_tail="")))
         if verdict == "keep":
+            self.sim.keeps += 1
+            self.sim.false_keeps += self.sim.obj.true(p.source, self.tag) >= self.sim.obj.true(best, self.tag)
             self.best = p.source
             self.sim.publish(self, self.improvement(best, p.source, "offline", p.description))
         self.log(start, "experiment", p.description, f"{verdict} ({runs} run(s))")
@@ -377,15 +381,18 @@ def _number(text):
 
 
 def main():
+    global TARGET
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--nodes", default="1,2,5,10,20,50")
     ap.add_argument("--hours", type=float, default=24)
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--target", type=float, default=TARGET, help="share of the gap to the optimum to close")
     ap.add_argument("--memory", choices=("both", "on", "off"), default="both", help="swarm memory and claims")
     ap.add_argument("--trace", type=int, metavar="N", help="print the critical path of one N-node run (seed 0) and exit")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="a node setting other than configs/default.toml's (e.g. verify_batch=1)")
     args = ap.parse_args()
+    TARGET = args.target
     SETTINGS.update(config.load(os.path.join(ROOT, "configs", "default.toml"),
                                 {k: _number(v) for k, v in (kv.split("=", 1) for kv in args.set)}))
     if args.trace:
@@ -396,8 +403,8 @@ def main():
           f"runs of {RUN_MIN:g} min, noise sd {NOISE}, records delayed {DELAY_S:g} s; cut off at {args.hours:g} h; "
           f"medians over {args.seeds} seeds" + (f"; settings {', '.join(args.set)}" if args.set else ""))
     print("| nodes | memory + claims | experiments to target | hours to target | parallel efficiency | duplicate runs |"
-          " wasted verification | wall s |")
-    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          " wasted verification | false keeps | wall s |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     t1, spent = {}, {}
     med = lambda xs: statistics.median(xs) if xs else None
     for n in ns:
@@ -413,11 +420,12 @@ def main():
             eff = (t1.get(use) / (n * hours)) if hours and t1.get(use) else None
             dup = sum(s.duplicates for s in sims) / max(1, sum(s.experiments for s in sims))
             waste = sum(s.wasted for s in sims) / max(1, sum(s.total_runs for s in sims))
+            false = sum(s.false_keeps for s in sims) / max(1, sum(s.keeps for s in sims))
             if use:
                 spent[n] = sum((s.minutes for s in sims), Counter())
             fmt = lambda x, f: format(x, f) if x is not None else "not reached"
             print(f"| {n} | {'on' if use else 'off'} | {fmt(exps, '.0f')} | {fmt(hours, '.2f')} | "
-                  f"{fmt(eff and 100 * eff, '.0f')}{' %' if eff else ''} | {100 * dup:.1f} % | {100 * waste:.1f} % | "
+                  f"{fmt(eff and 100 * eff, '.0f')}{' %' if eff else ''} | {100 * dup:.1f} % | {100 * waste:.1f} % | {100 * false:.0f} % | "
                   f"{time.perf_counter() - t:.0f} |", flush=True)
     print("\nwhere the run time went up to the target (memory + claims on; share of all nodes' minutes, all seeds):")
     print("| nodes | " + " | ".join(KINDS) + " |")
