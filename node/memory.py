@@ -164,8 +164,8 @@ class Memory:
         """(constant, direction) pairs that other nodes' honoured claims change now, on any tag (read
         from the diff a claim carries): the offline proposer tries them last, so that nodes whose
         trees differ (and whose candidates are therefore different ideas) still try different
-        parameters at once. In the research simulator this took 20 nodes to the target in 0.9 h
-        instead of 1.7 (bench/RESULTS.md); other tags count too: the direction of a step mostly
+        parameters at once. In the research simulator 20 nodes reached the target in 1.1 h with it,
+        1.8 h without (bench/RESULTS.md); other tags count too: the direction of a step mostly
         carries over, and a node learns of a parameter from any tag's result."""
         out = set()
         for cs in self.claims(hardware, now, compatible=False).values():
@@ -179,9 +179,10 @@ class Memory:
         compatible tag report in their signed records: per node and commit, the score with the most
         runs (two or more), each node counted for at most MAX_PEER_DOF degrees of freedom and only
         while its standing holds. Pooled with a node's own repeated runs (loop.noise), it replaces an
-        estimate of one degree of freedom (two baseline runs) with one of many: in the research
-        simulator 11 % of 20 nodes' early keeps were false with their own estimates alone, 3-4 %
-        with the true noise (bench/RESULTS.md)."""
+        estimate of one degree of freedom (two baseline runs) with one of many, which is most often
+        too small: in the research simulator 13 % of 20 nodes' keeps were false with their own
+        estimates alone, 9 % with peers' (at a cost: 1.1 h to the target instead of 0.9,
+        bench/RESULTS.md)."""
         best = {}
         for r in self.ledger.experiments:
             if r.author_id == self.ledger.me or swarm.closeness(r.body["hardware"], hardware) < COMPATIBLE:
