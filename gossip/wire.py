@@ -125,6 +125,8 @@ def _record_id(x):
 
 
 LOG_TAIL_CHARS = 4000
+MAX_JOINTLY = 63          # improvements named beside the one attested (a node merges up to 8)
+CLAIM_DIFF_CHARS = 4096   # a larger diff is left out of its claim
 VERDICTS = ("confirmed", "refuted", "failed_to_apply", "crashed", "violation")
 EXPERIMENT_STATUSES = ("keep", "discard", "crash", "timeout", "violation")
 
@@ -157,6 +159,11 @@ OPTIONAL = {
     # inspired_by: the id of the peer record whose idea this change ports to our tree
     "improvement": {"inspired_by": _record_id},
     "experiment": {"inspired_by": _record_id},
+    # jointly: the other improvements measured merged with this one in the run the verdict is on
+    "attestation": {"jointly": lambda x: isinstance(x, list) and 0 < len(x) <= MAX_JOINTLY
+                    and all(_record_id(i) for i in x)},
+    # diff: what the claimed candidate changes, so that peers can try other parameters meanwhile
+    "claim": {"diff": lambda x: isinstance(x, str) and len(x) <= CLAIM_DIFF_CHARS},
 }
 
 

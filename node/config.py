@@ -38,6 +38,9 @@ SETTINGS = {
     "noise_floor": (0.0005, float, "smallest run-to-run noise assumed, in val_bpb"),
     "verify_share": (0.3, float, "share of run time spent verifying peers' improvements when none is strong "
                                  "(strong ones may take up to 0.75; 0: never verify)"),
+    "verify_batch": (8, int, "most peers' improvements verified merged in one run (1: one at a time)"),
+    "claim_settle": (2.0, float, "seconds a node waits after claiming a candidate, to see whether a peer claimed it "
+                                 "first (about the time a record takes to reach the swarm; 0: no wait)"),
 }
 CPU_BUDGET = 30.0
 
@@ -79,6 +82,10 @@ def load(path=None, overrides=None):
             raise ConfigError(f"{key} must be positive, not {out[key]}")
     if not 0 <= out["verify_share"] <= 1:
         raise ConfigError(f"verify_share must be between 0 and 1, not {out['verify_share']}")
+    if not out["claim_settle"] >= 0:
+        raise ConfigError(f"claim_settle must not be negative, not {out['claim_settle']}")
+    if out["verify_batch"] < 1:
+        raise ConfigError(f"verify_batch must be at least 1, not {out['verify_batch']}")
     for key in ("max_experiments", "max_reruns", "remeasure_every"):
         if out[key] < 0:
             raise ConfigError(f"{key} must not be negative, not {out[key]}")

@@ -116,19 +116,22 @@ def _tag_chain(home, store, ledger, tag):
 
 
 def _step(r, improvements, attestations):
-    original = swarm.adopted_from(r)
-    source = next((i for i in improvements if i.id == original), None) if original else r
-    confirmed = sorted({a.author_id for a in attestations if source is not None and a.body["improvement"] == source.id
-                        and a.body["verdict"] == "confirmed" and a.author_id != source.author_id})
+    originals = swarm.adopted_from(r)  # several when they were verified merged in one run
+    by_id = {i.id: i for i in improvements}
+    sources = [by_id.get(o) for o in originals] if originals else [r]
+    confirmed = sorted({a.author_id for a in attestations for source in sources if source is not None
+                        and a.body["improvement"] == source.id and a.body["verdict"] == "confirmed"
+                        and a.author_id != source.author_id})
     b, a = r.body["before"], r.body["after"]
     step = dict(record=r.id.hex(), author=r.author_id, tag=swarm.tag_name(r.body["hardware"]),
                 description=r.body["description"], before=b, after=a, delta=a["val_bpb"] - b["val_bpb"],
                 child=r.body["child"], confirmed_by=confirmed)
-    if original:
-        step["adopted"] = dict(record=original.hex(), author=source.author_id if source else None,
-                               description=source.body["description"] if source else None,
-                               tag=swarm.tag_name(source.body["hardware"]) if source else None,
-                               delta=(source.body["after"]["val_bpb"] - source.body["before"]["val_bpb"]) if source else None)
+    if originals:
+        step["adopted"] = [dict(record=o.hex(), author=source.author_id if source else None,
+                                description=source.body["description"] if source else None,
+                                tag=swarm.tag_name(source.body["hardware"]) if source else None,
+                                delta=(source.body["after"]["val_bpb"] - source.body["before"]["val_bpb"]) if source else None)
+                           for o, source in zip(originals, sources)]
     return step
 
 
@@ -139,9 +142,9 @@ def _verify(chain, improvements, store, text):
             wire.decode_record(r.encoded, now_ms=1 << 62)
         except wire.WireError as e:
             raise ExportError(f"record {r.id.hex()[:16]} by {r.author_id} does not verify ({e})") from None
-        original = swarm.adopted_from(r)
-        if original and original not in ids:
-            raise ExportError(f"record {r.id.hex()[:16]} adopts {original.hex()[:16]}, which is not held")
+        for original in swarm.adopted_from(r):
+            if original not in ids:
+                raise ExportError(f"record {r.id.hex()[:16]} adopts {original.hex()[:16]}, which is not held")
     if chain:
         source = store.source(chain[0].body["parent"])
         if source is None:
@@ -164,12 +167,11 @@ def header(prov):
                                                                            if prov["verified"] else "") + ":"]
     for i, s in enumerate(prov["steps"], 1):
         b, a = s["before"], s["after"]
-        what = (s["adopted"]["description"] or s["description"]) if "adopted" in s else s["description"]
+        what = "; ".join(o["description"] or "?" for o in s["adopted"]) if "adopted" in s else s["description"]
         line = (f"#  {i}. {what[:70]} | {s['author']} on {s['tag']} | {b['val_bpb']:.4f} -> {a['val_bpb']:.4f}"
                 f" ({a['runs']} run(s), sd {a['spread']:.4f}) | record {s['record'][:16]}")
         lines.append(line)
-        if "adopted" in s:
-            o = s["adopted"]
+        for o in s.get("adopted", ()):
             lines.append(f"#     adopted from {o['author']} (record {o['record'][:16]}, {o['tag']}, "
                          f"claimed {o['delta']:+.4f})" if o["author"] else f"#     adopted from record {o['record'][:16]}")
         if s["confirmed_by"]:

@@ -177,10 +177,10 @@ class Store:
         self.db.execute("UPDATE experiments SET status = ?, finished = ?, val_bpb = ?, memory_gb = ?, noise = ?, "
                         "result = ? WHERE id = ?", (status, time.time(), val_bpb, memory_gb, noise, result, exp_id))
 
-    def decide(self, ids, status, best=None, records=(), verdict=None):
+    def decide(self, ids, status, best=None, records=(), verdicts=()):
         """Give measured runs their final status; when `best` is given, make it the kept commit;
-        queue the signed records that announce it and note our verdict (improvement hex, verdict,
-        commit, note) on a foreign improvement: one transaction."""
+        queue the signed records that announce it and note our verdicts (improvement hex, verdict,
+        commit, note) on foreign improvements: one transaction."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany("UPDATE experiments SET status = ? WHERE id = ? AND status = 'measured'",
@@ -188,9 +188,8 @@ class Store:
             if best is not None:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES ('best_commit', ?)", (best,))
             self.db.executemany("INSERT INTO outbox (record) VALUES (?)", [(r,) for r in records])
-            if verdict is not None:
-                self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
-                                (verdict[0], verdict[1], time.time(), verdict[2], verdict[3]))
+            self.db.executemany("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?, ?)",
+                                [(v[0], v[1], time.time(), v[2], v[3]) for v in verdicts])
 
     def unsent(self):
         return self.db.execute("SELECT id, record FROM outbox WHERE sent = 0 ORDER BY id").fetchall()
@@ -220,6 +219,12 @@ class Store:
 
     def experiments(self):
         return self.db.execute("SELECT * FROM experiments ORDER BY id").fetchall()
+
+    def last_kind(self):
+        """The kind of the last run decided (None before any)."""
+        row = self.db.execute("SELECT kind FROM experiments WHERE status NOT IN ('running', 'measured') "
+                              "ORDER BY id DESC LIMIT 1").fetchone()
+        return row[0] if row else None
 
     def mark_interrupted(self):
         """Runs that were under way, or measured but not yet decided, when the node died."""

@@ -38,9 +38,10 @@ class Stop(BaseException):
     on the way may swallow it)."""
 
 
-def noise(measurements, floor):
-    """Pooled standard deviation of val_bpb over commits measured more than once."""
-    ss, dof = 0.0, 0
+def noise(measurements, floor, peers=(0.0, 0)):
+    """Pooled standard deviation of val_bpb over commits measured more than once, with `peers`
+    (sum of squares, degrees of freedom) from same-tag peers' records (memory.Memory.peer_noise)."""
+    ss, dof = peers
     for xs in measurements.values():
         if len(xs) > 1:
             m = sum(xs) / len(xs)
@@ -144,7 +145,7 @@ class Node:
         return homes.measurements(self.store.experiments())
 
     def noise(self):
-        return noise(self.measurements(), self.s["noise_floor"])
+        return noise(self.measurements(), self.s["noise_floor"], self.memory.peer_noise(self.hardware()))
 
     # -- running ------------------------------------------------------------
 
@@ -218,10 +219,10 @@ class Node:
             last[0] = phase
         return show
 
-    def decide(self, ids, status, best=None, records=(), verdict=None):
+    def decide(self, ids, status, best=None, records=(), verdicts=()):
         """Give every run of one candidate its final status (and move the best), with the signed
         records that announce it, then journal it and send the records."""
-        self.store.decide(ids, status, best, [r.encoded for r in records], verdict)
+        self.store.decide(ids, status, best, [r.encoded for r in records], verdicts)
         self._keep_compiled(ids, best is not None)
         rows = {e["id"]: e for e in self.store.experiments()}
         for i in ids:
@@ -256,7 +257,7 @@ class Node:
     def scores(self, commit):
         return swarm.score(self.measurements()[commit], self.noise())
 
-    def claim(self, parent, commit, idea, description):
+    def claim(self, parent, commit, idea, description, diff):
         """Tell the swarm we run this candidate now (not durable: it only matters while we run). It
         lasts twice the wall time of the candidate with all its re-runs, at the pace this node has
         been finishing runs (a 30-minute run of three nodes taking turns on one CPU saw a claim
@@ -268,11 +269,13 @@ class Node:
         record = self.sign("claim", dict(task=self.task, parent=swarm.content_hash(self.tree.read(parent)),
                                          child=swarm.content_hash(self.tree.read(commit)), idea=idea,
                                          hardware=self.hardware(), description=description[:500],
-                                         expires=int(expires * 1000)))
+                                         expires=int(expires * 1000),
+                                         **({"diff": diff} if len(diff) <= wire.CLAIM_DIFF_CHARS else {})))
         if self.network:
             self.network.publish(record)
         else:
             self.records.add(record)
+        return record
 
     def experiment_record(self, parent, commit, description, proposer, status, r, diff, idea, inspired=None):
         m = self.measurements()
@@ -344,7 +347,7 @@ class Node:
                         swarm=self.memory.findings(hw, verdicts, now), crash=self._crash(), running=running)
         device = hw["device"] if self.lineage == "mlx" else self.backend  # what DEVICE is in our baseline file
         ctx = proposers.Context(best, self.history() + self.memory.history(hw, self.noise()), self.noise(),
-                                device, self.store.notes(), taken, **more)
+                                device, self.store.notes(), taken, self.memory.busy(hw, now), **more)
         return ctx, skipped
 
     def _crash(self):
@@ -447,17 +450,23 @@ class Node:
 
     def experiment(self):
         """One candidate through to its decision; False when the proposer has nothing left."""
-        p = self.next_candidate()
-        if p is None:
-            return False
-        source, description, proposer = p.source, p.description, p.proposer or self.proposer.name
-        kind = "suggestion" if proposer == "human" else "candidate"
-        parent = self.best()
-        commit = self.tree.commit(source, description)
-        self.store.add_source(source)
-        diff = self.tree.diff(parent, commit)
-        idea = memories.idea_key(self.tree.read(parent), source)
-        self.claim(parent, commit, idea, description)
+        for lost in range(CLAIM_TRIES):
+            p = self.next_candidate()
+            if p is None:
+                return False
+            source, description, proposer = p.source, p.description, p.proposer or self.proposer.name
+            kind = "suggestion" if proposer == "human" else "candidate"
+            parent = self.best()
+            commit = self.tree.commit(source, description)
+            self.store.add_source(source)
+            diff = self.tree.diff(parent, commit)
+            idea = memories.idea_key(self.tree.read(parent), source)
+            claim = self.claim(parent, commit, idea, description, diff)
+            if kind == "suggestion" or lost == CLAIM_TRIES - 1 or not self.lost_race(claim):
+                break  # a person's suggestion runs here whoever else runs it
+            self.tree.reset(self.best())
+            self._count_skipped(["claimed"])
+            self.events("claim_lost", idea=idea, description=description[:200])
         edit = dict(p.edit or {}, inspired_by=p.inspired_by) if p.inspired_by else p.edit
         self._running = dict(source=source, description=description)
         try:
@@ -477,6 +486,18 @@ class Node:
         else:
             self.tree.reset(self.best())
         return True
+
+    def lost_race(self, claim):
+        """Whether a peer claimed the same idea before us. It waits claim_settle seconds first (about
+        the time a record takes to reach the swarm), so that two nodes that chose one candidate
+        within that time both see both claims and agree: the earlier claim runs (the lower node id
+        on a tie), the other node chooses again. Only with peers to race."""
+        if not (self.network and self.s["claim_settle"] and self.network.alive()):
+            return False
+        time.sleep(self.s["claim_settle"])
+        self.ledger.refresh()
+        rivals = self.memory.claims(self.hardware(), time.time()).get(claim.body["idea"], ())
+        return any((c.ts, c.author_id) < (claim.ts, claim.author_id) for c in rivals)
 
     def trial(self, kind, commit, description, proposer, edit=None, usage=None):
         """Measure a committed candidate, re-running a thin win: (keep | discard | crash, run ids,
@@ -511,60 +532,96 @@ class Node:
         return self.ledger.refresh().rank(self.hardware(), self.noise(), minutes, time.time(),
                                           {bytes.fromhex(k) for k in self.store.verdicts()}, self.s["keep_sigmas"]), share
 
-    def verify_next(self):
-        """Verify the best-ranked foreign improvement if it is our turn: strong candidates go
-        first (up to 3/4 of our time), others take at most verify_share. True if one ran."""
+    def verify_next(self, alternate=True):
+        """Verify foreign improvements if it is our turn (swarm.due): the best-ranked one that can
+        run, merged with every further credible one that rebases cleanly beside it, up to
+        verify_batch, in one run (swarm.batch). With `alternate` (and verify_batch > 1), a
+        verification never follows a verification: our own run comes between, and wins that arrive
+        meanwhile join the next batch. After a merged run that did not hold, the next ones run alone
+        until the best moves. True if one ran."""
         if not self.s["verify_share"]:
             return False
+        if alternate and self.s["verify_batch"] > 1 and self.store.last_kind() == "verify":
+            return False
         entries, share = self.queue()
-        for e in entries:
-            if share >= (max(0.75, self.s["verify_share"]) if e.strong else self.s["verify_share"]):
-                return False
-            outcome = self.verify(e.record)
-            if outcome == "ran":
-                return True
-        return False
+        limit = 1 if self.store.get("batch_failed") == self.best() else self.s["verify_batch"]
+        b = swarm.batch(self.ledger, swarm.due(entries, share, self.s["verify_share"]), self.tree.read(self.best()),
+                        self.store.source, limit, self.lineage)
+        for record, plan in b.settled:
+            self._settle(record, plan)
+        if not b.records:
+            return False
+        self._verify(b.records, b.source)
+        return True
 
     def verify(self, record):
-        """Rebase one foreign improvement onto our best, run it, adopt it if it beats our best by
-        more than our noise, and attest either way. ran | rejected | held | waiting."""
-        rid, who = record.id.hex(), record.author_id
-        best_source = self.tree.read(self.best())
-        plan = swarm.plan(self.ledger, record, best_source, self.store.source, self.lineage)
+        """Verify one foreign improvement alone: rebase it onto our best, run it, adopt it if it
+        beats our best by more than our noise, and attest either way. ran | reject | held | waiting."""
+        plan = swarm.plan(self.ledger, record, self.tree.read(self.best()), self.store.source, self.lineage)
         if plan.action == "wait":
             return "waiting"
         if plan.action in ("reject", "held"):
-            records = [self.attestation(record, plan.verdict, None, None, plan.note)] if plan.action == "reject" else []
-            self.decide([], plan.action, records=records, verdict=(rid, plan.verdict or "held", None, plan.note))
-            self.events("verdict", improvement=rid, author=who, verdict=plan.verdict or "held", note=plan.note)
-            self.say(f"improvement {rid[:12]} by {who}: {plan.verdict or 'held'} ({plan.note})")
+            self._settle(record, plan)
             return plan.action
-        description = f"improvement {rid} by {who}: {record.body['description']}"[:500]
+        self._verify((record,), plan.source)
+        return "ran"
+
+    def _settle(self, record, plan):
+        """Our verdict on an improvement that needs no run: rejected (attested) or held."""
+        rid, who = record.id.hex(), record.author_id
+        records = [self.attestation(record, plan.verdict, None, None, plan.note)] if plan.action == "reject" else []
+        self.decide([], plan.action, records=records, verdicts=[(rid, plan.verdict or "held", None, plan.note)])
+        self.events("verdict", improvement=rid, author=who, verdict=plan.verdict or "held", note=plan.note)
+        self.say(f"improvement {rid[:12]} by {who}: {plan.verdict or 'held'} ({plan.note})")
+
+    def _verify(self, records, source):
+        """Run `source`, our best with `records` rebased onto it, under the keep rule; adopt them all
+        when it holds. Each gets an attestation naming the others measured with it (`jointly`). A
+        merged run that does not hold says nothing about any one of them: no verdict, and they are
+        verified alone next (store key batch_failed)."""
+        names = ", ".join(f"{r.id.hex()[:12]} by {r.author_id}" for r in records)
+        description = (f"improvement {records[0].id.hex()} by {records[0].author_id}: {records[0].body['description']}"
+                       if len(records) == 1 else f"{len(records)} improvements merged: {names}")[:500]
         parent = self.best()
-        commit = self.tree.commit(plan.source, description)
-        self.store.add_source(plan.source)
-        self.events("verify", improvement=rid, author=who, commit=commit)
-        self.say(f"verifying improvement {rid[:12]} by {who}: {record.body['description'][:80]}")
+        commit = self.tree.commit(source, description)
+        self.store.add_source(source)
+        for r in records:
+            self.events("verify", improvement=r.id.hex(), author=r.author_id, commit=commit)
+        self.say(f"verifying improvement {records[0].id.hex()[:12]} by {records[0].author_id}: "
+                 f"{records[0].body['description'][:80]}" if len(records) == 1 else f"verifying {description}")
         status, ids, r = self.trial("verify", commit, description, ADOPT_PROPOSER, None)
         v = {"keep": "confirmed", "discard": "refuted"}.get(status) or ("violation" if r.status == "violation" else "crashed")
         m = self.measurements()
         after = self.scores(commit) if commit in m else None
         note = ", ".join(r.violations) if v == "violation" else ("" if r.status == "ok" else r.status)
-        records = [self.attestation(record, v, self.scores(parent), after, note)]
+        # the run is an experiment of the swarm's memory too: no node need propose this tree again
+        signed = [self.experiment_record(parent, commit, description, ADOPT_PROPOSER, _experiment_status(status, r), r,
+                                         self.tree.diff(parent, commit), memories.idea_key(self.tree.read(parent), source))]
+        verdicts = []
+        if status == "keep" or len(records) == 1:
+            for rec in records:
+                others = [o.id for o in records if o is not rec]
+                signed.append(self.attestation(rec, v, self.scores(parent), after, note, others))
+                verdicts.append((rec.id.hex(), v, commit, note))
+        else:
+            self.store.set("batch_failed", parent)
         if status == "keep":
-            adopt = self.improvement_record(parent, commit, description, swarm.ADOPT + rid, r)
-            records.append(adopt)
-        self.decide(ids, status, best=commit if status == "keep" else None,
-                    records=records, verdict=(rid, v, commit, note))
-        self.events("verdict", improvement=rid, author=who, verdict=v, adopted=status == "keep", note=note)
-        self.say(f"improvement {rid[:12]} by {who}: {v}" + (f"; adopted as {commit[:7]}" if status == "keep" else ""))
+            signed.append(self.improvement_record(parent, commit, description, swarm.adopt_proposer(records), r))
+        self.decide(ids, status, best=commit if status == "keep" else None, records=signed, verdicts=verdicts)
+        for rec in records:
+            self.events("verdict", improvement=rec.id.hex(), author=rec.author_id, verdict=v if verdicts else "not held merged",
+                        adopted=status == "keep", note=note)
+        outcome = f"{v}; adopted as {commit[:7]}" if status == "keep" else (
+            v if len(records) == 1 else f"{v} merged; they will be verified one at a time")
+        self.say(f"improvement {records[0].id.hex()[:12]} by {records[0].author_id}: {outcome}" if len(records) == 1
+                 else f"{len(records)} improvements merged ({names}): {outcome}")
         if status != "keep":
             self.tree.reset(self.best())
-        return "ran"
 
-    def attestation(self, record, verdict_, before, after, note):
+    def attestation(self, record, verdict_, before, after, note, jointly=()):
         return self.sign("attestation", dict(task=self.task, improvement=record.id, verdict=verdict_, before=before,
-                                             after=after, hardware=self.hardware(), note=note[:500]))
+                                             after=after, hardware=self.hardware(), note=note[:500],
+                                             **({"jointly": list(jointly)} if jointly else {})))
 
     def remeasure(self):
         exp, r = self.measure("remeasure", self.best(), "re-measure the best (noise)")
@@ -581,16 +638,21 @@ class Node:
             self.join_network()
             self.flush()
             self.baseline()
+            remeasured = 0  # self.done at the last re-measurement: once per remeasure_every experiments, not
+            # once per pass (verifications and idle waits pass without an experiment)
             while not self.s["max_experiments"] or self.done < self.s["max_experiments"]:
                 self._check_stop()
-                if self.done and self.s["remeasure_every"] and self.done % self.s["remeasure_every"] == 0:
+                if self.s["remeasure_every"] and self.done - remeasured >= self.s["remeasure_every"]:
                     self.remeasure()
+                    remeasured = self.done
                 if self.verify_next():
                     continue
                 if not self.experiment():
                     if self.network is None:
                         self.say("the proposer has nothing more to try")
                         break
+                    if self.verify_next(alternate=False):  # no run of our own to put between
+                        continue
                     self.say("the proposer has nothing untried: waiting for news from peers")
                     time.sleep(IDLE_S)
                     continue
@@ -683,11 +745,12 @@ class Node:
 
 ADOPT_PROPOSER = "verify"
 KEPT_LAYER_BYTES = 8 << 30  # the kept candidates' compile cache (HOME/compile/kept) starts afresh beyond this
+IDLE_S = 10.0
+CLAIM_TRIES = 3    # candidates a node gives up to earlier claims before it runs the next one anyway
 
 
 def _folder_bytes(path):
     return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(path) for f in files)
-IDLE_S = 10.0
 
 
 def _experiment_status(status, r):

@@ -37,6 +37,10 @@ class Network:
     def publish(self, record):
         self.service.publish(record)
 
+    def alive(self):
+        """How many peers this node sees alive now."""
+        return sum(p["state"] == "alive" for p in self.service.status()["peers"])
+
     def _event(self, event):
         self.events("gossip_" + event.kind, **{k: v for k, v in event.detail.items() if isinstance(v, (str, int, float))})
         if event.kind in ("member_joined", "member_dead", "member_left", "peer_banned", "mdns_unavailable"):

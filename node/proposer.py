@@ -42,6 +42,7 @@ class Context:
     backend: str         # the value DEVICE takes in the file here: cuda | mps | cpu (train.py), gpu | cpu (train_mlx.py)
     notes: list          # people's notes (python -m node suggest --note)
     taken: object = None  # source -> True when the swarm already ran or is running that candidate
+    busy: frozenset = frozenset()  # (constant, up | down) that peers are trying now: the offline proposer's last choice
     # for the Claude proposer:
     hardware: dict | None = None  # this node's hardware tag
     score: dict | None = None     # the best's {val_bpb, runs, spread}
@@ -165,12 +166,12 @@ class OfflineProposer:
         total = sum(s[0] for s in stats.values()) + 1
 
         def score(arm):
-            n, mean = stats.get(arm, (0, 0.0))
+            n, mean, _ = stats.get(arm, (0, 0.0, 0))
             if n == 0:
                 return float("inf")
             return mean + 1.5 * math.sqrt(math.log(total) / n)
-        for arm in sorted(arms, key=lambda a: -score(a)):  # stable: prior order among untried arms
-            n_tries = stats.get(arm, (0, 0.0))[0]
+        for arm in sorted(arms, key=lambda a: (a in ctx.busy, -score(a))):  # stable: prior order among untried arms
+            n_tries = stats.get(arm, (0, 0.0, 0))[2]  # our own: the swarm's would shrink a big swarm's steps to nothing
             for scale in (1.0 / (1 + n_tries), 1.0 / (2 + n_tries), 1.0 / (3 + n_tries)):  # smaller steps if taken
                 new = step(consts[arm[0]], arm[1], scale=scale)
                 if new is None:
@@ -182,8 +183,8 @@ class OfflineProposer:
 
     def _stats(self, ctx):
         """Per (name, direction): tries and mean reward in noise units (crash: -3), each result
-        counted with its weight (other nodes' results on other hardware weigh less)."""
-        acc = {}
+        counted with its weight (other nodes' results on other hardware weigh less), and our own tries."""
+        acc, own = {}, {}
         for h in ctx.history:
             changes = (h.get("edit") or {}).get("changes") or []
             if len(changes) != 1:
@@ -198,11 +199,12 @@ class OfflineProposer:
             w = h.get("weight", 1.0)
             n, s = acc.get(arm, (0, 0.0))
             acc[arm] = (n + w, s + w * r)
-        return {a: (n, s / n) for a, (n, s) in acc.items()}
+            own[arm] = own.get(arm, 0) + ("author" not in h)
+        return {a: (n, s / n, own[a]) for a, (n, s) in acc.items()}
 
     def _combine(self, ctx, consts, stats):
         """The two best single-parameter near-misses (better, not kept) on different parameters, together."""
-        near = [(mean, arm) for arm, (n, mean) in stats.items() if 0 < mean and arm[0] in consts]
+        near = [(mean, arm) for arm, (n, mean, _) in stats.items() if 0 < mean and arm[0] in consts]
         near.sort(reverse=True)
         picked, names = [], set()
         for _, (name, d) in near:

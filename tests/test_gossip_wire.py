@@ -41,7 +41,8 @@ BODIES = {
         optional={"inspired_by": record_id}),
     "attestation": st.fixed_dictionaries({
         "task": text, "improvement": record_id, "verdict": st.sampled_from(wire.VERDICTS),
-        "before": st.none() | score, "after": st.none() | score, "hardware": scalars, "note": text}),
+        "before": st.none() | score, "after": st.none() | score, "hardware": scalars, "note": text},
+        optional={"jointly": st.lists(record_id, min_size=1, max_size=3)}),
     "experiment": st.fixed_dictionaries({
         "task": text, "lineage": text, "parent": hex_hash, "child": hex_hash, "idea": hex_hash, "diff": text,
         "hypothesis": text, "status": st.sampled_from(wire.EXPERIMENT_STATUSES), "before": st.none() | score,
@@ -49,7 +50,7 @@ BODIES = {
         optional={"inspired_by": record_id}),
     "claim": st.fixed_dictionaries({"task": text, "parent": hex_hash, "child": hex_hash, "idea": hex_hash,
                                     "hardware": scalars, "description": text,
-                                    "expires": st.integers(-2**63, 2**64 - 1)}),
+                                    "expires": st.integers(-2**63, 2**64 - 1)}, optional={"diff": text}),
     "note": st.fixed_dictionaries({"text": text}),
     "task": st.fixed_dictionaries({
         "task": st.text("0123456789abcdef", min_size=1, max_size=64), "fingerprint": hex_hash, "profile": text,
@@ -415,6 +416,15 @@ def test_an_optional_field_may_be_absent_and_is_checked_when_present():
             make_record(ALICE, "experiment", dict(body, inspired_by=bad), NOW_MS)
     with pytest.raises(WireError, match="extra"):
         make_record(ALICE, "claim", dict(sample_body("claim"), inspired_by=b"\x01" * 32), NOW_MS)
+    joint = make_record(ALICE, "attestation", dict(sample_body("attestation"), jointly=[b"\x02" * 32]), NOW_MS)
+    assert decode_record(joint.encoded, NOW_MS).body["jointly"] == [b"\x02" * 32]
+    for bad in ([], [b"\x02" * 31], b"\x02" * 32, [b"\x02" * 32] * (wire.MAX_JOINTLY + 1)):
+        with pytest.raises(WireError, match="attestation.jointly"):
+            make_record(ALICE, "attestation", dict(sample_body("attestation"), jointly=bad), NOW_MS)
+    claim = make_record(ALICE, "claim", dict(sample_body("claim"), diff="-A = 1\n+A = 2\n"), NOW_MS)
+    assert decode_record(claim.encoded, NOW_MS).body["diff"] == "-A = 1\n+A = 2\n"
+    with pytest.raises(WireError, match="claim.diff"):
+        make_record(ALICE, "claim", dict(sample_body("claim"), diff="x" * (wire.CLAIM_DIFF_CHARS + 1)), NOW_MS)
 
 
 @FUZZ

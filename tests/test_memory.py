@@ -37,10 +37,11 @@ def experiment(author, parent, child, status="discard", gain=-0.01, hardware=HW,
     return wire.make_record(author, "experiment", body, ts or time.time() * 1000)
 
 
-def claim(author, parent, child, expires_in=60.0, hardware=HW, now=None):
+def claim(author, parent, child, expires_in=60.0, hardware=HW, now=None, diff=False):
     now = now or time.time()
     body = dict(task=TASK, parent=swarm.content_hash(parent), child=swarm.content_hash(child),
-                idea=memory.idea_key(parent, child), hardware=hardware, description="trying", expires=int((now + expires_in) * 1000))
+                idea=memory.idea_key(parent, child), hardware=hardware, description="trying", expires=int((now + expires_in) * 1000),
+                **({"diff": gittree.diff_texts(parent, child)} if diff else {}))
     return wire.make_record(author, "claim", body, now * 1000)
 
 
@@ -94,6 +95,26 @@ def test_claims_honoured_expired_flooded_and_unfulfilled(mem):
     assert memory.idea_key(BASELINE, UP) in mem.claims(HW, now) and memory.idea_key(BASELINE, a) in mem.measured(HW)
 
 
+def test_claims_lost_in_a_race_are_not_held_against_their_author(mem):
+    """A node that claimed an idea a peer had claimed a moment earlier chooses again (loop.Node.lost_race):
+    that its claim never becomes a record does not make its later claims count for nothing."""
+    now = time.time()
+    carol = Identity.from_seed(b"carol")
+    children = [edit(BASELINE, "SCALAR_LR = 0.5", f"SCALAR_LR = 0.{i}") for i in range(1, 4)]
+    for child in children:  # Carol claimed first each time and ran it; Bob lost the race three times
+        add(mem, claim(carol, BASELINE, child, expires_in=90, now=now - 100), claim(BOB, BASELINE, child, expires_in=89, now=now - 99),
+            experiment(carol, BASELINE, child))
+    add(mem, claim(BOB, BASELINE, UP, now=now))
+    assert memory.idea_key(BASELINE, UP) in mem.claims(HW, now) and not mem.ignored["unfulfilled"]
+    # claims that lost to another tag's claim were no race: they count
+    other = dict(HW, backend="cuda", accelerator="H100")
+    for child in children:
+        add(mem, claim(MALLORY, BASELINE, child, expires_in=89, now=now - 99, hardware=other))
+    add(mem, claim(MALLORY, BASELINE, UP, hardware=other, now=now))
+    claimed = mem.claims(HW, now, compatible=False)[memory.idea_key(BASELINE, UP)]
+    assert [c.author_id for c in claimed] == [BOB.id] and mem.ignored["unfulfilled"] == 1
+
+
 def test_experiment_records_are_checked_against_their_parent(mem):
     good = experiment(BOB, BASELINE, UP)
     wrong_diff = experiment(MALLORY, BASELINE, UP, diff=gittree.diff_texts(UP, edit(UP, "MATRIX_LR = 0.06", "MATRIX_LR = 0.07")))
@@ -136,8 +157,77 @@ def test_a_node_skips_what_a_peer_claimed_and_counts_it(tmp_path, stdlib_data):
         assert second.source != first.source
         st = loop.status(str(tmp_path / "n"))
         assert st["memory"]["skipped_claimed"] == 1
-        # and our own claims are published before a run (here, with the network off, stored)
-        node.claim(node.best(), node.best(), "a" * 64, "x")
-        assert any(r.type == "claim" and r.author_id == node.identity.id for _, r in node.records.since())
+        # and our own claims are published before a run (here, with the network off, stored), with the diff
+        node.claim(node.best(), node.best(), "a" * 64, "x", "-A = 1\n+A = 2\n")
+        assert any(r.type == "claim" and r.author_id == node.identity.id and r.body["diff"] == "-A = 1\n+A = 2\n"
+                   for _, r in node.records.since())
+        assert not node.lost_race(node.records.since()[-1][1])  # no network, no peers: nothing to wait for
     finally:
         node.close()
+
+
+def test_of_two_claims_of_one_candidate_made_at_once_the_earlier_runs(tmp_path, stdlib_data, monkeypatch):
+    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), budget=1.0, listen="off", claim_settle=0.01)
+    node = loop.Node(str(tmp_path / "n"), s, stdlib_data, out=open(os.devnull, "w"))
+    try:
+        class Peers:  # a network with one peer alive; what we publish lands in our store
+            alive = staticmethod(lambda: 1)
+            publish = staticmethod(node.records.add)
+            stop = staticmethod(lambda: None)
+        monkeypatch.setattr(node, "network", Peers)
+        hw, best = node.hardware(), node.tree.read(node.best())
+        diff = gittree.diff_texts(best, UP)
+        ours = node.claim(node.best(), node.tree.commit(UP, "up"), memory.idea_key(best, UP), "up", diff)
+        node.tree.reset(node.best())
+        later = claim(BOB, best, UP, hardware=hw, now=ours.ts / 1000 + 0.5)
+        node.records.add(wire.make_record(BOB, "claim", dict(later.body, task=node.task), later.ts))
+        assert not node.lost_race(ours)
+        earlier = claim(MALLORY, best, UP, hardware=hw, now=ours.ts / 1000 - 0.5)
+        node.records.add(wire.make_record(MALLORY, "claim", dict(earlier.body, task=node.task), earlier.ts))
+        assert node.lost_race(ours)
+    finally:
+        node.close()
+
+
+def test_parameters_peers_are_trying_now_come_last(mem):
+    """Claims carry their diffs: nodes whose trees differ (so their candidates are different ideas)
+    still try different parameters at once, on any tag."""
+    now = time.time()
+    ctx = lambda busy: proposers.Context(BASELINE, [], 0.002, "cpu", [], None, busy)
+    alone = proposers.OfflineProposer(0).propose(ctx(frozenset()))
+    [change] = alone.edit["changes"]
+    other_tree = edit(BASELINE, "DEPTH = 4", "DEPTH = 5")
+    line = next(l for l in BASELINE.splitlines() if l.startswith(change["name"] + " ="))
+    on_other_tree = edit(other_tree, line, line.replace(str(change["old"]), str(change["new"]), 1))
+    add(mem, claim(BOB, other_tree, on_other_tree, diff=True, hardware=dict(HW, backend="cuda", accelerator="H100"), now=now),
+        claim(MALLORY, BASELINE, edit(BASELINE, "WARMDOWN_RATIO = 0.75", "WARMDOWN_RATIO = 0.5"), diff=True,
+              expires_in=-1, now=now))
+    assert mem.busy(HW, now) == {(change["name"], change["dir"])}  # another tag's claim counts; an expired one does not
+    crowded = proposers.OfflineProposer(0).propose(ctx(mem.busy(HW, now)))
+    assert [(c["name"], c["dir"]) for c in crowded.edit["changes"]] != [(change["name"], change["dir"])]
+
+
+def test_the_step_of_a_parameter_shrinks_with_our_own_tries_only():
+    tries = lambda n, author: [dict(edit={"changes": [{"name": "MATRIX_LR", "dir": "up"}]}, status="discard",
+                                    val_bpb=3.01, parent_bpb=3.0, **({"author": author} if author else {}))] * n
+    ctx = lambda history: proposers.Context(BASELINE, history, 0.002, "cpu", [], None)
+    peers = dict(proposers.OfflineProposer(0)._stats(ctx(tries(9, "bob"))))[("MATRIX_LR", "up")]
+    ours = dict(proposers.OfflineProposer(0)._stats(ctx(tries(9, None))))[("MATRIX_LR", "up")]
+    assert peers[0] == ours[0] == 9 and peers[2] == 0 and ours[2] == 9  # the bandit counts both
+
+
+def test_noise_is_pooled_with_same_tag_peers_records(mem):
+    def spread(author, sd, runs, hardware=HW, child=UP):
+        r = experiment(author, BASELINE, child, hardware=hardware)
+        body = dict(r.body, before=dict(val_bpb=3.0, runs=runs, spread=sd), after=dict(val_bpb=3.0, runs=runs, spread=sd))
+        return wire.make_record(author, "experiment", body, r.ts)
+    add(mem, spread(BOB, 0.003, 2), spread(BOB, 0.003, 3, child=edit(BASELINE, "DEPTH = 4", "DEPTH = 5")),
+        spread(MALLORY, 0.0001, 1), spread(Identity.from_seed(b"far"), 0.05, 5, hardware=dict(HW, accelerator="H100")))
+    ss, dof = mem.peer_noise(HW)
+    # Bob: the baseline (before) twice with 3 runs at most, UP with 2, the other child with 3; one run says nothing
+    assert dof == 2 + 1 + 2 and ss == pytest.approx(5 * 0.003 ** 2)
+    assert loop.noise({"c": [1.0, 1.0]}, 0.0, (ss, dof)) == pytest.approx(0.003 * (5 / 6) ** 0.5)
+    many = [spread(Identity.from_seed(b"sybil"), 0.0001, 40, child=edit(BASELINE, "DEPTH = 4", f"DEPTH = {d}"))
+            for d in (6, 7, 8)]
+    add(mem, *many)
+    assert mem.peer_noise(HW)[1] == dof + memory.MAX_PEER_DOF  # one peer counts for at most 8 degrees of freedom

@@ -153,7 +153,7 @@ def test_ranking_follows_evidence_standing_and_hardware(ledger):
     assert entries[good.id].strong and entries[good.id].p_hold > 0.9 and ledger.standing(ALICE.id) > 0.45
     adoption = improvement(bob, BASELINE, X, proposer=swarm.ADOPT + good.id.hex())
     add(ledger, adoption)
-    assert adoption.id not in rank() and swarm.adopted_from(adoption) == good.id
+    assert adoption.id not in rank() and swarm.adopted_from(adoption) == (good.id,)
 
 
 def test_log_tails_leave_no_paths_or_secrets():
@@ -161,6 +161,71 @@ def test_log_tails_leave_no_paths_or_secrets():
             "ANTHROPIC_API_KEY=sk-ant-123 /home/alice/.ssh/id_ed25519\nValueError: 1/2")
     out = loop.scrub(tail)
     assert '"train.py"' in out and "sk-ant" not in out and "/home" not in out and "1/2" in out
+
+
+def fake_sandbox(monkeypatch, score):
+    """sandbox.run replaced by `score(train.py text, seed)`: the loop's own bookkeeping, no training."""
+    from sandbox import result, run as sandbox
+
+    def run(folder, budget=None, profile=None, data=None, seed=None, backend=None, **kw):
+        with open(os.path.join(folder, "train.py")) as f:
+            v = score(f.read(), seed)
+        hw = result.HardwareTag(**dict(HW, device="cpu", memory_gb=1))
+        return result.Result("ok", v, 1.0, 1.0, 0.1, 100.0, 10, 1000, (), 0.0, hw, (), "")
+    monkeypatch.setattr(sandbox, "run", run)
+
+
+def test_foreign_improvements_are_verified_merged_in_one_run(tmp_path, stdlib_data, monkeypatch):
+    """Credible wins that rebase cleanly beside each other run as one tree and are adopted together,
+    each attested with the others named; one that conflicts waits; a merged run that does not hold
+    attests nothing and the next verification runs one alone; two verifications never follow each
+    other unless asked."""
+    lr, emb = edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = 0.08"), edit(BASELINE, "EMBEDDING_LR = 0.9", "EMBEDDING_LR = 0.6")
+    rival = edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = 0.06")  # the same line as `lr`
+    harm = edit(BASELINE, "WARMDOWN_RATIO = 0.75", "WARMDOWN_RATIO = 0.5")
+    scalar = edit(BASELINE, "SCALAR_LR = 0.5", "SCALAR_LR = 0.75")
+    fake_sandbox(monkeypatch, lambda src, seed: (3.0 - 0.05 * ("MATRIX_LR = 0.08" in src) - 0.05 * ("EMBEDDING_LR = 0.6" in src)
+                                                 + 0.2 * ("WARMDOWN_RATIO = 0.5" in src) - 0.01 * ("SCALAR_LR = 0.75" in src)
+                                                 + 0.0005 * (seed % 3 - 1)))
+    node = make_node(tmp_path / "n", stdlib_data, verify_share=1.0, verify_batch=8)
+    try:
+        node.baseline()
+        hw, bob, carol = node.hardware(), Identity.from_seed(b"bob"), Identity.from_seed(b"carol")
+        mk = lambda who, child, gain: improvement(who, BASELINE, child, gain=gain, hardware=hw, task=node.task)
+        a, b, c = mk(ALICE, lr, 0.05), mk(bob, emb, 0.04), mk(carol, rival, 0.03)
+        for r in (a, b, c):
+            node.records.add(r)
+        assert node.verify_next()
+        merged = edit(lr, "EMBEDDING_LR = 0.9", "EMBEDDING_LR = 0.6")
+        assert node.tree.read(node.best()) == merged
+        verdicts = {k: v["verdict"] for k, v in node.store.verdicts().items()}
+        assert verdicts == {a.id.hex(): "confirmed", b.id.hex(): "confirmed"}  # c conflicts with a: not merged
+        ours = [r for _, r in node.records.since() if r.author_id == node.identity.id]
+        atts = {r.body["improvement"]: r for r in ours if r.type == "attestation"}
+        assert atts[a.id].body["jointly"] == [b.id] and atts[b.id].body["jointly"] == [a.id]
+        [adopt] = [r for r in ours if r.type == "improvement"]
+        assert swarm.adopted_from(adopt) == (a.id, b.id) and adopt.body["child"] == swarm.content_hash(merged)
+        assert node.ledger.refresh().standing(ALICE.id) < (1 + 1) / (2 + 1)  # a joint confirmation is half a one
+        assert not node.verify_next()  # a verification was the last run: our own comes first
+        # a harmful change merged with a good one: the merged run does not hold; nothing is attested
+        d, e = mk(Identity.from_seed(b"dave"), harm, 0.06), mk(Identity.from_seed(b"erin"), scalar, 0.05)
+        for r in (d, e):
+            node.records.add(r)
+        best = node.best()
+        assert node.verify_next(alternate=False)
+        verdicts = {k: v["verdict"] for k, v in node.store.verdicts().items()}
+        assert node.best() == best and node.store.get("batch_failed") == best
+        assert verdicts == {a.id.hex(): "confirmed", b.id.hex(): "confirmed", c.id.hex(): "failed_to_apply"}  # onto `lr`
+        assert node.verify_next(alternate=False)  # now one alone: the best-ranked first
+        verdicts = {k: v["verdict"] for k, v in node.store.verdicts().items()}
+        assert verdicts[d.id.hex()] == "refuted" and e.id.hex() not in verdicts
+        assert node.verify_next(alternate=False) and node.tree.read(node.best()) == edit(merged, "SCALAR_LR = 0.5",
+                                                                                          "SCALAR_LR = 0.75")
+    finally:
+        node.close()
+    text, prov = export.provenance(str(tmp_path / "n"), verify=True)
+    assert [o["author"] for o in prov["steps"][0]["adopted"]] == [ALICE.id, bob.id]
+    assert prov["steps"][0]["confirmed_by"] == [node.identity.id]
 
 
 # -- the real thing: a node verifies foreign improvements in the sandbox ------------------------
@@ -223,7 +288,7 @@ def test_a_node_adopts_what_holds_refutes_what_does_not_and_attests(tmp_path, st
         assert atts[good.id].body["after"]["val_bpb"] < atts[good.id].body["before"]["val_bpb"]
         assert "non_causal" in atts[cheating.id].body["note"]
         [adopt] = [r for r in ours if r.type == "improvement"]
-        assert swarm.adopted_from(adopt) == good.id and adopt.body["child"] == swarm.content_hash(better)
+        assert swarm.adopted_from(adopt) == (good.id,) and adopt.body["child"] == swarm.content_hash(better)
         assert all(wire.decode_record(r.encoded, time.time() * 1000 + 1) for r in ours)  # signatures hold
         assert node.queue()[0] == [] and node.ledger.standing(MALLORY.id) < 0.05
         # the same change again, from someone else: our best holds it already; nothing runs
@@ -239,7 +304,7 @@ def test_a_node_adopts_what_holds_refutes_what_does_not_and_attests(tmp_path, st
     text, prov = export.provenance(home, verify=True)
     assert text == better and export.strip_header(export.header(prov) + text) == text
     [step] = prov["steps"]
-    assert step["adopted"]["record"] == good.id.hex() and step["adopted"]["author"] == ALICE.id
+    assert [(o["record"], o["author"]) for o in step["adopted"]] == [(good.id.hex(), ALICE.id)]
     assert "adopted from " + ALICE.id in export.header(prov)
     text2, prov2 = export.provenance(home, tag=swarm.tag_name(hw), verify=True)  # from records alone
     assert text2 == better and prov2["steps"][-1]["record"] in (good.id.hex(), adopt.id.hex())
@@ -370,3 +435,19 @@ def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data
     assert "restore-the-lrs" in a_export and "confirmed by " + ", ".join(sorted(ids[n] for n in adopters)) in a_export
     for n in adopters:
         assert LR_LINE in export.strip_header((tmp_path / f"{n}.py").read_text())  # the cut undone
+
+
+def test_the_best_is_re_measured_once_per_remeasure_every_experiments(tmp_path, stdlib_data, monkeypatch):
+    """Verifications between experiments do not re-measure the best again (they once did, before each)."""
+    node = make_node(tmp_path / "n", stdlib_data, max_experiments=9, remeasure_every=4)
+    calls = []
+    try:
+        monkeypatch.setattr(node, "baseline", lambda: None)
+        monkeypatch.setattr(node, "remeasure", lambda: calls.append(("remeasure", node.done)))
+        monkeypatch.setattr(node, "verify_next", lambda: len(calls) % 3 == 1 and not calls.append(("verify", node.done)))
+        monkeypatch.setattr(node, "experiment", lambda: not calls.append(("experiment", node.done)))
+        assert node.run() == 0
+    finally:
+        node.close()
+    assert [d for kind, d in calls if kind == "remeasure"] == [4, 8]
+    assert sum(kind == "experiment" for kind, _ in calls) == 9 and any(kind == "verify" for kind, _ in calls)
