@@ -29,14 +29,17 @@ from sandbox.result import HardwareTag, Result
 # then `evaluation` seconds to serve the validation batches. Sizes bound the candidate.
 # `probe_rows`: rows checked for causality, each at its own random cut, in whole probe
 # batches of the candidate's batch size (each batch one more forward pass); a logit before
-# the cut may move by `probe_tolerance`. Honest baselines move them by exactly 0 on CPU and
-# on an H100 (1216 probe rows, 4 runs); a one-token look-ahead moved every row by >= 0.28.
-# A leak of tau per logit can buy up to ~0.84 tau bpb, so tau stays far below the noise.
+# the cut may move by `probe_tolerance`. Honest baselines move them by exactly 0 on an H100
+# (1216 probe rows, 4 runs) and on an H200; on this CPU mostly by 0 too, but in 2 of 7 node
+# runs by 1.2e-4 (the probe server is a fresh process: float32 kernels may take another path
+# there), so the CPU allows 1e-3. A one-token look-ahead moved every row by >= 0.28. A leak
+# of tau per logit can buy up to ~0.84 tau bpb, so tau stays far below the noise (the CPU
+# profile's noise floor is 0.002).
 # `model_bytes`: the most a frozen model (code and weights) may take.
 LIMITS = {
     "gpu": dict(startup=120, grace=30, evaluation=180, processes=64, file_bytes=4 << 30, probe_rows=64, probe_tolerance=1e-4,
                 model_bytes=4 << 30),
-    "cpu": dict(startup=30, grace=10, evaluation=120, processes=64, file_bytes=4 << 30, probe_rows=16, probe_tolerance=1e-4,
+    "cpu": dict(startup=30, grace=10, evaluation=120, processes=64, file_bytes=4 << 30, probe_rows=16, probe_tolerance=1e-3,
                 model_bytes=1 << 30),
 }
 LOG_TAIL_LINES = 40
