@@ -320,7 +320,7 @@ def test_nothing_a_candidate_writes_reaches_a_later_run(run_candidate, stdlib_ca
                 f.write("stolen validation rows")
         prepare.hand_over(unigram, 8, 'cpu')
     """)
-    assert r.status == "ok"
+    assert r.status == "ok", r.log_tail
     assert not [p for p in shared.rglob("trojan.py")]  # it wrote into its own copy, gone with it
 
 
@@ -449,3 +449,15 @@ def test_cli_json_and_exit_codes(stdlib_cache, tmp_path):
     import json
     out = json.loads(r.stdout)
     assert out["status"] == "crash" and out["violations"] == ["no_handover"] and out["val_bpb"] is None
+
+
+def test_torch_bytecode_is_compiled_once_by_the_trusted_side(tmp_path, monkeypatch):
+    """Untrusted runs' own bytecode dies with them: the harness compiles the libraries' for them."""
+    import importlib.util
+    import torch._dynamo
+    seen = []
+    assert sandbox.warm_bytecode(str(tmp_path), "cpu", progress=seen.append)
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "pycache"))  # where a candidate looks
+    assert os.path.exists(importlib.util.cache_from_source(torch._dynamo.__file__))
+    assert seen == ["compiling torch's bytecode (once)"]
+    assert not sandbox.warm_bytecode(str(tmp_path), "cpu", progress=seen.append) and len(seen) == 1

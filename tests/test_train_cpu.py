@@ -15,8 +15,11 @@ def test_tiny_cpu_training_beats_the_untrained_model(stdlib_cache, stdlib_data):
     for key in ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
                 "total_tokens_M", "num_steps", "num_params_M", "depth"):
         assert key in summary, key
+    # 15 s is 25-55 steps on a 2-core machine, depending on its load: about where a unigram model
+    # scores (3.9 bpb here, against 4.9 for the untrained model), so the bar is that it learned at all
     untrained = uniform_bpb(stdlib_data)
-    assert float(summary["val_bpb"]) < 0.8 * untrained, (summary["val_bpb"], untrained)
+    assert int(summary["num_steps"]) > 0
+    assert float(summary["val_bpb"]) < 0.9 * untrained, (summary["val_bpb"], untrained)
     assert float(summary["training_seconds"]) >= 15
 
 
