@@ -57,6 +57,7 @@ TOKENIZER_MAX_CHARS, TOKENIZER_DOC_CAP = 1_000_000_000, 10_000  # text the BPE t
 PROFILES = {
     "gpu": dict(max_seq_len=2048, eval_tokens=4 * 2**19),
     "cpu": dict(max_seq_len=256, eval_tokens=2**16),
+    "tiny": dict(max_seq_len=128, eval_tokens=2**14),  # slow machines and smoke tests: a quarter of cpu's evaluation
 }
 EVAL_BUFFER_DOCS = 1000  # best-fit packing of validation rows, as autoresearch
 

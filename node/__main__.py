@@ -60,6 +60,8 @@ def _settings(args):
         os.environ["AUTORESEARCH_PROFILE"] = s["profile"]  # read when the harness is imported
     from model import prepare
     from sandbox import backend as backends
+    if s["profile"] and s["profile"] != prepare.PROFILE:
+        raise RuntimeError(f"the harness was imported before the profile {s['profile']} was set")
     s["profile"] = prepare.PROFILE  # else the harness's own choice: gpu with CUDA, cpu without
     s["backend"] = backends.resolve(s["backend"])  # BackendError, one line, when this machine lacks it
     s["budget"] = s["budget"] or (prepare.TIME_BUDGET if s["profile"] == "gpu" else config.CPU_BUDGET)
@@ -103,18 +105,22 @@ def _disk_full(e):
 
 
 def join(args):
-    from model import prepare
-    from node import config, home as homes, loop, tasksync
+    from node import config
     from sandbox.backend import BackendError
     try:
-        s = _settings(args)
+        s = _settings(args)  # before anything imports the harness: it reads the profile once, when imported
+    except (config.ConfigError, BackendError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from model import prepare
+    from node import home as homes, loop, tasksync
+    try:
         home = os.path.abspath(args.home or homes.default_home())
         os.makedirs(home, exist_ok=True)
         data, liars = _data(s)
         node = loop.Node(home, s, data)
         node.distrust(liars)
-    except (config.ConfigError, BackendError, prepare.DataError, homes.HomeError, tasksync.TaskError, ValueError,
-            OSError) as e:
+    except (prepare.DataError, homes.HomeError, tasksync.TaskError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # while data is prepared or fetched: both resume on the next start
@@ -259,7 +265,7 @@ def main(argv=None):
                                     "its val_bpb computed by the harness. Exit 0 if ok, 1 otherwise.")
     ex.add_argument("train_py", metavar="PATH_TO_TRAIN_PY", help="the candidate file (or a folder holding train.py)")
     ex.add_argument("--budget", type=float, help="training seconds (default: $AUTORESEARCH_TIME_BUDGET or 300)")
-    ex.add_argument("--profile", choices=["gpu", "cpu"], help="evaluation profile (default: gpu with CUDA, else cpu)")
+    ex.add_argument("--profile", choices=config.PROFILES, help="evaluation profile (default: gpu with CUDA, else cpu)")
     ex.add_argument("--backend", choices=config.BACKENDS,
                     help="what the candidate runs on (default: mlx for a file that imports mlx, else torch's choice)")
     ex.add_argument("--json", action="store_true", help="print exactly one JSON object")

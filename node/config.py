@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name: (default, type, help)
 SETTINGS = {
     "budget": (None, float, "training seconds per experiment (default: the profile's: 300 on a GPU, 30 on CPU)"),
-    "profile": (None, str, "evaluation profile, gpu or cpu (default: gpu with CUDA, else cpu)"),
+    "profile": (None, str, "evaluation profile: gpu, cpu or tiny (a quarter of cpu's evaluation; default: gpu with CUDA, else cpu)"),
     "backend": ("auto", str, "auto, cuda, mps, cpu or mlx (auto: CUDA, else MLX on Apple Silicon, else MPS, else CPU); "
                              "mlx evolves model/train_mlx.py, the others model/train.py"),
     "data": ("stdlib", str, "data source prepared on first start when no data is ready (see python -m node prepare)"),
@@ -43,6 +43,7 @@ SETTINGS = {
                                  "first (about the time a record takes to reach the swarm; 0: no wait)"),
 }
 CPU_BUDGET = 30.0
+PROFILES = ("gpu", "cpu", "tiny")  # model/prepare.py's, named here without importing it (it reads the profile once)
 
 
 class ConfigError(Exception):
@@ -67,8 +68,8 @@ def load(path=None, overrides=None):
     for key, value in (overrides or {}).items():
         if value is not None:
             out[key] = _typed(key, value, "the command line")
-    if out["profile"] not in (None, "gpu", "cpu"):
-        raise ConfigError(f"profile must be gpu or cpu, not {out['profile']!r}")
+    if out["profile"] not in (None, *PROFILES):
+        raise ConfigError(f"profile must be one of {', '.join(PROFILES)}, not {out['profile']!r}")
     if out["backend"] not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, not {out['backend']!r}")
     if out["proposer"] not in ("auto", "offline", "claude"):

@@ -43,6 +43,7 @@ LIMITS = {
     "cpu": dict(startup=30, grace=10, evaluation=120, processes=64, file_bytes=4 << 30, probe_rows=16, probe_tolerance=1e-3,
                 model_bytes=1 << 30),
 }
+LIMITS["tiny"] = LIMITS["cpu"]
 LOG_TAIL_LINES = 40
 MODEL_DIR = os.path.dirname(os.path.abspath(prepare.__file__))
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import prepare
 from conftest import ROOT
 from node import config, gittree, home as homes, loop, proposer as proposers, swarm
 
@@ -34,6 +35,7 @@ def test_config_files_and_overrides(tmp_path):
     s = config.load(os.path.join(ROOT, "configs", "cpu.toml"), {"budget": 7, "proposer_seed": None})
     assert s["profile"] == "cpu" and s["budget"] == 7.0 and s["proposer_seed"] is None
     assert config.load(os.path.join(ROOT, "configs", "default.toml"))["budget"] == 300
+    assert config.PROFILES == tuple(prepare.PROFILES)  # named there without importing the harness
     bad = tmp_path / "bad.toml"
     bad.write_text("budget = 10\nbugdet = 3\n")
     with pytest.raises(config.ConfigError, match="unknown key 'bugdet'"):
@@ -109,9 +111,10 @@ def test_noise_and_verdicts():
 def test_join_runs_a_baseline_and_experiments(env, tmp_path):
     import pandas
     home = tmp_path / "home"
-    r = node_cli("join", "--home", str(home), "--config", os.path.join(ROOT, "configs", "cpu.toml"), "--budget", "3",
+    r = node_cli("join", "--home", str(home), "--config", os.path.join(ROOT, "configs", "cpu.toml"), "--profile", "tiny", "--budget", "3",
                  "--max-experiments", "2", "--max-reruns", "0", "--listen", "127.0.0.1:0", "--no-mdns", env=env)
     assert r.returncode == 0, r.stderr
+    assert "| profile tiny |" in r.stdout  # the flag wins over the config file and $AUTORESEARCH_PROFILE (cpu here)
     table = pandas.read_csv(home / "results.tsv", sep="\t")
     assert list(table.columns) == ["commit", "val_bpb", "memory_gb", "status", "description"]
     assert list(table.description[:2]) == ["baseline", "baseline (repeat 1, noise)"] and len(table) == 4
@@ -165,7 +168,7 @@ def test_kill_9_at_random_instants_loses_nothing(env, tmp_path, stdlib_data):
     rng = random.Random(7)
     seen, killed = 0, []
     for i in range(6):
-        p = subprocess.Popen([sys.executable, "-m", "node", "join", "--home", home, "--profile", "cpu", "--budget", "1",
+        p = subprocess.Popen([sys.executable, "-m", "node", "join", "--home", home, "--profile", "tiny", "--budget", "1",
                               "--max-reruns", "0", "--listen", "127.0.0.1:0", "--no-mdns"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
         time.sleep(rng.uniform(1.0, 12.0))
@@ -194,8 +197,8 @@ def test_suggestions_run_next_and_bad_ones_are_refused(env, tmp_path, stdlib_dat
     home = tmp_path / "home"
     r = node_cli("suggest", "--home", str(home), "--note", "try more", env=env)
     assert r.returncode == 2 and "no node home" in r.stderr
-    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), budget=2.0, max_experiments=1, max_reruns=0,
-             listen="off")
+    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), profile="tiny", budget=2.0, max_experiments=1,
+             max_reruns=0, listen="off")
     node = loop.Node(str(home), s, stdlib_data, out=open(os.devnull, "w"))
     node.close()
     patch = tmp_path / "p.diff"
@@ -227,7 +230,7 @@ def _free_port():
 
 def test_two_nodes_join_through_a_seed_and_status_lists_peers(env, tmp_path):
     port = _free_port()
-    common = ["--profile", "cpu", "--budget", "1", "--max-reruns", "0", "--no-mdns"]
+    common = ["--profile", "tiny", "--budget", "1", "--max-reruns", "0", "--no-mdns"]
     homes_ = [str(tmp_path / "a"), str(tmp_path / "b")]
     procs = [subprocess.Popen([sys.executable, "-m", "node", "join", "--home", homes_[0], "--listen", f"127.0.0.1:{port}",
                                *common], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
@@ -271,7 +274,7 @@ def test_a_full_disk_stops_the_node_with_one_line_and_loses_nothing(env, tmp_pat
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a small tmpfs needs root")
     try:
-        join = [sys.executable, "-m", "node", "join", "--home", str(home), "--profile", "cpu", "--budget", "1",
+        join = [sys.executable, "-m", "node", "join", "--home", str(home), "--profile", "tiny", "--budget", "1",
                 "--max-reruns", "0", "--listen", "off"]
         p = subprocess.Popen([*join, "--max-experiments", "50"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE, text=True)
@@ -290,7 +293,7 @@ def test_a_full_disk_stops_the_node_with_one_line_and_loses_nothing(env, tmp_pat
         assert p.returncode == 2 and err.strip().count("\n") == 0 and err.startswith("error: disk full"), err
         os.remove(home / "filler")
         check_consistent(str(home), stdlib_data)
-        r = node_cli("join", "--home", str(home), "--profile", "cpu", "--budget", "1", "--max-reruns", "0",
+        r = node_cli("join", "--home", str(home), "--profile", "tiny", "--budget", "1", "--max-reruns", "0",
                      "--listen", "off", "--max-experiments", "1", env=env)
         assert r.returncode == 0, r.stderr
     finally:

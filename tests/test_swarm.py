@@ -238,7 +238,7 @@ PEEK = """    def peek(x):
 
 
 def make_node(home, data, **kw):
-    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), budget=1.0, listen="off", max_reruns=1)
+    s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), profile="tiny", budget=1.0, listen="off", max_reruns=1)
     s.update(kw)
     return loop.Node(str(home), s, data, out=open(os.devnull, "w"))
 
@@ -365,7 +365,7 @@ def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data
     # cleanly with whatever B and C keep meanwhile, and it is a clear win at any load
     with open(os.path.join(homes["a"], "queue", "0-restore-the-lrs.patch"), "w") as f:
         f.write(gittree.diff_texts(SLOW, SMALL))
-    common = ["--profile", "cpu", "--budget", "2", "--max-reruns", "1", "--no-mdns", "--noise-floor", "0.002",
+    common = ["--profile", "tiny", "--budget", "2", "--max-reruns", "1", "--no-mdns", "--noise-floor", "0.002",
               "--start", slow_start]
     cmd = lambda n, *extra: [sys.executable, "-m", "node", "join", "--home", homes[n], *common, *extra]
     procs = {"a": subprocess.Popen(cmd("a", "--listen", f"127.0.0.1:{port}"), cwd=ROOT, env=env,
