@@ -319,8 +319,8 @@ def node_run(tmp_path_factory, stdlib_cache, stdlib_data):
     early: 3 full runs in all), against the stand-in."""
     from model import prepare
     home = tmp_path_factory.mktemp("claude-node")
-    task = swarm.task_id(stdlib_data.fingerprint, "cpu", prepare.PROFILES["cpu"]["max_seq_len"],
-                         prepare.PROFILES["cpu"]["eval_tokens"])
+    task = swarm.task_id(stdlib_data.fingerprint, "tiny", prepare.PROFILES["tiny"]["max_seq_len"],
+                         prepare.PROFILES["tiny"]["eval_tokens"])
     ported = BASELINE.replace(*PORTED)
     peer = wire.make_record(PEER, "improvement", dict(
         task=task, lineage="mlx", parent=swarm.content_hash(BASELINE), child=swarm.content_hash(ported),
@@ -334,7 +334,7 @@ def node_run(tmp_path_factory, stdlib_cache, stdlib_data):
     env = dict(os.environ, AUTORESEARCH_CACHE=str(stdlib_cache), AUTORESEARCH_DATA=stdlib_data.fingerprint,
                ANTHROPIC_API_KEY=KEY, ANTHROPIC_BASE_URL=api.url)
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "node", "join", "--home", str(home), "--profile", "cpu", "--budget", "1",
+    r = subprocess.run([sys.executable, "-m", "node", "join", "--home", str(home), "--profile", "tiny", "--budget", "1",
                         "--max-experiments", "3", "--max-reruns", "0", "--listen", "off"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     api.close()
