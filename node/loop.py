@@ -192,9 +192,12 @@ class Node:
         return os.path.join(self.home, "compile", *parts)
 
     def _keep_compiled(self, ids, kept):
-        """What the runs `ids` compiled joins the kept layer when they made the new best (its children
-        then start warm, a changed model included), and is dropped otherwise. Only a cache: a node killed
-        before this merely compiles again."""
+        """What the runs `ids` compiled joins the kept layer when they ran what is the best now (a new
+        best, the baseline, a re-measure: its children then start warm, a changed model included), and
+        is dropped otherwise. A baseline that is not the shipped file (--start, a swarm's task) is not
+        trusted to fill the shared cache; without this each run compiled it cold until something was
+        kept (~50 s a run on an H200: bench/untrusted_first.sh). Only a cache: a node killed before
+        this merely compiles again."""
         from sandbox import run as sandbox
         runs = [self._compiled("runs", str(i)) for i in ids]
         layer = next((r for r in runs if os.path.isdir(r)), None) if kept else None
@@ -223,7 +226,7 @@ class Node:
         """Give every run of one candidate its final status (and move the best), with the signed
         records that announce it, then journal it and send the records."""
         self.store.decide(ids, status, best, [r.encoded for r in records], verdicts)
-        self._keep_compiled(ids, best is not None)
+        self._keep_compiled(ids, status == "keep")
         rows = {e["id"]: e for e in self.store.experiments()}
         for i in ids:
             homes.append_results(self.results, rows[i])

@@ -259,6 +259,29 @@ def test_a_home_starts_from_the_file_it_is_given_and_only_a_new_home_does(tmp_pa
             make_node(tmp_path / "m", stdlib_data, start=str(bad))
 
 
+def test_an_untrusted_baselines_compiled_code_serves_the_nodes_later_runs(tmp_path, stdlib_data, stdlib_cache, monkeypatch):
+    """A start file is not the shipped baseline, so its runs may not write the shared compile cache;
+    what they compile joins the node's kept layer instead (the baseline is the best every later
+    candidate is made from), and what a discarded candidate compiled does not."""
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
+    write = ('import os, uuid\nopen(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "{0}-" + uuid.uuid4().hex), "w").close()\n')
+    start = tmp_path / "start.py"
+    start.write_text(write.format("baseline") + SLOW)
+    node = make_node(tmp_path / "n", stdlib_data, start=str(start), budget=1.0, max_reruns=0)
+    try:
+        node.baseline()
+        kept = os.path.join(node.home, "compile", "kept")
+        assert len([n for n in os.listdir(kept) if n.startswith("baseline-")]) == node.s["baseline_runs"]
+        assert not [p for p in (stdlib_cache / "sandbox-compile").iterdir() if p.name.startswith("baseline-")]
+        exp, r = node.measure("candidate", node.tree.commit(write.format("candidate") + SLOW, "a candidate"), "a candidate")
+        assert r.status == "ok"
+        node.decide([exp], "discard")
+        node.tree.reset(node.best())
+        assert not [n for n in os.listdir(kept) if n.startswith("candidate-")]
+    finally:
+        node.close()
+
+
 def test_a_node_adopts_what_holds_refutes_what_does_not_and_attests(tmp_path, stdlib_data, stdlib_cache, slow_start, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
     node = make_node(tmp_path / "b", stdlib_data, start=slow_start, budget=2.0)
