@@ -29,7 +29,7 @@ def experiment(args):
     tree = tempfile.mkdtemp(prefix="autoresearch-tree-")
     try:
         shutil.copy(path, os.path.join(tree, "train.py"))
-        result = run.run(tree, budget=args.budget, data=data, backend=backend)
+        result = run.run(tree, budget=args.budget, profile=args.profile, data=data, backend=backend)
     finally:
         shutil.rmtree(tree, ignore_errors=True)
     if args.json:

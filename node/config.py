@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name: (default, type, help)
 SETTINGS = {
     "budget": (None, float, "training seconds per experiment (default: the profile's: 300 on a GPU, 30 on CPU)"),
-    "profile": (None, str, "evaluation profile: gpu, cpu or tiny (a quarter of cpu's evaluation; default: gpu with CUDA, else cpu)"),
+    "profile": (None, str, "evaluation profile: gpu, cpu or tiny (slow CPUs: a quarter of cpu's evaluation; default: gpu with CUDA, else cpu)"),
     "backend": ("auto", str, "auto, cuda, mps, cpu or mlx (auto: CUDA, else MLX on Apple Silicon, else MPS, else CPU); "
                              "mlx evolves model/train_mlx.py, the others model/train.py"),
     "data": ("stdlib", str, "data source prepared on first start when no data is ready (see python -m node prepare)"),

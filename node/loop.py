@@ -72,7 +72,8 @@ class Node:
         self.store = homes.Store(os.path.join(home, "store.sqlite"))
         self.records = records_store.Store(os.path.join(home, "gossip.sqlite"))
         from model import prepare
-        self.task = swarm.task_id(data.fingerprint, settings["profile"], prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS)
+        metric = prepare.PROFILES[settings["profile"]]
+        self.task = swarm.task_id(data.fingerprint, settings["profile"], metric["max_seq_len"], metric["eval_tokens"])
         self.ledger = swarm.Ledger(self.records, self.task, self.identity.id)
         self.ledger.distrusted = set(json.loads(self.store.get("distrusted", "{}")))
         self.memory = memories.Memory(self.ledger, self.store.source)
@@ -194,8 +195,8 @@ class Node:
     def _keep_compiled(self, ids, kept):
         """What the runs `ids` compiled joins the kept layer when they ran what is the best now (a new
         best, the baseline, a re-measure: its children then start warm, a changed model included), and
-        is dropped otherwise. A baseline that is not the shipped file (--start, a swarm's task) is not
-        trusted to fill the shared cache; without this each run compiled it cold until something was
+        is dropped otherwise. A baseline that is not the shipped file (--start) is not trusted to fill
+        the shared cache; without this each run compiled it cold until something was
         kept (~50 s a run on an H200: bench/untrusted_first.sh). Only a cache: a node killed before
         this merely compiles again."""
         from sandbox import run as sandbox
@@ -693,7 +694,8 @@ class Node:
         tag = HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint, self.backend)
         host, port = split_address(self.s["listen"])
         manifest = tasksync.sign(self.identity, tasksync.build_manifest(
-            self.data.folder, self.s["profile"], prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS), time.time() * 1000)
+            self.data.folder, self.s["profile"], prepare.PROFILES[self.s["profile"]]["max_seq_len"],
+            prepare.PROFILES[self.s["profile"]]["eval_tokens"]), time.time() * 1000)
         data_port = self.s["data_port"] if self.s["data_port"] is not None else port + 1 if 0 < port < 65535 else 0
         self.server = taskserver.Server(self.data.folder, manifest, host, data_port, rate=self.s["serve_rate"] * 1e6)
         try:

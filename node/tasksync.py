@@ -165,7 +165,8 @@ def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0):
             "in the swarm)")
         manifest = taskfetch.fetch_manifest(peers, task)
         from model import prepare
-        want = (settings["profile"], prepare.MAX_SEQ_LEN, prepare.EVAL_TOKENS)
+        metric = prepare.PROFILES[settings["profile"]]
+        want = (settings["profile"], metric["max_seq_len"], metric["eval_tokens"])
         if (manifest.profile, manifest.seq_len, manifest.eval_tokens) != want:
             raise TaskError(f"task {task} is profile {manifest.profile} (seq_len {manifest.seq_len}, eval_tokens "
                             f"{manifest.eval_tokens}); this node runs {want[0]} (--profile {manifest.profile})")

@@ -228,41 +228,55 @@ def _peak_mb(pids):
 
 # What a torch candidate imports, its first step's imports on demand included (torch._dynamo:
 # over half of the baseline's start on this CPU when compiled from source); CUDA adds inductor.
-WARM_IMPORTS = ("import numpy, torch, torch.nn.functional, torch._dynamo, torch._dynamo.aot_compile\n"
-                "from torch.nn.attention.flex_attention import flex_attention\nimport prepare")
-WARM_IMPORTS_CUDA = "\nimport torch._inductor.compile_fx"
-
-
-def warm_bytecode(compiled, backend, uid=None, progress=None):
-    """Compile the library modules every torch candidate imports into the shared cache's
-    pycache, from this trusted side, once per Python, torch and import list. A candidate's
-    own bytecode dies with its overlay, so without this every untrusted run compiled some
-    2000 of torch's modules again (startup 8.7 s -> 3.7 s on this 2-core CPU). Returns
-    whether it compiled; a failure costs only the time (it is a cache). `uid`: the user the
-    candidates run as, who then owns it, as it owns what a trusted run compiled (and may add
-    its own bytecode beside it, in its overlay)."""
-    from importlib import metadata
-    code = WARM_IMPORTS + (WARM_IMPORTS_CUDA if backend == "cuda" else "")
+WARM_MODULES = ("numpy", "torch", "torch.nn.functional", "torch._dynamo", "torch._dynamo.aot_compile",
+                "torch.nn.attention.flex_attention", "prepare")
+WARM_MODULES_CUDA = ("torch._inductor.compile_fx",)
+# Imports each module it is given (one missing from this torch is skipped), then writes the marker.
+WARM_CODE = """import importlib, os, sys
+for name in sys.argv[2:]:
     try:
-        key = f"{sys.version}|{metadata.version('torch')}|{code}"
+        importlib.import_module(name)
+    except Exception:
+        pass
+os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+open(sys.argv[1], "w").close()
+"""
+
+
+def warm_bytecode(compiled, backend, view=None, progress=None):
+    """Compile the library modules every torch candidate imports into the shared cache's
+    pycache, once per Python, torch and module list. A candidate's own bytecode dies with its
+    overlay, so without this every untrusted run compiled some 2000 of torch's modules again
+    (startup 8.7 s -> 3.7 s on this 2-core CPU). With `view`, (prefix, uid) of the confined
+    view, it runs there as a trusted run does: as the candidates' user, the cache its one
+    writable folder; else as this process. Returns whether it spent time; it never raises
+    for a failure, which costs only the time (it is a cache)."""
+    from importlib import metadata
+    modules = WARM_MODULES + (WARM_MODULES_CUDA if backend == "cuda" else ())
+    try:
+        key = f"{sys.version}|{metadata.version('torch')}|{modules}"
     except metadata.PackageNotFoundError:
         return False
-    marker = os.path.join(compiled, "pycache", ".warm-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+    pycache = os.path.join(compiled, "pycache")
+    marker = os.path.join(pycache, ".warm-" + hashlib.sha256(key.encode()).hexdigest()[:16])
     if backend == "mlx" or os.path.exists(marker):
         return False
     if progress:
         progress("compiling torch's bytecode (once)")
+    scratch, root = tempfile.mkdtemp(prefix=temp_prefix("warm")), tempfile.mkdtemp(prefix=temp_prefix("root"))
+    command = [sys.executable, "-c", WARM_CODE, marker, *modules]
     env = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL") if k in os.environ}
-    r = subprocess.run([sys.executable, "-c", code], env=dict(env, PYTHONPATH=MODEL_DIR, CUDA_VISIBLE_DEVICES="",
-                                                               PYTHONPYCACHEPREFIX=os.path.join(compiled, "pycache")),
-                       cwd=MODEL_DIR, stdin=subprocess.DEVNULL, capture_output=True, timeout=600)
-    if r.returncode == 0:
-        with open(marker, "w"):
-            pass
-    if uid is not None and os.geteuid() == 0:
-        for dirpath, _, filenames in os.walk(os.path.join(compiled, "pycache")):
-            for path in [dirpath, *(os.path.join(dirpath, n) for n in filenames)]:
-                os.lchown(path, uid, -1)
+    try:
+        if view:
+            command = _view_command(view[0], root, scratch, command, view[1], [], [compiled])
+        subprocess.run(command, cwd=scratch, stdin=subprocess.DEVNULL, capture_output=True, timeout=600,
+                       preexec_fn=_confine(LIMITS["cpu"]), env=dict(env, HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR,
+                                                                    CUDA_VISIBLE_DEVICES="", PYTHONPYCACHEPREFIX=pycache))
+    except (OSError, subprocess.SubprocessError):
+        pass
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     return True
 
 
@@ -347,12 +361,6 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     problems = scope.check_tree(candidate, parent)
     if problems:
         return result("violation", problems)
-    scratch = tempfile.mkdtemp(prefix=temp_prefix("candidate"))
-    shutil.copy(os.path.join(candidate, scope.EDITABLE), os.path.join(scratch, scope.EDITABLE))
-    ours, theirs = socket.socketpair()
-    model_fd = servers.freeze_file(min(limits["model_bytes"], limits["file_bytes"]))  # the candidate freezes its model here
-    log_fd, log_path = tempfile.mkstemp(prefix=temp_prefix("log"))  # outside the candidate's folder
-    os.close(log_fd)
     # Compile caches. A trusted run (the shipped baseline) fills the shared one; any other run
     # sees it at the same path (compiled code records absolute paths: a copy elsewhere misses,
     # or writes back to the original) through an overlay whose upper layer dies with the run,
@@ -360,9 +368,15 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     compiled = os.path.join(prepare.cache_dir(), "sandbox-compile")
     os.makedirs(compiled, exist_ok=True)
     if not trusted:  # a trusted run writes its own bytecode there
-        uid = _candidate_uid(prefix) if kind == "view" else None
-        if warm_bytecode(compiled, hardware.backend, uid, progress and (lambda phase: progress(phase, 0, budget))):
+        view = (prefix, _candidate_uid(prefix)) if kind == "view" else None
+        if warm_bytecode(compiled, hardware.backend, view, progress and (lambda phase: progress(phase, 0, budget))):
             t0 = time.time()  # a one-off cost of this cache, not of the candidate: its clocks start now
+    scratch = tempfile.mkdtemp(prefix=temp_prefix("candidate"))
+    shutil.copy(os.path.join(candidate, scope.EDITABLE), os.path.join(scratch, scope.EDITABLE))
+    ours, theirs = socket.socketpair()
+    model_fd = servers.freeze_file(min(limits["model_bytes"], limits["file_bytes"]))  # the candidate freezes its model here
+    log_fd, log_path = tempfile.mkstemp(prefix=temp_prefix("log"))  # outside the candidate's folder
+    os.close(log_fd)
     argv = [sys.executable, scope.EDITABLE]
     root = tempfile.mkdtemp(prefix=temp_prefix("root"))
     layer_dir = tempfile.mkdtemp(prefix=temp_prefix("candidate"))  # the overlay's layer: outside the view
@@ -489,8 +503,11 @@ def merge_layer(src, dst):
     overlay's deletion marks left out. A run's compiled code may serve later runs only because
     its training process never sees a validation input (the model is frozen at the hand-over
     and scored by other processes), and because a kept candidate's code runs in every later
-    candidate anyway."""
+    candidate anyway. Its `pycache` is left out: a library module's bytecode would outlive the
+    code that wrote it, and the harness compiles the libraries' itself (warm_bytecode)."""
     for dirpath, dirnames, filenames in os.walk(src):
+        if dirpath == src and "pycache" in dirnames:  # library bytecode: the harness's own (warm_bytecode), never a run's
+            dirnames.remove("pycache")
         target = os.path.join(dst, os.path.relpath(dirpath, src))
         os.makedirs(target, exist_ok=True)
         st = os.lstat(dirpath)

@@ -330,10 +330,13 @@ def test_what_a_kept_run_compiled_serves_later_runs_and_nothing_else(run_candida
     write = """
         with open(os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "compiled-{0}.py"), "w") as f:
             f.write("kernels")
+        os.makedirs(os.path.join(os.environ["PYTHONPYCACHEPREFIX"], "torch"), exist_ok=True)
+        open(os.path.join(os.environ["PYTHONPYCACHEPREFIX"], "torch", "planted.pyc"), "w").close()
         {1}
     """
     r = run_candidate(write.format("a", "prepare.hand_over(unigram, 8, 'cpu')"), keep_layer=str(kept))
     assert r.status == "ok" and (kept / "compiled-a.py").read_text() == "kernels"
+    assert not list(kept.rglob("planted.pyc"))  # library bytecode outlives its code: the harness compiles it
     r = run_candidate(write.format("b", "raise SystemExit(3)"), keep_layer=str(kept))
     assert r.status == "crash" and not (kept / "compiled-b.py").exists()  # a run that did not score keeps nothing
     r = run_candidate("""
@@ -461,3 +464,10 @@ def test_torch_bytecode_is_compiled_once_by_the_trusted_side(tmp_path, monkeypat
     assert os.path.exists(importlib.util.cache_from_source(torch._dynamo.__file__))
     assert seen == ["compiling torch's bytecode (once)"]
     assert not sandbox.warm_bytecode(str(tmp_path), "cpu", progress=seen.append) and len(seen) == 1
+    kind, prefix, _ = sandbox.isolation()
+    if kind == "view":  # confined as a trusted run: as the candidates' user, the cache its one writable folder
+        confined = tmp_path / "confined"
+        confined.mkdir()
+        assert sandbox.warm_bytecode(str(confined), "cpu", (prefix, sandbox._candidate_uid(prefix)))
+        monkeypatch.setattr(sys, "pycache_prefix", str(confined / "pycache"))
+        assert os.path.exists(importlib.util.cache_from_source(torch._dynamo.__file__))
