@@ -72,8 +72,9 @@ class Node:
         self.store = homes.Store(os.path.join(home, "store.sqlite"))
         self.records = records_store.Store(os.path.join(home, "gossip.sqlite"))
         from model import prepare
-        metric = prepare.PROFILES[settings["profile"]]
-        self.task = swarm.task_id(data.fingerprint, settings["profile"], metric["max_seq_len"], metric["eval_tokens"])
+        profile = prepare.PROFILES[settings["profile"]]
+        self.metric = (profile["max_seq_len"], profile["eval_tokens"])  # (seq_len, eval_tokens) of the task
+        self.task = swarm.task_id(data.fingerprint, settings["profile"], *self.metric)
         self.ledger = swarm.Ledger(self.records, self.task, self.identity.id)
         self.ledger.distrusted = set(json.loads(self.store.get("distrusted", "{}")))
         self.memory = memories.Memory(self.ledger, self.store.source)
@@ -689,13 +690,11 @@ class Node:
         from node.network import Network
         from sandbox.result import HardwareTag
         from gossip.discovery import split_address
-        from model import prepare
         from node import tasksync, taskserver
         tag = HardwareTag.detect(self.s["budget"], self.s["profile"], self.data.fingerprint, self.backend)
         host, port = split_address(self.s["listen"])
         manifest = tasksync.sign(self.identity, tasksync.build_manifest(
-            self.data.folder, self.s["profile"], prepare.PROFILES[self.s["profile"]]["max_seq_len"],
-            prepare.PROFILES[self.s["profile"]]["eval_tokens"]), time.time() * 1000)
+            self.data.folder, self.s["profile"], *self.metric), time.time() * 1000)
         data_port = self.s["data_port"] if self.s["data_port"] is not None else port + 1 if 0 < port < 65535 else 0
         self.server = taskserver.Server(self.data.folder, manifest, host, data_port, rate=self.s["serve_rate"] * 1e6)
         try:
