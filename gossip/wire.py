@@ -15,6 +15,7 @@ encoding of its first six items; `address` is where the sender takes replies.
 `WireError` with a short reason (counted per peer by the protocol); nothing else escapes.
 """
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -110,10 +111,17 @@ def _scalars(x):
                                        for k, v in x.items())
 
 
+MAX_BPB = 1000.0      # val_bpb of a score: a byte is 8 bits, so real ones are far below
+MAX_RUNS = 1 << 20    # runs behind a score
+
+
 def _score(x):
+    """A measured score: finite, bounded numbers (a spread of 1e300 would overflow what peers
+    compute from it)."""
     return (isinstance(x, dict) and set(x) == {"val_bpb", "runs", "spread"}
-            and isinstance(x["val_bpb"], (int, float)) and isinstance(x["runs"], int) and x["runs"] >= 0
-            and isinstance(x["spread"], (int, float)))
+            and type(x["val_bpb"]) in (int, float) and 0 <= x["val_bpb"] <= MAX_BPB
+            and type(x["runs"]) is int and 0 <= x["runs"] <= MAX_RUNS
+            and type(x["spread"]) in (int, float) and 0 <= x["spread"] <= MAX_BPB)
 
 
 def _score_or_none(x):
@@ -233,8 +241,8 @@ class Record:
     sig: bytes
     encoded: bytes      # the exact bytes that travel and are stored
 
-    @property
-    def author_id(self):
+    @functools.cached_property
+    def author_id(self):  # read in every pass over the ledger: hashed once
         return node_id(self.author)
 
 

@@ -25,6 +25,9 @@ MAX_ACTIVE_CLAIMS = 2
 UNFULFILLED_LIMIT = 3          # expired claims without a record before a peer's claims stop counting
 COMPATIBLE = 0.85              # closeness: backend, accelerator, count and budget agree
 MAX_PEER_DOF = 8               # degrees of freedom one peer adds to our noise estimate
+MAX_CLAIM_S = 12 * 3600        # the longest a claim is honoured, whatever its expiry says
+CLAIMS_PER_AUTHOR = 64         # a peer's newest claims that count (an older flood costs nothing)
+TEXT_CHARS = 300               # of a peer's description or hypothesis shown to the Claude proposer
 
 
 @functools.lru_cache(maxsize=4096)
@@ -33,7 +36,7 @@ def normal_form(source):
     it does not parse)."""
     try:
         canon = ast.dump(ast.parse(source), annotate_fields=False, include_attributes=False)
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):  # a peer's text: any of these
         canon = "\0" + " ".join(source.split())
     return hashlib.sha256(canon.encode()).hexdigest()
 
@@ -56,7 +59,8 @@ def change_of(diff):
 
 
 def edit_from_diff(diff):
-    """The offline proposer's structured edit of a diff that only changes constants, else None."""
+    """The offline proposer's structured edit of a diff that only changes constants, else None
+    (also for a peer's diff that makes no sense as one: a number turned into a pattern, ...)."""
     old, new = {}, {}
     for line in diff.splitlines():
         if line[:1] not in "+-" or line.startswith(("+++", "---")):
@@ -73,6 +77,8 @@ def edit_from_diff(diff):
     changes = []
     for name in sorted(new):
         a, b = old[name], new[name]
+        if isinstance(a, str) != isinstance(b, str) or a == b:
+            return None
         up = b.count("L") > a.count("L") if isinstance(a, str) else b > a
         changes.append({"name": name, "dir": "up" if up else "down", "old": a, "new": b})
     return {"changes": changes}
@@ -81,10 +87,21 @@ def edit_from_diff(diff):
 def _lost(claim, rivals):
     """Whether another node on a compatible tag claimed the same idea earlier, while its claim held
     (the lower node id on a tie): the node that made `claim` lost the race (loop.Node.lost_race) and
-    chose again, so that the claim never becomes a record is no fault of its author's."""
-    return any(r.author_id != claim.author_id and (r.ts, r.author_id) < (claim.ts, claim.author_id)
-               and r.body["expires"] > claim.ts and swarm.closeness(r.body["hardware"], claim.body["hardware"]) >= COMPATIBLE
-               for r in rivals)
+    chose again, so that the claim never becomes a record is no fault of its author's. `rivals`:
+    the idea's claims, oldest first."""
+    for r in rivals:
+        if (r.ts, r.author_id) >= (claim.ts, claim.author_id):
+            return False
+        if (r.author_id != claim.author_id and _expiry(r) > claim.ts / 1000
+                and swarm.closeness(r.body["hardware"], claim.body["hardware"]) >= COMPATIBLE):
+            return True
+    return False
+
+
+def _expiry(claim):
+    """When a claim stops being honoured (seconds): its own expiry, but never more than
+    MAX_CLAIM_S after it was made (a claim that never expires would hold its idea for good)."""
+    return min(claim.body["expires"], claim.ts + MAX_CLAIM_S * 1000) / 1000
 
 
 class Memory:
@@ -101,9 +118,12 @@ class Memory:
     def experiments(self):
         out = []
         for r in self.ledger.experiments:
-            if r.id not in self._checked:
-                self._checked[r.id] = self._check(r)
-            if self._checked[r.id]:
+            kept = self._checked.get(r.id)
+            if kept is None:
+                kept = self._check(r)
+                if kept is not None:  # unchecked (its parent not rebuildable yet): checked again later
+                    self._checked[r.id] = kept
+            if kept is not False:
                 out.append(r)
         return out
 
@@ -113,7 +133,7 @@ class Memory:
             return True  # a diff too large to travel inline: nothing to check it against here
         parent = self.ledger.source(body["parent"], self.known)
         if parent is None:
-            return True  # its parent is not rebuildable here: kept as its author's word
+            return None  # its parent is not rebuildable here (yet): kept as its author's word
         try:
             child = gittree.apply_diff(parent, body["diff"])
         except gittree.GitError:
@@ -141,16 +161,23 @@ class Memory:
         done = {(r.author_id, r.body["idea"]) for r in self.experiments()}
         by_author, by_idea = defaultdict(list), defaultdict(list)
         for c in self.ledger.claims:
-            by_idea[c.body["idea"]].append(c)
             if c.author_id != self.ledger.me:
                 by_author[c.author_id].append(c)
+        for author, cs in by_author.items():
+            cs.sort(key=lambda c: -c.ts)
+            del cs[CLAIMS_PER_AUTHOR:]
+        for c in self.ledger.claims:
+            by_idea[c.body["idea"]].append(c)
+        for cs in by_idea.values():
+            cs.sort(key=lambda c: (c.ts, c.author_id))
         self.ignored = defaultdict(int)
         out = defaultdict(list)
         for author, cs in by_author.items():
-            expired = [c for c in cs if c.body["expires"] / 1000 <= now]
+            expired = [c for c in cs if _expiry(c) <= now]
             unfulfilled = sum((author, c.body["idea"]) not in done and not _lost(c, by_idea[c.body["idea"]])
                               for c in expired)
-            active = sorted((c for c in cs if c.body["expires"] / 1000 > now), key=lambda c: -c.ts)
+            # a claim whose experiment record is here is done: it no longer holds its idea
+            active = [c for c in cs if _expiry(c) > now and (author, c.body["idea"]) not in done]
             if unfulfilled >= UNFULFILLED_LIMIT and unfulfilled * 2 > len(expired):
                 self.ignored["unfulfilled"] += len(active)
                 continue
@@ -182,7 +209,9 @@ class Memory:
         estimate of one degree of freedom (two baseline runs) with one of many, which is most often
         too small: in the research simulator 13 % of 20 nodes' keeps were false with their own
         estimates alone, 9 % with peers' (at a cost: 1.1 h to the target instead of 0.9,
-        bench/RESULTS.md)."""
+        bench/RESULTS.md). Peers whose standing is still the prior (no improvement of theirs
+        confirmed) count together as one peer: a swarm of fresh keys reporting no spread at all
+        moves the estimate no more than one node can."""
         best = {}
         for r in self.ledger.experiments:
             if r.author_id == self.ledger.me or swarm.closeness(r.body["hardware"], hardware) < COMPATIBLE:
@@ -194,12 +223,16 @@ class Memory:
         for (author, _), sc in best.items():
             per[author][0] += (sc["runs"] - 1) * sc["spread"] ** 2
             per[author][1] += sc["runs"] - 1
-        ss = dof = 0
+        earned, fresh = [0.0, 0.0], [0.0, 0.0]  # (ss, dof) of peers with standing earned / still at the prior
         for author, (a_ss, a_dof) in per.items():
-            if self.ledger.standing(author) >= 0.4:
+            s = self.ledger.standing(author)
+            if s >= 0.4:
                 keep = min(1.0, MAX_PEER_DOF / a_dof)
-                ss, dof = ss + a_ss * keep, dof + a_dof * keep
-        return ss, dof
+                pool = earned if s > 0.5 else fresh
+                pool[0], pool[1] = pool[0] + a_ss * keep, pool[1] + a_dof * keep
+        # keys cost nothing: peers none of whose improvements were confirmed count together as one
+        keep = min(1.0, MAX_PEER_DOF / fresh[1]) if fresh[1] else 0.0
+        return earned[0] + fresh[0] * keep, earned[1] + fresh[1] * keep
 
     def history(self, hardware, noise):
         """Other nodes' finished experiments for the offline proposer: dicts like the node's own
@@ -217,7 +250,9 @@ class Memory:
             weight = 1.0 if swarm.closeness(r.body["hardware"], hardware) >= COMPATIBLE else 0.3
             parent_bpb = val_bpb = None
             if status != "crash":
-                scale = noise / max(a["spread"], b["spread"], 1e-9)  # their gain in their noise, in ours
+                # their gain in their noise, in ours; bounded, so that no reported spread (1e-9) turns
+                # a peer's word into a sure thing
+                scale = min(4.0, max(0.25, noise / max(a["spread"], b["spread"], 1e-9)))
                 parent_bpb, val_bpb = b["val_bpb"], b["val_bpb"] - (b["val_bpb"] - a["val_bpb"]) * scale
             out.append(dict(edit=edit, status=status, val_bpb=val_bpb, parent_bpb=parent_bpb,
                             description=r.body["hypothesis"], weight=weight, author=r.author_id))
@@ -229,22 +264,23 @@ class Memory:
         by peers without a keep; claims in flight."""
         improvements = []
         for rid, r in self.ledger.improvements.items():
-            if r.author_id == self.ledger.me or swarm.adopted_from(r):
+            if r.author_id == self.ledger.me or swarm.adopted_from(r) or not self.ledger.credible(r):
                 continue
             votes = [a.body["verdict"] for a in self.ledger.verdicts(rid, r.author_id)]
             improvements.append(dict(
                 id=rid.hex(), author=r.author_id, tag=swarm.tag_name(r.body["hardware"]), lineage=r.body["lineage"],
-                description=r.body["description"], delta=r.body["after"]["val_bpb"] - r.body["before"]["val_bpb"],
+                description=r.body["description"][:TEXT_CHARS], delta=r.body["after"]["val_bpb"] - r.body["before"]["val_bpb"],
                 runs=r.body["after"]["runs"], confirmed=votes.count("confirmed"),
                 refuted=sum(v in ("refuted", "crashed", "violation") for v in votes), ours=verdicts.get(rid.hex()),
                 diff=r.body["diff"]))
         improvements.sort(key=lambda i: i["delta"])
         known = self.knowledge(now)
-        avoid = [dict(description=i["description"], tries=i["tries"], tags=len(i["tags"]),
+        avoid = [dict(description=i["description"][:TEXT_CHARS], tries=i["tries"], tags=len(i["tags"]),
                       median_delta=i["median_delta"], outcomes=i["outcomes"]) for i in known["ideas"]
                  if not i["outcomes"].get("keep") and set(i["authors"]) != {self.ledger.me}]
         avoid.sort(key=lambda a: -a["tries"])
-        claims = [dict(description=c["description"], tag=c["tag"]) for c in known["claims"] if c["author"] != self.ledger.me]
+        claims = [dict(description=c.body["description"][:TEXT_CHARS], tag=swarm.tag_name(c.body["hardware"]))
+                  for cs in self.claims(hardware, now, compatible=False).values() for c in cs]
         return dict(improvements=improvements[:limit], avoid=avoid[:2 * limit], claims=claims[:limit])
 
     def knowledge(self, now, tag=None, grep=None):
@@ -269,13 +305,14 @@ class Memory:
                               authors=sorted({r.author_id for r in rs}),
                               median_delta=statistics.median(deltas) if deltas else None, outcomes=dict(outcomes),
                               experiments=[dict(record=r.id.hex(), author=r.author_id, status=r.body["status"],
+                                                proposer=r.body["proposer"],
                                                 parent=r.body["parent"], child=r.body["child"],
                                                 tag=swarm.tag_name(r.body["hardware"]),
                                                 delta=(r.body["after"]["val_bpb"] - r.body["before"]["val_bpb"])
                                                 if r.body["after"] and r.body["before"] else None) for r in rs]))
         ideas.sort(key=lambda i: (i["median_delta"] is None, i["median_delta"] or 0.0))
         claims = [dict(author=c.author_id, description=c.body["description"], idea=c.body["idea"],
-                       tag=swarm.tag_name(c.body["hardware"]), expires_in_s=round(c.body["expires"] / 1000 - now))
-                  for c in self.ledger.claims if c.body["expires"] / 1000 > now
+                       tag=swarm.tag_name(c.body["hardware"]), expires_in_s=round(_expiry(c) - now))
+                  for c in self.ledger.claims if _expiry(c) > now
                   and (not grep or grep.lower() in c.body["description"].lower())]
         return dict(ideas=ideas, claims=claims, experiments=sum(i["tries"] for i in ideas))

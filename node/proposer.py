@@ -83,21 +83,23 @@ def constants(source, backend):
 
 
 def _parse(name, text, start, end):
-    if re.fullmatch(r"2\s*\*\*\s*\d+", text):
+    """The constant `text` states, or None. Bounded: a peer's diff is parsed here too, and a
+    value like 2**9999999999 must not hold the node (exponents to 2**63, integers to 18 digits)."""
+    if re.fullmatch(r"2\s*\*\*\s*\d{1,2}", text):
         return Constant(name, 2 ** int(text.split("**")[1]), "pow2", (start, end), True)
-    if re.fullmatch(r"\d+\s*\*\s*\d+", text):
+    if re.fullmatch(r"\d{1,9}\s*\*\s*\d{1,9}", text):
         a, b = map(int, text.split("*"))
         v = a * b
-        return Constant(name, v, "pow2" if v & (v - 1) == 0 else "int", (start, end), False)
-    if re.fullmatch(r"\d+", text):
+        return Constant(name, v, "pow2" if v & (v - 1) == 0 else "int", (start, end), False) if v > 0 else None
+    if re.fullmatch(r"\d{1,18}", text):
         v = int(text)
         if v <= 0:
             return None
         return Constant(name, v, "pow2" if v >= 2 and v & (v - 1) == 0 and v > 16 else "int", (start, end), False)
-    if re.fullmatch(NUMBER, text):
+    if len(text) <= 32 and re.fullmatch(NUMBER, text):
         v = float(text)
-        return Constant(name, v, "float", (start, end), False) if v > 0 else None
-    if re.fullmatch(r'"[SL]+"', text):
+        return Constant(name, v, "float", (start, end), False) if 0 < v < math.inf else None
+    if re.fullmatch(r'"[SL]{1,256}"', text):
         return Constant(name, text[1:-1], "pattern", (start, end), False)
     return None
 

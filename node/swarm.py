@@ -14,8 +14,10 @@ they are likely to bring:
 P(it holds) starts from the author's own evidence (gain over its standard error, against the
 keep rule's 2 sigma) and moves with attestations of others, weighted by how close their hardware
 is to ours. An author's standing is its confirmed against refuted claims (a Beta(1, 1) prior);
-an attested sandbox violation cuts it to a twentieth. Every attestation weighs by its author's
-own standing, so a discredited node moves nothing much.
+a sandbox violation attested by us, or by a node that earned standing, cuts it to a twentieth.
+Every attestation weighs by its author's own standing, so a discredited node moves little; a
+fresh key starts at the prior, so a refutation from one counts half (keys cost nothing: what
+holds an honest author up is that honest nodes confirm it).
 """
 
 import hashlib
@@ -53,8 +55,9 @@ def score(xs, noise):
 
 def tag_name(hw):
     """One line naming a hardware tag: what people pass to export --tag."""
-    return (f"{hw.get('backend', '?')}/{hw.get('accelerator', '?')} x{hw.get('count', '?')}/"
-            f"{float(hw.get('budget_seconds', 0)):g}s/{hw.get('profile', '?')}")
+    budget = hw.get("budget_seconds", 0)
+    budget = f"{budget:g}" if type(budget) in (int, float) else str(budget)[:16]  # a peer's tag: any scalar
+    return f"{hw.get('backend', '?')}/{hw.get('accelerator', '?')} x{hw.get('count', '?')}/{budget}s/{hw.get('profile', '?')}"
 
 
 def closeness(a, b):
@@ -115,6 +118,7 @@ class Ledger:
         self.other_tasks = defaultdict(int)     # task -> records seen
         self.by_author = defaultdict(list)       # author id -> [improvement ids]
         self.distrusted = set()                  # node ids this node caught lying itself (served wrong task bytes)
+        self.unbuildable = set()                 # ids of improvements whose diff does not give their child
         self._standing = {}
 
     def refresh(self):
@@ -145,7 +149,10 @@ class Ledger:
     def standing(self, author, weighted=True):
         """The author's confirmed against refuted claims, Beta(1, 1), each attestation weighted by
         its attestor's own (unweighted) standing, so that a discredited node's word weighs little;
-        an attested violation, or a lie we caught ourselves (`distrusted`), cuts it to a twentieth."""
+        an attested violation, or a lie we caught ourselves (`distrusted`), cuts it to a twentieth.
+        A violation cuts by what its attestor earned beyond the prior, counted without any cut
+        (`weighted` None; keys cost nothing, and one fresh key's word must not discredit anyone),
+        or fully when it is our own; as a refutation it weighs like any other."""
         key = (author, weighted)
         if key not in self._standing:
             good = bad = violation = 0.0
@@ -155,7 +162,9 @@ class Ledger:
                     v = a.body["verdict"]
                     good += w * (v == "confirmed")
                     bad += w * (v in ("refuted", "crashed", "violation"))
-                    violation = max(violation, w * (v == "violation"))
+                    if v == "violation" and weighted is not None:  # our own verdict we trust: we ran it
+                        earned = 1.0 if a.author_id == self.me else max(0.0, 2 * self.standing(a.author_id, None) - 1)
+                        violation = max(violation, earned * weight(a))
             if author in self.distrusted:
                 violation = 1.0
             self._standing[key] = (1 + good) / (2 + good + bad) * (1 - 0.95 * min(1.0, 2 * violation))
@@ -199,34 +208,33 @@ class Ledger:
 
     def source(self, h, known):
         """The train.py whose hash is `h`: from `known(h)` (text or None), else rebuilt through the
-        improvements that name it as their child; None when no chain reaches a known file."""
-        text = known(h)
-        if text is not None:
-            return text
-        # walk back to a known ancestor, then replay forward; every step checks its child hash
-        path, frontier, seen = None, [(h, [])], {h}
-        while frontier and path is None:
-            want, steps = frontier.pop()
+        improvements that name it as their child; None when no chain reaches a known file. Each
+        step is replayed as the search reaches it, so a record whose diff does not give its child
+        (a forger's shortcut to someone's child) is passed over and remembered, and an honest
+        chain beside it is still found."""
+        failed = set()  # hashes no chain rebuilds, in this call
+
+        def rebuild(want, depth, path):
+            text = known(want)
+            if text is not None or want in failed:
+                return text
             for r in self.by_child.get(want, ()):
                 parent = r.body["parent"]
-                if len(steps) >= MAX_CHAIN or parent in seen:
+                if r.id in self.unbuildable or depth >= MAX_CHAIN or parent in path:
                     continue
-                if known(parent) is not None:
-                    path = [r, *steps]
-                    break
-                seen.add(parent)
-                frontier.append((parent, [r, *steps]))
-        if path is None:
+                base = rebuild(parent, depth + 1, path | {parent})
+                if base is None:
+                    continue
+                try:
+                    text = gittree.apply_diff(base, r.body["diff"])
+                except gittree.GitError:
+                    text = None
+                if text is not None and content_hash(text) == r.body["child"]:
+                    return text
+                self.unbuildable.add(r.id)
+            failed.add(want)
             return None
-        text = known(path[0].body["parent"])
-        for r in path:
-            try:
-                text = gittree.apply_diff(text, r.body["diff"])
-            except gittree.GitError:
-                return None
-            if content_hash(text) != r.body["child"]:
-                return None
-        return text
+        return rebuild(h, 0, frozenset({h}))
 
 
 def due(entries, share, verify_share):

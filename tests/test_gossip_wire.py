@@ -28,8 +28,9 @@ SOME = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 text = st.text(max_size=40)
 finite = st.floats(allow_nan=False, allow_infinity=False)
 hex_hash = st.sampled_from([40, 64]).flatmap(lambda n: st.text("0123456789abcdef", min_size=n, max_size=n))
-score = st.fixed_dictionaries({"val_bpb": st.one_of(finite, st.integers(-1000, 1000)),
-                               "runs": st.integers(0, 2**32), "spread": finite})
+bounded = st.floats(0, wire.MAX_BPB, allow_nan=False)  # a score's numbers are bounded (wire._score)
+score = st.fixed_dictionaries({"val_bpb": st.one_of(bounded, st.integers(0, 1000)),
+                               "runs": st.integers(0, wire.MAX_RUNS), "spread": bounded})
 scalars = st.dictionaries(st.text(max_size=16), st.one_of(st.text(max_size=24), finite, st.booleans(),
                                                           st.integers(-2**63, 2**64 - 1)), max_size=8)
 record_id = st.binary(min_size=32, max_size=32)

@@ -230,4 +230,79 @@ def test_noise_is_pooled_with_same_tag_peers_records(mem):
     many = [spread(Identity.from_seed(b"sybil"), 0.0001, 40, child=edit(BASELINE, "DEPTH = 4", f"DEPTH = {d}"))
             for d in (6, 7, 8)]
     add(mem, *many)
-    assert mem.peer_noise(HW)[1] == dof + memory.MAX_PEER_DOF  # one peer counts for at most 8 degrees of freedom
+    # one peer counts for at most 8 degrees of freedom, and peers none of whose improvements were
+    # confirmed (Bob and the sybil here) for at most 8 together
+    assert mem.peer_noise(HW)[1] == memory.MAX_PEER_DOF
+
+
+def raw_claim(author, diff, now, expires, idea="b" * 64):
+    body = dict(task=TASK, parent=swarm.content_hash(BASELINE), child="a" * 64, idea=idea, hardware=HW,
+                description="trying", expires=expires, diff=diff)
+    return wire.make_record(author, "claim", body, now * 1000)
+
+
+def test_hostile_records_cost_a_node_nothing(mem):
+    """One signed record from a fresh key must not stop a node (records are kept: a crash would
+    come back on every start), hold an idea for good, or hold the node in arithmetic."""
+    now = time.time()
+    deep = edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = " + "-" * 3000 + "1")  # ast.parse: RecursionError
+    hunk = lambda old, new: f"--- a/train.py\n+++ b/train.py\n@@ -1 +1 @@\n-{old}\n+{new}\n"
+    add(mem, experiment(MALLORY, BASELINE, deep),
+        raw_claim(MALLORY, hunk("DEPTH = 8", 'DEPTH = "SL"'), now, int((now + 60) * 1000), idea="1" * 64),
+        raw_claim(MALLORY, hunk("DEPTH = 8", "DEPTH = " + "9" * 4000), now, int((now + 60) * 1000), idea="2" * 64),
+        raw_claim(BOB, hunk("DEPTH = 8", "DEPTH = 2**9999999999"), now, int((now + 60) * 1000), idea="3" * 64),
+        raw_claim(BOB, hunk("MATRIX_LR = 0.04", "MATRIX_LR = 1e999"), now, 2**62, idea="4" * 64))
+    unknown = edit(BASELINE, "DEPTH = 4", "DEPTH = 6")  # a parent not rebuildable here: the record is kept unchecked
+    add(mem, experiment(MALLORY, unknown, UP, diff=hunk("MATRIX_LR = 0.04", "MATRIX_LR = " + "9" * 5000)))  # int(): 4300 digits at most
+    assert mem.busy(HW, now) == frozenset() and mem.history(HW, 0.01) == []
+    assert len(mem.experiments()) == 2
+    assert memory.normal_form("x = " + "-" * 3000 + "1")  # the text's form: no exception
+    assert set(mem.claims(HW, now)) == {c * 64 for c in "1234"}
+    assert set(mem.claims(HW, now + 13 * 3600)) == set()  # an expiry 2^62 ms away holds 12 h at most
+    for bad in (dict(val_bpb=3.0, runs=2, spread=1e300), dict(val_bpb=float("nan"), runs=2, spread=0.0),
+                dict(val_bpb=3.0, runs=2, spread=-1.0), dict(val_bpb=3.0, runs=10**9, spread=0.0)):
+        with pytest.raises(wire.WireError):
+            wire.make_record(MALLORY, "experiment", dict(experiment(MALLORY, BASELINE, UP).body, before=bad), now * 1000)
+    assert swarm.tag_name(dict(HW, budget_seconds="x")) == "cpu/Xeon x1/xs/cpu"
+
+
+def test_a_claim_is_done_once_its_record_is_here(mem):
+    now = time.time()
+    add(mem, claim(BOB, BASELINE, UP, now=now, diff=True))
+    assert mem.busy(HW, now) == {("MATRIX_LR", "up")}
+    add(mem, experiment(BOB, BASELINE, UP))
+    assert mem.claims(HW, now) == {} and mem.busy(HW, now) == frozenset()
+
+
+def test_fresh_keys_move_the_noise_estimate_no_more_than_one_peer(mem):
+    keys = [Identity.from_seed(b"sybil%d" % i) for i in range(20)]
+    quiet = dict(val_bpb=3.0, runs=9, spread=0.0)
+    for i, k in enumerate(keys):
+        child = edit(BASELINE, "MATRIX_LR = 0.04", f"MATRIX_LR = 0.0{i + 10}")
+        add(mem, wire.make_record(k, "experiment", dict(experiment(k, BASELINE, child).body, before=quiet, after=quiet),
+                                  time.time() * 1000))
+    ss, dof = mem.peer_noise(HW)
+    assert ss == 0 and dof == pytest.approx(memory.MAX_PEER_DOF)
+
+
+def test_a_forged_shortcut_does_not_hide_an_honest_chain(tmp_path):
+    """A record from the baseline straight to an honest chain's end, with a diff that does not give
+    it, must not stop the node rebuilding that end through the honest chain."""
+    store = Store(str(tmp_path / "gossip.sqlite"))
+    ledger = swarm.Ledger(store, TASK, "me")
+    c1 = UP
+    c2 = edit(c1, "EMBEDDING_LR = ", "EMBEDDING_LR = 0.5 * ")
+
+    def imp(author, parent, child, diff):
+        score = dict(val_bpb=3.0, runs=2, spread=0.002)
+        return wire.make_record(author, "improvement", dict(
+            task=TASK, lineage="torch", parent=swarm.content_hash(parent), child=swarm.content_hash(child), diff=diff,
+            before=score, after=dict(score, val_bpb=2.99), hardware=HW, proposer="offline", description="x"),
+            time.time() * 1000)
+    forged = imp(MALLORY, BASELINE, c2, gittree.diff_texts(BASELINE, c1))
+    for r in (forged, imp(BOB, BASELINE, c1, gittree.diff_texts(BASELINE, c1)), imp(BOB, c1, c2, gittree.diff_texts(c1, c2))):
+        store.add(r)
+    ledger.refresh()
+    assert ledger.source(swarm.content_hash(c2), KNOWN.get) == c2
+    assert forged.id in ledger.unbuildable
+    store.close()

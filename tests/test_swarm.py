@@ -141,6 +141,11 @@ def test_ranking_follows_evidence_standing_and_hardware(ledger):
     assert rank().index(far.id) > rank().index(good.id)  # the same claim from far hardware counts less
     add(ledger, attestation(bob, forged, "refuted"), attestation(carol, forged, "refuted"))
     assert rank().index(forged.id) > rank().index(good.id)
+    assert ledger.standing(MALLORY.id) > 0.2
+    add(ledger, attestation(bob, forged, "violation"))  # from a key that earned nothing: no more than a refutation
+    assert ledger.standing(MALLORY.id) > 0.2
+    earned = improvement(bob, BASELINE, edit(BASELINE, "SCALAR_LR = 0.5", "SCALAR_LR = 0.55"), gain=0.01)
+    add(ledger, earned, attestation(carol, earned, "confirmed"), attestation(ALICE, earned, "confirmed"))
     later = improvement(MALLORY, BASELINE, Y, gain=0.03)
     add(ledger, later, attestation(bob, improvement(MALLORY, BASELINE, X), "violation"))
     add(ledger, attestation(bob, forged, "violation"))
