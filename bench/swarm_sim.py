@@ -264,6 +264,8 @@ class SimNode:
     def verify(self, alternate=True):
         """loop.Node.verify_next and _verify: a batch of foreign improvements merged in one run, never
         two verifications in a row (with `alternate`), one at a time after a merged run that failed."""
+        if not SETTINGS["verify_share"]:
+            return False
         if alternate and SETTINGS["verify_batch"] > 1 and self.last == "verify":
             return False
         share = self.verify_minutes / self.minutes if self.minutes else 0.0
@@ -311,15 +313,19 @@ class SimNode:
         """loop.Node.experiment: propose, claim, let the claim settle (the swarm's records arrive
         meanwhile), choose again when a peer claimed the same idea first, then run."""
         for lost in range(loop.CLAIM_TRIES):
-            best, taken, busy = self.best, None, frozenset()
+            best, busy, measured, claimed = self.best, frozenset(), {}, {}
             if self.sim.use_memory:
                 now = self.sim.now * 60
                 measured, claimed = self.memory.measured(self.hw), self.memory.claims(self.hw, now)
                 busy = self.memory.busy(self.hw, now)
+            theirs = {r.body["child"] for rs in measured.values() for r in rs}
 
-                def taken(source):
-                    key = memories.idea_key(best, source)
-                    return key in measured or key in claimed
+            def taken(source):  # loop.Node.context's: a tree measured here or by a peer on our tag, an idea claimed
+                h = swarm.content_hash(source)
+                if self.m.get(h) or h in theirs:
+                    return True
+                key = memories.idea_key(best, source)
+                return key in measured or key in claimed
             history = self.history + (self.memory.history(self.hw, self.noise()) if self.sim.use_memory else [])
             p = self.proposer.propose(proposers.Context(best, history, self.noise(), "cpu", [], taken, busy))
             if p is None:

@@ -92,6 +92,7 @@ class Node:
             self.baseline_source = f.read()
         self.done = 0          # experiments run by this process
         self._running = None   # the candidate under way: source, description
+        self._forms = {}       # commit -> normal form of its train.py, for the commits we measured
         self._next = None      # the proposal being prepared: (context, skipped, future)
         self._signalled = False  # set by SIGINT/SIGTERM; checked again where a swallowed Stop would be lost
         try:
@@ -336,12 +337,18 @@ class Node:
         self.store.set("claims_ignored", json.dumps(dict(self.memory.ignored)))
         self.store.set("experiments_rejected", json.dumps(dict(self.memory.rejected)))
         skipped = []
+        for commit in self.measurements():
+            if commit not in self._forms:
+                self._forms[commit] = memories.normal_form(self.tree.read(commit))
+        ours = set(self._forms.values())  # trees we measured: a step back to one (the baseline) says nothing new
+        theirs = {r.body["child"] for rs in measured.values() for r in rs}
 
         def taken(source):
             if running and memories.normal_form(source) == memories.normal_form(running["source"]):
                 return True  # our own candidate under way: its result is not in the history yet
             key = memories.idea_key(best, source)
-            why = "measured" if key in measured else "claimed" if key in claimed else None
+            seen = key in measured or memories.normal_form(source) in ours or swarm.content_hash(source) in theirs
+            why = "measured" if seen else "claimed" if key in claimed else None
             if why:
                 skipped.append(why)
             return why is not None

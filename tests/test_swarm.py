@@ -233,6 +233,41 @@ def test_foreign_improvements_are_verified_merged_in_one_run(tmp_path, stdlib_da
     assert prov["steps"][0]["confirmed_by"] == [node.identity.id]
 
 
+def test_a_step_back_to_a_measured_tree_is_not_proposed(tmp_path, stdlib_data, monkeypatch):
+    """After keeping MATRIX_LR 0.04 -> 0.06, the step down again would rebuild the baseline, which the
+    node measured twice: an H200 node spent one of its first four experiments on it. Nor is a tree a
+    peer measured on our tag run again, whatever parent it was reached from."""
+    up = edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = 0.06")
+    fake_sandbox(monkeypatch, lambda src, seed: 3.0 - 0.1 * ("MATRIX_LR = 0.06" in src) + 0.0005 * (seed % 3 - 1))
+    node = make_node(tmp_path / "n", stdlib_data, max_reruns=0)
+    try:
+        node.baseline()
+        best = node.tree.commit(up, "MATRIX_LR 0.04 -> 0.06")
+        exp, _ = node.measure("candidate", best, "MATRIX_LR 0.04 -> 0.06")
+        node.decide([exp], "keep", best=best)
+        assert node.tree.read(node.best()) == up
+        ctx, skipped = node.context()
+        assert ctx.taken(BASELINE) and skipped == ["measured"]
+        p = node.proposer.propose(ctx)
+        assert p.source != BASELINE
+        peers = edit(up, "EMBEDDING_LR = 0.9", "EMBEDDING_LR = 0.6")
+        other = edit(BASELINE, "EMBEDDING_LR = 0.9", "EMBEDDING_LR = 0.6")
+        node.records.add(experiment_on(ALICE, other, peers, node))
+        ctx, _ = node.context()
+        assert ctx.taken(peers) and not ctx.taken(edit(up, "EMBEDDING_LR = 0.9", "EMBEDDING_LR = 0.7"))
+    finally:
+        node.close()
+
+
+def experiment_on(author, parent, child, node):
+    from node import memory
+    score = dict(val_bpb=3.0, runs=2, spread=0.002)
+    return wire.make_record(author, "experiment", dict(
+        task=node.task, lineage="torch", parent=swarm.content_hash(parent), child=swarm.content_hash(child),
+        idea=memory.idea_key(parent, child), diff=gittree.diff_texts(parent, child), hypothesis="a try", status="discard",
+        before=score, after=score, hardware=node.hardware(), proposer="offline", log_tail=""), time.time() * 1000)
+
+
 # -- the real thing: a node verifies foreign improvements in the sandbox ------------------------
 
 PEEK = """    def peek(x):
