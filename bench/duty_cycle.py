@@ -3,7 +3,7 @@ experiments, then list every run from the node's store (its wall time, the candi
 start-up to the first optimizer step, the harness's evaluation) and the share of wall time
 spent inside the budgeted training.
 
-    python3 bench/duty_cycle.py --budget 30 --max-experiments 4 [--home DIR]
+    python3 bench/duty_cycle.py --budget 30 --max-experiments 4 [--home DIR] [--start FILE]
     python3 bench/duty_cycle.py --report HOME        # only the table, for a home that ran
 
 Besides the duty cycle measured at this budget, it prints what the same per-run overhead
@@ -60,6 +60,7 @@ def main():
     ap.add_argument("--budget", type=float, default=30)
     ap.add_argument("--max-experiments", type=int, default=4)
     ap.add_argument("--home", help="node home (default: a new temporary folder)")
+    ap.add_argument("--start", help="the train.py the node starts from (an untrusted first run: see join --start)")
     ap.add_argument("--report", metavar="HOME", help="only print the table for this home")
     ap.add_argument("--deadline", type=float, help="stop the node (SIGTERM: it ends cleanly) after this many seconds")
     args = ap.parse_args()
@@ -69,6 +70,8 @@ def main():
     t = time.time()
     cmd = [sys.executable, "-m", "node", "join", "--home", home, "--listen", "off", "--no-mdns",
            "--budget", str(args.budget), "--max-experiments", str(args.max_experiments)]
+    if args.start:
+        cmd += ["--start", args.start]
     print(" ".join(cmd), flush=True)
     p = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:

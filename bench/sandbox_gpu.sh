@@ -3,6 +3,8 @@
 # do not depend on the corpus; bench/RESULTS.md has the figures):
 #   bash bench/sandbox_gpu.sh startup [CASES]   # bench/startup_diag.py's cases (default DEEKM)
 #   bash bench/sandbox_gpu.sh duty              # a node's runs: bench/duty_cycle.py (BUDGET, EXPERIMENTS, DEADLINE)
+#   START=1 AUTORESEARCH_CACHE=/tmp/fresh bash bench/sandbox_gpu.sh duty   # the node starts from an edited baseline
+#     (MATRIX_LR 0.04 -> 0.05): untrusted from its first run, so only its kept layer can keep it warm
 # Both first time the in-process evaluation (bench/eval_overhead.py). The node needs its packages:
 # carry them as wheels (the device tool's README).
 set -uo pipefail
@@ -17,7 +19,13 @@ case "${1:-startup}" in
     python3 bench/startup_diag.py --budget 5 --deadline 400 --cases "${2:-DEEKM}"
     for f in "$OUT"/*.log; do grep -H "^harness:" "$f"; done ;;
   duty)
-    python3 bench/duty_cycle.py --budget "${BUDGET:-30}" --max-experiments "${EXPERIMENTS:-4}" --home /tmp/duty-home \
+    start=()
+    if [ -n "${START:-}" ]; then
+      mkdir -p /tmp/ar-start && sed 's/^MATRIX_LR = 0.04/MATRIX_LR = 0.05/' model/train.py > /tmp/ar-start/train.py
+      cmp -s model/train.py /tmp/ar-start/train.py && { echo "the edit did not apply" >&2; exit 1; }
+      start=(--start /tmp/ar-start/train.py)
+    fi
+    python3 bench/duty_cycle.py "${start[@]}" --budget "${BUDGET:-30}" --max-experiments "${EXPERIMENTS:-4}" --home "/tmp/duty-home${START:+-start}" \
       --deadline "${DEADLINE:-480}" 2>&1 | tee "$OUT/duty.txt" | grep -v "^step" ;;
   *) echo "usage: bash bench/sandbox_gpu.sh startup [CASES] | duty" >&2; exit 2 ;;
 esac

@@ -7,7 +7,8 @@ time spent verifying (the issue's bound: at most 30 % while no candidate is stro
 swarm memory: (parent, child) pairs that ran twice on one tag across the nodes, and how many of the
 other nodes' discarded experiments each node's `knowledge` lists.
 
-    python bench/swarm_cpu.py [--nodes 3] [--minutes 20] [--budget 5]
+    python bench/swarm_cpu.py [--nodes 3] [--minutes 20] [--budget 5] [--keep]
+    python bench/swarm_cpu.py --report DIR     # the tables again, for homes a --keep run left
 """
 
 import argparse
@@ -23,13 +24,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--nodes", type=int, default=3)
-    ap.add_argument("--minutes", type=float, default=20)
-    ap.add_argument("--budget", type=float, default=5)
-    ap.add_argument("--keep", action="store_true", help="keep the node homes (printed) for watch/export")
-    args = ap.parse_args()
+def run(args):
+    """Start the nodes, let them work for args.minutes, stop them; (folder, their homes)."""
     base = tempfile.mkdtemp(prefix="swarm-cpu-")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -55,6 +51,23 @@ def main():
             p.send_signal(signal.SIGTERM)
         for p in procs:
             p.wait(timeout=120)
+    return base, homes
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--minutes", type=float, default=20)
+    ap.add_argument("--budget", type=float, default=5)
+    ap.add_argument("--keep", action="store_true", help="keep the node homes (printed) for watch/export")
+    ap.add_argument("--report", metavar="DIR", help="only the tables, for the homes a --keep run left in DIR")
+    args = ap.parse_args()
+    if args.report:
+        base, args.keep = args.report, True
+        homes = sorted(os.path.join(base, n) for n in os.listdir(base) if os.path.isdir(os.path.join(base, n)))
+        args.nodes = len(homes)
+    else:
+        base, homes = run(args)
     rows, known = [], []
     for i, home in enumerate(homes):
         r = subprocess.run([sys.executable, "-m", "node", "status", "--home", home, "--json"], cwd=ROOT,
@@ -64,13 +77,15 @@ def main():
                            capture_output=True, text=True)
         known.append(json.loads(r.stdout))
     ids = [st["node_id"] for st in rows]
-    runs = []   # (tag, parent, child) of every experiment each node ran itself
+    runs, checks = [], []   # (tag, parent, child) of every experiment each node ran itself / of its verifications
     discards = {}
     for i, k in enumerate(known):
         mine = [e for idea in k["ideas"] for e in idea["experiments"] if e["author"] == ids[i]]
-        runs += [(e["tag"], e["parent"], e["child"]) for e in mine]
+        runs += [(e["tag"], e["parent"], e["child"]) for e in mine if e.get("proposer") != "verify"]
+        checks += [(e["tag"], e["parent"], e["child"]) for e in mine if e.get("proposer") == "verify"]
         discards[ids[i]] = {e["record"] for e in mine if e["status"] == "discard"}
-    print(f"{args.nodes} nodes, {args.minutes:g} min, CPU profile, budget {args.budget:g} s, one machine (turns on the device)")
+    print(f"{args.nodes} nodes, " + (f"the homes in {base}" if args.report else
+          f"{args.minutes:g} min, CPU profile, budget {args.budget:g} s, one machine (turns on the device)"))
     print("| node | runs | experiments | kept | verdicts | adopted | verification share | best val_bpb | baseline |")
     print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for i, st in enumerate(rows):
@@ -81,6 +96,8 @@ def main():
     dup = len(runs) - len(set(runs))
     print(f"experiments run: {len(runs)}; (parent, child) pairs run twice on one tag across the nodes: {dup}"
           f" ({100 * dup / max(1, len(runs)):.1f} %)")
+    print(f"not counted above: {len(checks)} verification runs of peers' improvements ({len(set(checks))} pairs), "
+          f"which re-run a peer's pair by design")
     for i, k in enumerate(known):
         held = {e["record"] for idea in k["ideas"] for e in idea["experiments"]}
         others = set().union(*(d for who, d in discards.items() if who != ids[i]))
