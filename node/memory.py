@@ -25,9 +25,11 @@ MAX_ACTIVE_CLAIMS = 2
 UNFULFILLED_LIMIT = 3          # expired claims without a record before a peer's claims stop counting
 COMPATIBLE = 0.85              # closeness: backend, accelerator, count and budget agree
 MAX_PEER_DOF = 8               # degrees of freedom one peer adds to our noise estimate
-MAX_CLAIM_S = 12 * 3600        # the longest a claim is honoured, whatever its expiry says
+MAX_CLAIM_S = 24 * 3600        # the longest a claim is honoured, whatever its expiry says (a 4 h budget, 2 reruns)
 CLAIMS_PER_AUTHOR = 64         # a peer's newest claims that count (an older flood costs nothing)
 TEXT_CHARS = 300               # of a peer's description or hypothesis shown to the Claude proposer
+MAX_EDIT_DIFF = 1 << 16        # a diff read as constants' edits; longer ones are no such edit
+MAX_EDIT_LINE = 200            # a line of one
 
 
 @functools.lru_cache(maxsize=4096)
@@ -62,9 +64,13 @@ def edit_from_diff(diff):
     """The offline proposer's structured edit of a diff that only changes constants, else None
     (also for a peer's diff that makes no sense as one: a number turned into a pattern, ...)."""
     old, new = {}, {}
+    if len(diff) > MAX_EDIT_DIFF:
+        return None
     for line in diff.splitlines():
         if line[:1] not in "+-" or line.startswith(("+++", "---")):
             continue
+        if len(line) > MAX_EDIT_LINE:  # ASSIGN takes time quadratic in a line's run of spaces
+            return None
         m = proposers.ASSIGN.match(line[1:])
         if not m:
             return None
@@ -77,11 +83,13 @@ def edit_from_diff(diff):
     changes = []
     for name in sorted(new):
         a, b = old[name], new[name]
-        if isinstance(a, str) != isinstance(b, str) or a == b:
+        if isinstance(a, str) != isinstance(b, str):
             return None
+        if a == b:  # its comment or its spelling changed, not its value
+            continue
         up = b.count("L") > a.count("L") if isinstance(a, str) else b > a
         changes.append({"name": name, "dir": "up" if up else "down", "old": a, "new": b})
-    return {"changes": changes}
+    return {"changes": changes} if changes else None
 
 
 def _lost(claim, rivals):
@@ -113,16 +121,20 @@ class Memory:
         self.ledger, self.known = ledger, known
         self.ignored = defaultdict(int)   # reason -> claims not honoured
         self.rejected = defaultdict(int)  # reason -> experiment records left out
-        self._checked = {}                # record id -> kept
+        self._checked = {}                # record id -> kept (bool), or the ledger's stamp it went unchecked at
 
     def experiments(self):
         out = []
+        stamp = len(self.ledger.improvements)  # a parent becomes rebuildable only through new improvements
         for r in self.ledger.experiments:
             kept = self._checked.get(r.id)
+            if kept is None or kept == stamp:
+                pass
+            elif type(kept) is int:  # unchecked, at an older stamp: its parent may be rebuildable now
+                kept = None
             if kept is None:
                 kept = self._check(r)
-                if kept is not None:  # unchecked (its parent not rebuildable yet): checked again later
-                    self._checked[r.id] = kept
+                self._checked[r.id] = stamp if kept is None else kept
             if kept is not False:
                 out.append(r)
         return out
@@ -209,9 +221,9 @@ class Memory:
         estimate of one degree of freedom (two baseline runs) with one of many, which is most often
         too small: in the research simulator 13 % of 20 nodes' keeps were false with their own
         estimates alone, 9 % with peers' (at a cost: 1.1 h to the target instead of 0.9,
-        bench/RESULTS.md). Peers whose standing is still the prior (no improvement of theirs
-        confirmed) count together as one peer: a swarm of fresh keys reporting no spread at all
-        moves the estimate no more than one node can."""
+        bench/RESULTS.md, before this rule). Peers none of whose improvements we confirmed
+        ourselves count together as one peer: a swarm of fresh keys reporting no spread at all
+        (or confirming each other) moves the estimate no more than one node can."""
         best = {}
         for r in self.ledger.experiments:
             if r.author_id == self.ledger.me or swarm.closeness(r.body["hardware"], hardware) < COMPATIBLE:
@@ -223,12 +235,11 @@ class Memory:
         for (author, _), sc in best.items():
             per[author][0] += (sc["runs"] - 1) * sc["spread"] ** 2
             per[author][1] += sc["runs"] - 1
-        earned, fresh = [0.0, 0.0], [0.0, 0.0]  # (ss, dof) of peers with standing earned / still at the prior
+        earned, fresh = [0.0, 0.0], [0.0, 0.0]  # (ss, dof) of peers proven to us / the others
         for author, (a_ss, a_dof) in per.items():
-            s = self.ledger.standing(author)
-            if s >= 0.4:
+            if self.ledger.standing(author) >= 0.4:
                 keep = min(1.0, MAX_PEER_DOF / a_dof)
-                pool = earned if s > 0.5 else fresh
+                pool = earned if self.ledger.proven(author) else fresh
                 pool[0], pool[1] = pool[0] + a_ss * keep, pool[1] + a_dof * keep
         # keys cost nothing: peers none of whose improvements were confirmed count together as one
         keep = min(1.0, MAX_PEER_DOF / fresh[1]) if fresh[1] else 0.0
@@ -268,7 +279,7 @@ class Memory:
                 continue
             votes = [a.body["verdict"] for a in self.ledger.verdicts(rid, r.author_id)]
             improvements.append(dict(
-                id=rid.hex(), author=r.author_id, tag=swarm.tag_name(r.body["hardware"]), lineage=r.body["lineage"],
+                id=rid.hex(), author=r.author_id, tag=swarm.tag_name(r.body["hardware"]), lineage=r.body["lineage"][:40],
                 description=r.body["description"][:TEXT_CHARS], delta=r.body["after"]["val_bpb"] - r.body["before"]["val_bpb"],
                 runs=r.body["after"]["runs"], confirmed=votes.count("confirmed"),
                 refuted=sum(v in ("refuted", "crashed", "violation") for v in votes), ours=verdicts.get(rid.hex()),

@@ -14,7 +14,8 @@ they are likely to bring:
 P(it holds) starts from the author's own evidence (gain over its standard error, against the
 keep rule's 2 sigma) and moves with attestations of others, weighted by how close their hardware
 is to ours. An author's standing is its confirmed against refuted claims (a Beta(1, 1) prior);
-a sandbox violation attested by us, or by a node that earned standing, cuts it to a twentieth.
+a sandbox violation attested by us, or by a node one of whose improvements we confirmed, cuts it
+to a twentieth.
 Every attestation weighs by its author's own standing, so a discredited node moves little; a
 fresh key starts at the prior, so a refutation from one counts half (keys cost nothing: what
 holds an honest author up is that honest nodes confirm it).
@@ -49,15 +50,18 @@ def score(xs, noise):
     """A record's {val_bpb, runs, spread} of one commit's measurements (spread: their sd, or the
     node's noise for a single run)."""
     m = sum(xs) / len(xs)
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else noise
-    return {"val_bpb": float(m), "runs": len(xs), "spread": float(sd)}
+    sd = math.sqrt(sum((x - m) * (x - m) for x in xs) / (len(xs) - 1)) if len(xs) > 1 else noise  # ** 2 raises past 1e154
+    bound = lambda v: min(float(v), wire.MAX_BPB) if math.isfinite(v) else wire.MAX_BPB  # what records may carry
+    return {"val_bpb": bound(m), "runs": len(xs), "spread": bound(sd)}
 
 
 def tag_name(hw):
     """One line naming a hardware tag: what people pass to export --tag."""
     budget = hw.get("budget_seconds", 0)
-    budget = f"{budget:g}" if type(budget) in (int, float) else str(budget)[:16]  # a peer's tag: any scalar
-    return f"{hw.get('backend', '?')}/{hw.get('accelerator', '?')} x{hw.get('count', '?')}/{budget}s/{hw.get('profile', '?')}"
+    budget = f"{budget:g}" if type(budget) in (int, float) else budget  # a peer's tag: any scalar
+    part = lambda v: str(v)[:40]  # and any length
+    return (f"{part(hw.get('backend', '?'))}/{part(hw.get('accelerator', '?'))} x{part(hw.get('count', '?'))}/"
+            f"{part(budget)}s/{part(hw.get('profile', '?'))}")
 
 
 def closeness(a, b):
@@ -150,9 +154,9 @@ class Ledger:
         """The author's confirmed against refuted claims, Beta(1, 1), each attestation weighted by
         its attestor's own (unweighted) standing, so that a discredited node's word weighs little;
         an attested violation, or a lie we caught ourselves (`distrusted`), cuts it to a twentieth.
-        A violation cuts by what its attestor earned beyond the prior, counted without any cut
-        (`weighted` None; keys cost nothing, and one fresh key's word must not discredit anyone),
-        or fully when it is our own; as a refutation it weighs like any other."""
+        A violation cuts only when it is ours or its attestor's work held when we ran it (`proven`:
+        keys cost nothing, and fresh keys confirming each other must not discredit anyone); as a
+        refutation it weighs like any other."""
         key = (author, weighted)
         if key not in self._standing:
             good = bad = violation = 0.0
@@ -162,13 +166,18 @@ class Ledger:
                     v = a.body["verdict"]
                     good += w * (v == "confirmed")
                     bad += w * (v in ("refuted", "crashed", "violation"))
-                    if v == "violation" and weighted is not None:  # our own verdict we trust: we ran it
-                        earned = 1.0 if a.author_id == self.me else max(0.0, 2 * self.standing(a.author_id, None) - 1)
-                        violation = max(violation, earned * weight(a))
+                    if v == "violation" and (a.author_id == self.me or self.proven(a.author_id)):
+                        violation = max(violation, weight(a))
             if author in self.distrusted:
                 violation = 1.0
             self._standing[key] = (1 + good) / (2 + good + bad) * (1 - 0.95 * min(1.0, 2 * violation))
         return self._standing[key]
+
+    def proven(self, author):
+        """Whether we confirmed an improvement of `author`'s ourselves: the one standing that a swarm
+        of fresh keys confirming each other cannot make."""
+        return any(a.author_id == self.me and a.body["verdict"] == "confirmed"
+                   for rid in self.by_author.get(author, ()) for a in self.verdicts(rid, author))
 
     def credible(self, record):
         """Whether a claim stands: its author is not discredited and no more nodes refuted it than
@@ -212,17 +221,24 @@ class Ledger:
         step is replayed as the search reaches it, so a record whose diff does not give its child
         (a forger's shortcut to someone's child) is passed over and remembered, and an honest
         chain beside it is still found."""
-        failed = set()  # hashes no chain rebuilds, in this call
+        failed = set()  # hashes no chain rebuilds, from any route, in this call
 
         def rebuild(want, depth, path):
+            """(text or None, whether the search below was cut by the depth bound or a cycle: a
+            failure is remembered only when it was not, since another route may get further)."""
             text = known(want)
             if text is not None or want in failed:
-                return text
+                return text, False
+            cut = False
             for r in self.by_child.get(want, ()):
                 parent = r.body["parent"]
-                if r.id in self.unbuildable or depth >= MAX_CHAIN or parent in path:
+                if r.id in self.unbuildable:
                     continue
-                base = rebuild(parent, depth + 1, path | {parent})
+                if depth >= MAX_CHAIN or parent in path:
+                    cut = True
+                    continue
+                base, below = rebuild(parent, depth + 1, path | {parent})
+                cut |= below
                 if base is None:
                     continue
                 try:
@@ -230,11 +246,12 @@ class Ledger:
                 except gittree.GitError:
                     text = None
                 if text is not None and content_hash(text) == r.body["child"]:
-                    return text
+                    return text, False
                 self.unbuildable.add(r.id)
-            failed.add(want)
-            return None
-        return rebuild(h, 0, frozenset({h}))
+            if not cut:
+                failed.add(want)
+            return None, cut
+        return rebuild(h, 0, frozenset({h}))[0]
 
 
 def due(entries, share, verify_share):

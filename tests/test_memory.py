@@ -258,7 +258,7 @@ def test_hostile_records_cost_a_node_nothing(mem):
     assert len(mem.experiments()) == 2
     assert memory.normal_form("x = " + "-" * 3000 + "1")  # the text's form: no exception
     assert set(mem.claims(HW, now)) == {c * 64 for c in "1234"}
-    assert set(mem.claims(HW, now + 13 * 3600)) == set()  # an expiry 2^62 ms away holds 12 h at most
+    assert set(mem.claims(HW, now + 25 * 3600)) == set()  # an expiry 2^62 ms away holds 24 h at most
     for bad in (dict(val_bpb=3.0, runs=2, spread=1e300), dict(val_bpb=float("nan"), runs=2, spread=0.0),
                 dict(val_bpb=3.0, runs=2, spread=-1.0), dict(val_bpb=3.0, runs=10**9, spread=0.0)):
         with pytest.raises(wire.WireError):
@@ -305,4 +305,43 @@ def test_a_forged_shortcut_does_not_hide_an_honest_chain(tmp_path):
     ledger.refresh()
     assert ledger.source(swarm.content_hash(c2), KNOWN.get) == c2
     assert forged.id in ledger.unbuildable
+    store.close()
+
+
+def test_a_peers_text_and_numbers_stay_bounded(tmp_path):
+    """What a peer controls: a tag of any length, a diff line of 250 KB of spaces (a quadratic
+    regex), a comment-only change beside a real one; and our own scores must always sign."""
+    assert len(swarm.tag_name(dict(HW, accelerator="A" * 100_000, profile="p" * 100_000))) < 300
+    assert memory.edit_from_diff("+AB = 1" + " " * 250_000 + "x\n") is None
+    both = edit(edit(BASELINE, "MATRIX_LR = 0.04           # Muon", "MATRIX_LR = 0.04  # Muon, noted"),
+                "EMBEDDING_LR = 0.9", "EMBEDDING_LR = 0.6")
+    assert memory.edit_from_diff(gittree.diff_texts(BASELINE, both)) == {
+        "changes": [{"name": "EMBEDDING_LR", "dir": "down", "old": 0.9, "new": 0.6}]}
+    huge = swarm.score([1e300, 1e300, float("inf")], 0.01)
+    assert huge["val_bpb"] == huge["spread"] == wire.MAX_BPB
+    wire.make_record(BOB, "experiment", dict(experiment(BOB, BASELINE, UP).body, after=huge), time.time() * 1000)
+
+
+def test_a_route_cut_short_does_not_hide_a_parent_from_another(tmp_path):
+    """Honest K -> W -> X -> Y. A forger's W -> Y (a wrong diff) is tried first and reaches X only
+    by way of W, where W -> X is cut as a cycle: X must not count as unbuildable for the honest
+    X -> Y tried next."""
+    store = Store(str(tmp_path / "gossip.sqlite"))
+    ledger = swarm.Ledger(store, TASK, "me")
+    w = UP
+    x = edit(w, "EMBEDDING_LR = 0.9", "EMBEDDING_LR = 0.6")
+    y = edit(x, "WARMDOWN_RATIO = 0.75", "WARMDOWN_RATIO = 0.6")
+
+    def imp(author, parent, child, diff):
+        score = dict(val_bpb=3.0, runs=2, spread=0.002)
+        return wire.make_record(author, "improvement", dict(
+            task=TASK, lineage="torch", parent=swarm.content_hash(parent), child=swarm.content_hash(child), diff=diff,
+            before=score, after=dict(score, val_bpb=2.99), hardware=HW, proposer="offline", description="x"),
+            time.time() * 1000)
+    for r in (imp(MALLORY, w, y, gittree.diff_texts(w, x)), imp(MALLORY, x, w, gittree.diff_texts(x, w)),
+              imp(BOB, BASELINE, w, gittree.diff_texts(BASELINE, w)), imp(BOB, w, x, gittree.diff_texts(w, x)),
+              imp(BOB, x, y, gittree.diff_texts(x, y))):
+        store.add(r)
+    ledger.refresh()
+    assert ledger.source(swarm.content_hash(y), KNOWN.get) == y
     store.close()

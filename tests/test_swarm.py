@@ -146,6 +146,10 @@ def test_ranking_follows_evidence_standing_and_hardware(ledger):
     assert ledger.standing(MALLORY.id) > 0.2
     earned = improvement(bob, BASELINE, edit(BASELINE, "SCALAR_LR = 0.5", "SCALAR_LR = 0.55"), gain=0.01)
     add(ledger, earned, attestation(carol, earned, "confirmed"), attestation(ALICE, earned, "confirmed"))
+    assert ledger.standing(MALLORY.id) > 0.2  # others' confirmations: keys that confirm each other cost nothing
+    me = Identity.from_seed(b"this node")
+    ledger.me = me.id
+    add(ledger, attestation(me, earned, "confirmed"))  # bob's work held when we ran it: his word now cuts
     later = improvement(MALLORY, BASELINE, Y, gain=0.03)
     add(ledger, later, attestation(bob, improvement(MALLORY, BASELINE, X), "violation"))
     add(ledger, attestation(bob, forged, "violation"))
