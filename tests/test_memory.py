@@ -285,6 +285,15 @@ def test_fresh_keys_move_the_noise_estimate_no_more_than_one_peer(mem):
     assert ss == 0 and dof == pytest.approx(memory.MAX_PEER_DOF)
 
 
+def improvement(author, parent, child, diff=None):
+    """An improvement record from `parent` to `child` whose diff is `diff` (default: the true one)."""
+    score = dict(val_bpb=3.0, runs=2, spread=0.002)
+    return wire.make_record(author, "improvement", dict(
+        task=TASK, lineage="torch", parent=swarm.content_hash(parent), child=swarm.content_hash(child),
+        diff=gittree.diff_texts(parent, child) if diff is None else diff, before=score,
+        after=dict(score, val_bpb=2.99), hardware=HW, proposer="offline", description="x"), time.time() * 1000)
+
+
 def test_a_forged_shortcut_does_not_hide_an_honest_chain(tmp_path):
     """A record from the baseline straight to an honest chain's end, with a diff that does not give
     it, must not stop the node rebuilding that end through the honest chain."""
@@ -292,15 +301,8 @@ def test_a_forged_shortcut_does_not_hide_an_honest_chain(tmp_path):
     ledger = swarm.Ledger(store, TASK, "me")
     c1 = UP
     c2 = edit(c1, "EMBEDDING_LR = ", "EMBEDDING_LR = 0.5 * ")
-
-    def imp(author, parent, child, diff):
-        score = dict(val_bpb=3.0, runs=2, spread=0.002)
-        return wire.make_record(author, "improvement", dict(
-            task=TASK, lineage="torch", parent=swarm.content_hash(parent), child=swarm.content_hash(child), diff=diff,
-            before=score, after=dict(score, val_bpb=2.99), hardware=HW, proposer="offline", description="x"),
-            time.time() * 1000)
-    forged = imp(MALLORY, BASELINE, c2, gittree.diff_texts(BASELINE, c1))
-    for r in (forged, imp(BOB, BASELINE, c1, gittree.diff_texts(BASELINE, c1)), imp(BOB, c1, c2, gittree.diff_texts(c1, c2))):
+    forged = improvement(MALLORY, BASELINE, c2, gittree.diff_texts(BASELINE, c1))
+    for r in (forged, improvement(BOB, BASELINE, c1), improvement(BOB, c1, c2)):
         store.add(r)
     ledger.refresh()
     assert ledger.source(swarm.content_hash(c2), KNOWN.get) == c2
@@ -331,16 +333,8 @@ def test_a_route_cut_short_does_not_hide_a_parent_from_another(tmp_path):
     w = UP
     x = edit(w, "EMBEDDING_LR = 0.9", "EMBEDDING_LR = 0.6")
     y = edit(x, "WARMDOWN_RATIO = 0.75", "WARMDOWN_RATIO = 0.6")
-
-    def imp(author, parent, child, diff):
-        score = dict(val_bpb=3.0, runs=2, spread=0.002)
-        return wire.make_record(author, "improvement", dict(
-            task=TASK, lineage="torch", parent=swarm.content_hash(parent), child=swarm.content_hash(child), diff=diff,
-            before=score, after=dict(score, val_bpb=2.99), hardware=HW, proposer="offline", description="x"),
-            time.time() * 1000)
-    for r in (imp(MALLORY, w, y, gittree.diff_texts(w, x)), imp(MALLORY, x, w, gittree.diff_texts(x, w)),
-              imp(BOB, BASELINE, w, gittree.diff_texts(BASELINE, w)), imp(BOB, w, x, gittree.diff_texts(w, x)),
-              imp(BOB, x, y, gittree.diff_texts(x, y))):
+    for r in (improvement(MALLORY, w, y, gittree.diff_texts(w, x)), improvement(MALLORY, x, w),
+              improvement(BOB, BASELINE, w), improvement(BOB, w, x), improvement(BOB, x, y)):
         store.add(r)
     ledger.refresh()
     assert ledger.source(swarm.content_hash(y), KNOWN.get) == y
