@@ -128,11 +128,7 @@ class Memory:
         stamp = len(self.ledger.improvements)  # a parent becomes rebuildable only through new improvements
         for r in self.ledger.experiments:
             kept = self._checked.get(r.id)
-            if kept is None or kept == stamp:
-                pass
-            elif type(kept) is int:  # unchecked, at an older stamp: its parent may be rebuildable now
-                kept = None
-            if kept is None:
+            if kept is None or (type(kept) is int and kept != stamp):  # new, or unchecked before the last improvements
                 kept = self._check(r)
                 self._checked[r.id] = stamp if kept is None else kept
             if kept is not False:

@@ -23,7 +23,7 @@ holds an honest author up is that honest nodes confirm it).
 
 import hashlib
 import math
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from gossip import wire
@@ -31,7 +31,7 @@ from node import gittree
 
 LINEAGE = "torch"         # of model/train.py; model/train_mlx.py is lineage "mlx" (see sandbox.backend)
 ADOPT = "adopt:"
-MAX_CHAIN = 400           # improvements followed back to rebuild one parent
+MAX_SOURCE_HASHES = 10_000  # hashes looked at to rebuild one parent (each one SQLite lookup)
 AGE_HALF_LIFE_H = 24.0
 CLOSENESS_WEIGHTS = dict(backend=0.35, accelerator=0.3, count=0.1, budget_seconds=0.15, framework=0.1)
 
@@ -217,41 +217,45 @@ class Ledger:
 
     def source(self, h, known):
         """The train.py whose hash is `h`: from `known(h)` (text or None), else rebuilt through the
-        improvements that name it as their child; None when no chain reaches a known file. Each
-        step is replayed as the search reaches it, so a record whose diff does not give its child
-        (a forger's shortcut to someone's child) is passed over and remembered, and an honest
-        chain beside it is still found."""
-        failed = set()  # hashes no chain rebuilds, from any route, in this call
-
-        def rebuild(want, depth, path):
-            """(text or None, whether the search below was cut by the depth bound or a cycle: a
-            failure is remembered only when it was not, since another route may get further)."""
-            text = known(want)
-            if text is not None or want in failed:
-                return text, False
-            cut = False
-            for r in self.by_child.get(want, ()):
+        improvements that name it as their child; None when no chain reaches a known file. It walks
+        back from `h` to the hashes known here, then replays forward from them, each record at most
+        once and checked as it is replayed: a record whose diff does not give its child (a forger's
+        shortcut to someone's child) is passed over and remembered, and an honest chain beside it is
+        still found. Linear in the records looked at, whatever shape a forger gives them."""
+        text = known(h)
+        if text is not None:
+            return text
+        texts, records, seen, frontier = {}, defaultdict(list), {h}, deque([h])
+        while frontier:  # breadth first: the shortest chains are reached before a flood's far ends
+            for r in self.by_child.get(frontier.popleft(), ()):
                 parent = r.body["parent"]
                 if r.id in self.unbuildable:
                     continue
-                if depth >= MAX_CHAIN or parent in path:
-                    cut = True
-                    continue
-                base, below = rebuild(parent, depth + 1, path | {parent})
-                cut |= below
-                if base is None:
+                records[parent].append(r)
+                if parent not in seen and len(seen) < MAX_SOURCE_HASHES:
+                    seen.add(parent)
+                    text = known(parent)
+                    if text is None:
+                        frontier.append(parent)
+                    else:
+                        texts[parent] = text
+        ready = list(texts)
+        while ready and h not in texts:
+            parent = ready.pop()
+            for r in records.get(parent, ()):
+                child = r.body["child"]
+                if child in texts:
                     continue
                 try:
-                    text = gittree.apply_diff(base, r.body["diff"])
+                    text = gittree.apply_diff(texts[parent], r.body["diff"])
                 except gittree.GitError:
                     text = None
-                if text is not None and content_hash(text) == r.body["child"]:
-                    return text, False
-                self.unbuildable.add(r.id)
-            if not cut:
-                failed.add(want)
-            return None, cut
-        return rebuild(h, 0, frozenset({h}))[0]
+                if text is not None and content_hash(text) == child:
+                    texts[child] = text
+                    ready.append(child)
+                else:
+                    self.unbuildable.add(r.id)
+        return texts.get(h)
 
 
 def due(entries, share, verify_share):

@@ -339,3 +339,21 @@ def test_a_route_cut_short_does_not_hide_a_parent_from_another(tmp_path):
     ledger.refresh()
     assert ledger.source(swarm.content_hash(y), KNOWN.get) == y
     store.close()
+
+
+def test_a_tangle_of_forged_records_costs_one_pass(tmp_path):
+    """Sixteen made-up parents, each named the child of every other and the parent of the wanted
+    tree: a search over routes would try them all (16! of them); one pass over the records finds
+    the honest step beside them."""
+    store = Store(str(tmp_path / "gossip.sqlite"))
+    ledger = swarm.Ledger(store, TASK, "me")
+    fakes = [edit(BASELINE, "DEPTH = 4", f"DEPTH = {d}") for d in range(10, 26)]  # never known here
+    for a in fakes:
+        store.add(improvement(MALLORY, a, UP))
+        for b in fakes:
+            if a is not b:
+                store.add(improvement(MALLORY, a, b))
+    store.add(improvement(BOB, BASELINE, UP))
+    ledger.refresh()
+    assert ledger.source(swarm.content_hash(UP), KNOWN.get) == UP
+    store.close()
