@@ -3,6 +3,7 @@
 # do not depend on the corpus; bench/RESULTS.md has the figures):
 #   bash bench/sandbox_gpu.sh startup [CASES]   # bench/startup_diag.py's cases (default DEEKM)
 #   bash bench/sandbox_gpu.sh duty              # a node's runs: bench/duty_cycle.py (BUDGET, EXPERIMENTS, DEADLINE)
+#   bash bench/sandbox_gpu.sh inproc            # model/train.py RUNS times without the sandbox (BUDGET): its own evaluation
 #   START=1 AUTORESEARCH_CACHE=/tmp/fresh bash bench/sandbox_gpu.sh duty   # the node starts from an edited baseline
 #     (MATRIX_LR 0.04 -> 0.05): untrusted from its first run, so only its kept layer can keep it warm
 # Both first time the in-process evaluation (bench/eval_overhead.py). The node needs its packages:
@@ -27,5 +28,10 @@ case "${1:-startup}" in
     fi
     python3 bench/duty_cycle.py "${start[@]}" --budget "${BUDGET:-30}" --max-experiments "${EXPERIMENTS:-4}" --home "/tmp/duty-home${START:+-start}" \
       --deadline "${DEADLINE:-480}" 2>&1 | tee "$OUT/duty.txt" | grep -v "^step" ;;
-  *) echo "usage: bash bench/sandbox_gpu.sh startup [CASES] | duty" >&2; exit 2 ;;
+  inproc)  # train.py alone, as without the sandbox: its own evaluation, in the process that trained
+    for i in $(seq "${RUNS:-2}"); do
+      AUTORESEARCH_TIME_BUDGET="${BUDGET:-30}" python3 model/train.py > "$OUT/inproc-$i.log" 2>&1
+      echo "in-process run $i (rc $?): $(grep -E '^(val_bpb|startup_seconds|eval_seconds):' "$OUT/inproc-$i.log" | tr -s ' ' | paste -sd' ')"
+    done ;;
+  *) echo "usage: bash bench/sandbox_gpu.sh startup [CASES] | duty | inproc" >&2; exit 2 ;;
 esac

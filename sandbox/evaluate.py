@@ -37,11 +37,12 @@ def _inputs(batch):
     return np.ascontiguousarray(batch[:, :-1], dtype=np.int32)
 
 
-def score(model, rows, token_bytes, batch_size, plan, device="cpu"):
+def score(model, rows, token_bytes, batch_size, plan, device="cpu", arrivals=None):
     """(val_bpb, {probed batch: its logits}) of `model` on `rows` (N, T + 1). Each reply is
     copied once, as it arrives; the metric and every check read only the copy, so a reply
     rewritten while the harness reads it changes nothing, and the next request goes out at
-    once, while the harness works on the copy (no device round trip per batch)."""
+    once, while the harness works on the copy (no device round trip per batch). `arrivals`,
+    a list, gets the time.time() at which each reply arrived."""
     batches = list(prepare.eval_batches(rows, batch_size))
     V = len(token_bytes)
     shape = (batch_size, rows.shape[1] - 1, V)
@@ -55,7 +56,10 @@ def score(model, rows, token_bytes, batch_size, plan, device="cpu"):
     model.send(_inputs(batches[0][0]))
     for k, (batch, real) in enumerate(batches):
         logits = kept.get(k, spare)
-        logits.copy_(model.receive())
+        reply = model.receive()
+        if arrivals is not None:
+            arrivals.append(time.time())
+        logits.copy_(reply)
         model.release()
         if k + 1 < len(batches):
             model.send(_inputs(batches[k + 1][0]))

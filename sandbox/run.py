@@ -280,8 +280,12 @@ def warm_bytecode(compiled, backend, view=None, progress=None):
     return True
 
 
+# what passes from the node's environment to a candidate and its servers; nothing else does
+KEPT_ENV = ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "CUDA_MODULE_LOADING")
+
+
 def _scrubbed_env(scratch, fd, data, profile, budget, compiled, backend):
-    keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES") if k in os.environ}
+    keep = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
     return dict(keep, **backends.environment(backend), HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR, PYTHONUNBUFFERED="1",
                 TORCHINDUCTOR_CACHE_DIR=compiled, TRITON_CACHE_DIR=os.path.join(compiled, "triton"),
                 PYTHONPYCACHEPREFIX=os.path.join(compiled, "pycache"),
@@ -290,7 +294,7 @@ def _scrubbed_env(scratch, fd, data, profile, budget, compiled, backend):
 
 
 def _server_env(scratch, fds, profile, budget, backend):
-    keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES") if k in os.environ}
+    keep = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
     return dict(keep, **backends.environment(backend), HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR, PYTHONUNBUFFERED="1",
                 PYTHONDONTWRITEBYTECODE="1", AUTORESEARCH_CACHE=scratch, AUTORESEARCH_PROFILE=profile,
                 AUTORESEARCH_TIME_BUDGET=str(budget), TORCHINDUCTOR_CACHE_DIR=os.path.join(scratch, ".compile"), **fds)

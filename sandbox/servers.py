@@ -124,9 +124,11 @@ def evaluate_frozen(scorer, prober, size, rows, token_bytes, batch_size, rng, pr
     t = time.time()
     model, device = scorer.model(V, scorer.load(size, deadline), deadline)
     timings["scoring server loaded"] = time.time() - t
-    t = time.time()
-    bpb, kept = evaluate.score(model, rows, token_bytes, batch_size, plan, device)
-    timings[f"{-(-len(rows) // batch_size)} batches scored"] = time.time() - t
+    t, arrivals = time.time(), []
+    bpb, kept = evaluate.score(model, rows, token_bytes, batch_size, plan, device, arrivals)
+    timings[f"{len(arrivals)} batches scored"] = time.time() - t
+    timings["first reply"] = arrivals[0] - t  # a fresh server's first forward: what warming did not load
+    timings[f"next {len(arrivals) - 1} replies"] = arrivals[-1] - arrivals[0]
     t = time.time()
     scorer.stop(kill)
     between()
