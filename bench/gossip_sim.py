@@ -43,6 +43,7 @@ from gossip import protocol, sim, wire  # noqa: E402
 from gossip.identity import Identity  # noqa: E402
 
 CFG = protocol.CONFIG
+LATER_S = CFG.check_age_s + 5  # an attack scenario's pause before its later records, and the scores
 LOSS = 0.01
 DISSEMINATION = ("push", "ihave", "iwant", "ids")
 AIMED = ("push", "ihave", "digest")    # an honest node's choice of gossip target shows in these
@@ -560,6 +561,8 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
                   for r in runs]
         notes["victim: seconds until it held each record others published"] = ", ".join(fmt(d) for d in delays)
         extra = attack_records(net, rng, records, [target], limit_s)  # the victim publishes
+    net.run(LATER_S)  # the records are old enough now for possession checks
+    later = attack_records(net, rng, records, sources, limit_s, reachable=how == "cold")
     iso = isolation(net)
     aimed = {k: net.aimed[k, True] / max(1, net.aimed[k, True] + net.aimed[k, False]) for k in AIMED}
     fd = false_deaths(net, since)
@@ -567,7 +570,7 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
         f"t100 {fmt(med([r['t100'] for r in runs]))} held {min(r['held'] for r in runs):.3f} "
         f"hostile share of views {iso['share']:.2f}, of push targets {aimed['push']:.2f}, "
         f"honest msgs/node/s {traffic:.1f} ({time.time() - started:.0f}s)")
-    return {"name": name, "honest": honest, "hostile": hostile, "runs": runs, "extra": extra, "iso": iso,
+    return {"name": name, "honest": honest, "hostile": hostile, "runs": runs, "extra": extra, "later": later, "iso": iso,
             "aimed": aimed, "false_deaths": fd, "traffic": traffic, "notes": notes, "limit": limit_s,
             "real_s": time.time() - started}
 
@@ -672,6 +675,10 @@ def report_c(base, cold_base, results):
                      times(r["runs"], "t99"), times(r["runs"], "t100"),
                      "—" if r is ref else f"{fmt(med([x['t99'] for x in ref['runs']]))} / "
                                           f"{fmt(med([x['t100'] for x in ref['runs']]))}", f"{r['traffic']:.1f}"])
+        rows.append([f"{r['name']}: {LATER_S:.0f} s later", r["honest"], r["hostile"], len(r["later"]),
+                     got(r["later"], r["limit"]), times(r["later"], "t99"), times(r["later"], "t100"),
+                     "—" if r is ref else f"{fmt(med([x['t99'] for x in ref['later']]))} / "
+                                          f"{fmt(med([x['t100'] for x in ref['later']]))}", ""])
         if r["extra"]:
             rows.append([r["name"] + ": the victim publishes", r["honest"], r["hostile"], len(r["extra"]),
                          got(r["extra"], r["limit"]), times(r["extra"], "t99"), times(r["extra"], "t100"),
@@ -728,12 +735,15 @@ keep membership honest enough to stay in views (they answer probes) and attack t
   into components (who knows whom, either way) that only honest links could join. A record is
   measured among the honest nodes of its publisher's component at publish time: no protocol fed
   by honest relays reaches the others (the notes give the islands' sizes).
-Standing is the core's per-member score (the worst of its connections, less its debt: unanswered
-digests, disproved rumours); the core does not choose members below 0 as gossip targets. Service is
+Standing is the core's per-member score (the worst score of its connections, which bad input and
+broken promises lower: a record it did not serve when a spot or possession check asked for it; less
+its debt: unanswered digests, disproved rumours); the core does not choose members below 0 as gossip targets. Service is
 the records a member delivered first (decaying by half in 10 min); "served" members (service >= 0.5)
 are drawn for half of every choice of gossip target. Target shares count the honest nodes' own
 choices (pushes of records they forward, ihave, digest), not the publisher's flood of its own record.
-"No attack" is the same honest population without hostile nodes."""
+"No attack" is the same honest population without hostile nodes. Each scenario then waits {later:.0f} s
+(possession checks need records {age:.0f} s old) and publishes as many records again ("... later"
+rows); the scores are taken after those.""".format(later=LATER_S, age=CFG.check_age_s)
 
 
 # --- main --------------------------------------------------------------------------------------

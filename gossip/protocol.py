@@ -16,6 +16,11 @@ network of thousands of nodes (gossip/sim.py).
   time, per day beyond 48 h) goes to one member; both sides list their ids of the buckets
   that differ and pull what they lack. A member whose digest equals ours must serve one of our
   records when asked (a spot check): a censor that answers digests with ours cannot.
+- Possession checks: a few times a second, a member that has neither served us nor been vetted
+  is asked for a record it must hold: one of our 64 newest, got `check_age_s` ago or more, after
+  we first knew of the member. A member that drops records cannot serve it and is no longer gossiped to;
+  one that serves it is vetted. So hostile members that only take are found however few of
+  them we would ever gossip with, and honest ones are asked once per vetting period.
 - Per-peer accounting (gossip/scoring.py), by the connection a message came on: a token bucket
   that every message and every signature check it causes draws on, and a score that bad input
   pulls down, to a ban.
@@ -25,7 +30,7 @@ its record, so a store written on `Deliver` is durable before the record is anno
 """
 
 import random
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 
 from gossip import wire
@@ -66,6 +71,8 @@ class Config:
                                    # standing, at most once per anti-entropy period
     flood_publish: bool = True     # our own new record goes to every member in good standing, not `fanout`
     spot_checks: float = 0.25      # share of digests equal to ours whose sender must then serve one of our records
+    checks_per_s: float = 4.0      # possession checks: members neither vetted nor serving asked for a record ...
+    check_age_s: float = 60.0      # ... we have held this long (honest nodes got records within 60 s in every attack simulated)
     rate_per_s: float = 400.0      # tokens per connection, sustained: a message or a signature check each
     burst: float = 800.0
     ban_score: float = -20.0
@@ -105,13 +112,14 @@ class Node(Membership):
         self.lazy = []                      # ids to announce next round
         self.late_ids = []                  # ids that reached us late: to announce to every member
         self.recent = []                    # (time we got it, id), oldest first: the ids our pings carry
-        self.spot = {}                      # member id -> (record id it must serve, deadline, connection)
+        self.got = deque(maxlen=64)         # (time we got it, id) of our newest records: possession checks
+        self.spot = {}                      # member id -> (record id it must serve, deadline, connection, asks left)
         self.heard = {}                     # record id a ping said its sender has -> (pull at, address, connection)
         self.arrivals = {}                  # record id -> (first held, members that had it from us or were credited)
         self.wanted = {}                    # id -> (deadline, connection we asked)
         self.ae_waiting = None              # the member whose digest reply we wait for
         self.sent = Counter()
-        self.next = {"round": now, "ae": now + config.ae_interval_s, "wide": now}
+        self.next = {"round": now, "ae": now + config.ae_interval_s, "wide": now, "check": now}
 
     # --- inputs --------------------------------------------------------------------------------
 
@@ -178,12 +186,17 @@ class Node(Membership):
     def tick(self, now):
         self._now = now
         out, c, nxt = self._membership_tick(now), self.config, self.next
-        for mid, (_, deadline, origin) in list(self.spot.items()):
+        for mid, (_, deadline, origin, again) in list(self.spot.items()):
             if now >= deadline:
                 del self.spot[mid]
-                if origin in self.ledger.accounts:
+                if again and mid in self.members:  # a lost request or reply is no broken promise: ask again
+                    out += self._ask(self.members[mid], self.ledger.accounts.get(origin), again - 1, now)
+                elif origin in self.ledger.accounts:
                     out += self._penalize(self.ledger.accounts[origin], "broken_promise", now)
         out += self._pull_heard(now)
+        if c.checks_per_s > 0 and now >= nxt["check"]:
+            nxt["check"] = now + 1 / c.checks_per_s
+            out += self._possession_check(now)
         for rid in [rid for rid, (t, _) in self.arrivals.items() if now - t > self.config.round_s]:
             del self.arrivals[rid]
         for rid, (deadline, origin) in list(self.wanted.items()):
@@ -236,6 +249,7 @@ class Node(Membership):
         self.records[record.id] = record
         if now is not None:  # new to us (not loaded from the store): our pings carry its id for a while
             self.recent.append((now, record.id))
+            self.got.append((now, record.id))
         b = self.hours.setdefault(record.ts // HOUR_MS, [0, 0, []])
         b[0] += 1
         b[1] ^= int.from_bytes(record.id[:16], "big")
@@ -396,8 +410,35 @@ class Node(Membership):
         A censor that answers digests with ours (so that nothing is owed or swapped) cannot."""
         newest = max(self.hours)
         rid = self.rng.choice(self.hours[newest][2])
-        self.spot[msg.sender_id] = (rid, now + self.config.promise_timeout_s, acct.origin)
+        self.spot[msg.sender_id] = (rid, now + self.config.promise_timeout_s, acct.origin, 0)
         return [self._message(msg.address, "iwant", {"ids": [rid]}, now)]
+
+    def _possession_check(self, now):
+        """Ask one member that has neither served us nor been vetted for a record it must hold: one
+        we got at least `check_age_s` ago, and after the member first became known to us (so it
+        was published while the member was among us). It must serve it within `promise_timeout_s`
+        (tick() asks once more when no answer comes, then penalizes; _on_push vets a kept promise)."""
+        if not self.got or self.got[0][0] > now - self.config.check_age_s:
+            return []
+        led, members = self.ledger, list(self.members.values())
+        for m in self.rng.sample(members, min(8, len(members))):  # a few draws: no scan of the view
+            if (m.state == "alive" and m.id not in self.spot and led.standing(m.id, now) >= 0
+                    and not led.vetted(m.id, now) and not led.served(m.id, now)):
+                out = self._ask(m, next(iter(led.by_member.get(m.id, ())), None), 1, now)
+                if out:
+                    return out
+        return []
+
+    def _ask(self, m, acct, again, now):
+        """Ask member `m` (on connection `acct`) for a record it must hold; `again`: asks left."""
+        due = [rid for t, rid in self.got if m.since <= t <= now - self.config.check_age_s]
+        if not due or acct is None:  # none it must hold; or it never spoke to us: nothing to hold it to
+            return []
+        rid = self.rng.choice(due)
+        self.spot[m.id] = (rid, now + self.config.promise_timeout_s, acct.origin, again)
+        self.sent["check"] += 1  # an iwant, counted apart from dissemination's
+        ask = wire.make_message(self.identity, "iwant", {"ids": [rid]}, int(now * 1000), self.address)
+        return [Send(m.address, ask, "check")]
 
     def _on_ids(self, msg, acct, now):
         return self._on_ihave(msg, acct, now)

@@ -13,7 +13,8 @@ connection has sent us, and what each member has done for us.
   we pulled), decaying by half every SERVICE_HALF_LIFE_S. A silent censor answers probes and
   digests like anyone; what it never earns is service. A member whose digest says it holds
   all we hold is asked for one of our records (a spot check, vetted for a while when it serves
-  it): a censor that answers digests with ours, to owe nothing, breaks that promise.
+  it): a censor that answers digests with ours, to owe nothing, breaks that promise. So does
+  one that drops records, when a possession check asks it for one it must hold.
 - Standing = the worst score of a member's connections less its debt. Members below zero are
   not gossiped to, and their rumours are not heard; members with service are preferred.
 """

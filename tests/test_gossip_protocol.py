@@ -790,6 +790,40 @@ def test_silent_censors_earn_no_service_and_fail_spot_checks():
     assert targets[True] / sum(targets.values()) < 0.1, targets  # a quarter of the members, seldom a target
 
 
+@pytest.mark.parametrize("checks", [4.0, 0.0])
+def test_possession_checks_find_members_that_only_take(checks):
+    """With digest spot checks off, only possession checks can tell a silent censor from an honest
+    member that was never first with a record: every honest node finds every censor, and no honest
+    member fails one (1 % loss). Without them, none is found."""
+    cfg = dataclasses.replace(CFG, spot_checks=0.0, checks_per_s=checks)
+    net = Sim(seed=122, loss=0.01, config=cfg)
+    net.add()
+    for i in range(1, 16):
+        net.add(seeds=["n0"], cls=MirrorCensor if i % 4 == 0 else protocol.Node)
+    censors = {net.nodes[a].id for a, n in net.nodes.items() if isinstance(n, MirrorCensor)}
+    honest = [a for a, n in net.nodes.items() if not isinstance(n, MirrorCensor)]
+    net.run(10)
+    for i in range(6):
+        net.publish(honest[i], note(f"record {i}", net.now, Identity.from_seed(b"author %d" % i)))
+        net.run(5)
+    net.run(cfg.check_age_s + 10)
+    found, wronged, vetted = Counter(), 0, 0
+    for a in honest:
+        node = net.nodes[a]
+        for p in node.peers(net.now):
+            if p["id"] in censors:
+                found[p["standing"] < 0 and p["counts"].get("broken_promise", 0) > 0] += 1
+            else:
+                wronged += p["counts"].get("broken_promise", 0)
+                vetted += node.ledger.vetted(p["id"], net.now) or node.ledger.served(p["id"], net.now)
+    if checks:
+        assert found[False] == 0 and found[True] == len(honest) * len(censors), found
+        assert wronged == 0 and vetted == len(honest) * (len(honest) - 1), (wronged, vetted)
+        assert net.sent["check"] < 2 * len(honest) * len(net.nodes)  # about one per pair: vetting lasts
+    else:
+        assert found[True] == 0 and net.sent["check"] == 0
+
+
 # --- hypothesis: any input to Node.receive --------------------------------------------------------
 
 _SENDERS = [MALLORY, Identity.from_seed(b"peer-a"), Identity.from_seed(b"peer-b")]
