@@ -113,7 +113,8 @@ class Node(Membership):
         self.late_ids = []                  # ids that reached us late: to announce to every member
         self.recent = []                    # (time we got it, id), oldest first: the ids our pings carry
         self.got = deque(maxlen=64)         # (time we got it, id) of our newest records: possession checks
-        self.spot = {}                      # member id -> (record id it must serve, deadline, connection, asks left)
+        self.spot = {}                      # member id -> (record id it must serve, deadline, connection, asks left,
+                                            #   when a possession check asked, else None)
         self.heard = {}                     # record id a ping said its sender has -> (pull at, address, connection)
         self.arrivals = {}                  # record id -> (first held, members that had it from us or were credited)
         self.wanted = {}                    # id -> (deadline, connection we asked)
@@ -186,11 +187,14 @@ class Node(Membership):
     def tick(self, now):
         self._now = now
         out, c, nxt = self._membership_tick(now), self.config, self.next
-        for mid, (_, deadline, origin, again) in list(self.spot.items()):
+        for mid, (_, deadline, origin, again, asked) in list(self.spot.items()):
             if now >= deadline:
                 del self.spot[mid]
-                if again and mid in self.members:  # a lost request or reply is no broken promise: ask again
-                    out += self._ask(self.members[mid], self.ledger.accounts.get(origin), again - 1, now)
+                m = self.members.get(mid)
+                if asked is not None and (m is None or m.last_seen < asked):
+                    continue  # it did not even answer the ping: unreachable (a partition), not a broken promise
+                if again:  # a lost request or reply is no broken promise: ask again
+                    out += self._ask(m, self.ledger.accounts.get(origin), again - 1, now)
                 elif origin in self.ledger.accounts:
                     out += self._penalize(self.ledger.accounts[origin], "broken_promise", now)
         out += self._pull_heard(now)
@@ -410,14 +414,15 @@ class Node(Membership):
         A censor that answers digests with ours (so that nothing is owed or swapped) cannot."""
         newest = max(self.hours)
         rid = self.rng.choice(self.hours[newest][2])
-        self.spot[msg.sender_id] = (rid, now + self.config.promise_timeout_s, acct.origin, 0)
+        self.spot[msg.sender_id] = (rid, now + self.config.promise_timeout_s, acct.origin, 0, None)
         return [self._message(msg.address, "iwant", {"ids": [rid]}, now)]
 
     def _possession_check(self, now):
         """Ask one member that has neither served us nor been vetted for a record it must hold: one
         we got at least `check_age_s` ago, and after the member first became known to us (so it
         was published while the member was among us). It must serve it within `promise_timeout_s`
-        (tick() asks once more when no answer comes, then penalizes; _on_push vets a kept promise)."""
+        (tick() asks once more when no record comes, then penalizes, unless the member did not answer
+        the ping sent with the request either: it may be cut off; _on_push vets a kept promise)."""
         if not self.got or self.got[0][0] > now - self.config.check_age_s:
             return []
         led, members = self.ledger, list(self.members.values())
@@ -435,10 +440,12 @@ class Node(Membership):
         if not due or acct is None:  # none it must hold; or it never spoke to us: nothing to hold it to
             return []
         rid = self.rng.choice(due)
-        self.spot[m.id] = (rid, now + self.config.promise_timeout_s, acct.origin, again)
-        self.sent["check"] += 1  # an iwant, counted apart from dissemination's
+        self.spot[m.id] = (rid, now + self.config.promise_timeout_s, acct.origin, again, now)
+        self.sent["check"] += 2  # an iwant and a ping (its ack shows the member reachable), apart from the rest
         ask = wire.make_message(self.identity, "iwant", {"ids": [rid]}, int(now * 1000), self.address)
-        return [Send(m.address, ask, "check")]
+        ping = wire.make_message(self.identity, "ping", {"seq": 0, "members": [], "suspects": []}, int(now * 1000),
+                                 self.address)
+        return [Send(m.address, ask, "check"), Send(m.address, ping, "check")]
 
     def _on_ids(self, msg, acct, now):
         return self._on_ihave(msg, acct, now)

@@ -819,9 +819,31 @@ def test_possession_checks_find_members_that_only_take(checks):
     if checks:
         assert found[False] == 0 and found[True] == len(honest) * len(censors), found
         assert wronged == 0 and vetted == len(honest) * (len(honest) - 1), (wronged, vetted)
-        assert net.sent["check"] < 2 * len(honest) * len(net.nodes)  # about one per pair: vetting lasts
+        assert net.sent["check"] < 4 * len(honest) * len(net.nodes)  # about one ask (iwant + ping) per pair
     else:
         assert found[True] == 0 and net.sent["check"] == 0
+
+
+def test_possession_checks_do_not_blame_members_cut_off():
+    """A member that does not answer the ping sent with a check is unreachable (a partition),
+    not one that broke a promise: nobody loses standing over a cut."""
+    cfg = dataclasses.replace(CFG, spot_checks=0.0, check_age_s=3.0)
+    net = swarm(12, seed=123, loss=0.01, config=cfg)
+    for i in range(3):
+        net.publish(f"n{i}", note(f"record {i}", net.now, Identity.from_seed(b"author %d" % i)))
+    net.run(1)
+    cut = {"n9", "n10", "n11"}
+    ids = {net.nodes[a].id for a in cut}
+    for a in cut:
+        net.group[a] = 1
+    asked = 0
+    for _ in range(20):
+        net.run(0.5)
+        asked += sum(mid in ids for a in net.nodes if a not in cut for mid in net.nodes[a].spot)
+    net.group.clear()
+    net.run(10)
+    assert asked > 0  # checks did go to the members cut off
+    assert sum(n.rejected().get("broken_promise", 0) for n in net.nodes.values()) == 0
 
 
 # --- hypothesis: any input to Node.receive --------------------------------------------------------
