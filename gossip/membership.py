@@ -35,11 +35,11 @@ class Event:
 
 class Member:
     __slots__ = ("id", "key", "address", "incarnation", "meta", "hello", "state", "suspect_until",
-                 "last_seen", "deliveries", "seed", "rank", "since")
+                 "last_seen", "deliveries", "seed", "rank", "since", "first")
 
-    def __init__(self, msg, seen, rank, since):
+    def __init__(self, msg, seen, rank, since, first):
         self.id, self.key, self.seed, self.deliveries, self.rank = msg.sender_id, msg.sender, False, 0, rank
-        self.since = since  # when it became a member here
+        self.since, self.first = since, first  # when it became a member here (this time; the first time)
         self.state, self.suspect_until, self.last_seen = "alive", 0.0, seen  # the last time we know it spoke
         self.update(msg)
 
@@ -149,7 +149,7 @@ class Membership:
                 return []
             self._drop(self._victim())  # still alive, just out of our sample
         seen = now if direct and acct.node == mid else min(now, msg.ts / 1000)  # a relayed hello: when it was said
-        m = self.members[mid] = Member(msg, seen, self._rank(mid), now)
+        m = self.members[mid] = Member(msg, seen, self._rank(mid), now, self.ledger.first_seen(mid, now))
         m.seed = m.address in self.seeds
         self._worst = None
         self.dead.pop(mid, None)

@@ -18,9 +18,11 @@ network of thousands of nodes (gossip/sim.py).
   records when asked (a spot check): a censor that answers digests with ours cannot.
 - Possession checks: a few times a second, a member that has neither served us nor been vetted
   is asked for a record it must hold: one of our 64 newest, got `check_age_s` ago or more, after
-  we first knew of the member. A member that drops records cannot serve it and is no longer gossiped to;
-  one that serves it is vetted. So hostile members that only take are found however few of
-  them we would ever gossip with, and honest ones are asked once per vetting period.
+  we first knew of the member (and not within `check_age_s` of its joining our view), with a
+  ping. A member that answers the ping but not with the record, three times, broke a promise and
+  is no longer gossiped to; one that serves it (in any encoding) is vetted; one that answers
+  nothing may be cut off and is not blamed. So hostile members that only take are found however
+  few of them we would ever gossip with, and honest ones are asked once per vetting period.
 - Per-peer accounting (gossip/scoring.py), by the connection a message came on: a token bucket
   that every message and every signature check it causes draws on, and a score that bad input
   pulls down, to a ban.
@@ -95,6 +97,17 @@ class Deliver:
     record: wire.Record
 
 
+@dataclass
+class Promise:
+    """A record a member must serve us by `deadline` (a spot or possession check)."""
+    rid: bytes
+    deadline: float
+    origin: object          # the connection it answers for
+    again: int = 0          # asks left after this one (possession checks: a lost message is no broken promise)
+    seq: int = None         # a possession check's ping, whose direct ack shows the member reachable
+    answered: bool = False  # ... and it came
+
+
 HOUR_MS, DAY_MS, RECENT_HOURS = 3_600_000, 86_400_000, 48
 
 
@@ -113,8 +126,7 @@ class Node(Membership):
         self.late_ids = []                  # ids that reached us late: to announce to every member
         self.recent = []                    # (time we got it, id), oldest first: the ids our pings carry
         self.got = deque(maxlen=64)         # (time we got it, id) of our newest records: possession checks
-        self.spot = {}                      # member id -> (record id it must serve, deadline, connection, asks left,
-                                            #   when a possession check asked, else None)
+        self.spot = {}                      # member id -> Promise
         self.heard = {}                     # record id a ping said its sender has -> (pull at, address, connection)
         self.arrivals = {}                  # record id -> (first held, members that had it from us or were credited)
         self.wanted = {}                    # id -> (deadline, connection we asked)
@@ -187,16 +199,16 @@ class Node(Membership):
     def tick(self, now):
         self._now = now
         out, c, nxt = self._membership_tick(now), self.config, self.next
-        for mid, (_, deadline, origin, again, asked) in list(self.spot.items()):
-            if now >= deadline:
+        for mid, p in list(self.spot.items()):
+            if now >= p.deadline:
                 del self.spot[mid]
                 m = self.members.get(mid)
-                if asked is not None and (m is None or m.last_seen < asked):
-                    continue  # it did not even answer the ping: unreachable (a partition), not a broken promise
-                if again:  # a lost request or reply is no broken promise: ask again
-                    out += self._ask(m, self.ledger.accounts.get(origin), again - 1, now)
-                elif origin in self.ledger.accounts:
-                    out += self._penalize(self.ledger.accounts[origin], "broken_promise", now)
+                if p.seq is not None and (m is None or not p.answered):
+                    continue  # it did not answer the ping either: unreachable (a partition), not a broken promise
+                if p.again:  # a lost request or reply is no broken promise: ask again
+                    out += self._ask(m, self.ledger.accounts.get(p.origin), p.again - 1, now)
+                elif p.origin in self.ledger.accounts:
+                    out += self._penalize(self.ledger.accounts[p.origin], "broken_promise", now)
         out += self._pull_heard(now)
         if c.checks_per_s > 0 and now >= nxt["check"]:
             nxt["check"] = now + 1 / c.checks_per_s
@@ -281,9 +293,7 @@ class Node(Membership):
                 rid = head.get("id") if isinstance(head, dict) else None
                 if isinstance(rid, bytes) and rid in self.records and self.records[rid].encoded == blob:
                     acct.counts["duplicate"] += 1
-                    if self.spot.get(msg.sender_id, (None,))[0] == rid:  # served what its digest claimed
-                        del self.spot[msg.sender_id]
-                        self.ledger.vet(msg.sender_id, now)
+                    self._kept_promise(msg.sender_id, rid, now)
                     self._forwarded(rid, msg.sender_id, 0.5, now)
                     continue
                 asked = isinstance(rid, bytes) and self.wanted.get(rid, (0, None))[1] == acct.origin
@@ -297,6 +307,7 @@ class Node(Membership):
                 continue
             if record.id in self.records:  # the same record in other bytes (decoding accepts any key order)
                 acct.counts["duplicate"] += 1
+                self._kept_promise(msg.sender_id, record.id, now)  # checked and signed: it holds the record
                 continue
             self._keep(record, now)
             self.wanted.pop(record.id, None)
@@ -414,7 +425,7 @@ class Node(Membership):
         A censor that answers digests with ours (so that nothing is owed or swapped) cannot."""
         newest = max(self.hours)
         rid = self.rng.choice(self.hours[newest][2])
-        self.spot[msg.sender_id] = (rid, now + self.config.promise_timeout_s, acct.origin, 0, None)
+        self.spot[msg.sender_id] = Promise(rid, now + self.config.promise_timeout_s, acct.origin)
         return [self._message(msg.address, "iwant", {"ids": [rid]}, now)]
 
     def _possession_check(self, now):
@@ -429,23 +440,38 @@ class Node(Membership):
         for m in self.rng.sample(members, min(8, len(members))):  # a few draws: no scan of the view
             if (m.state == "alive" and m.id not in self.spot and led.standing(m.id, now) >= 0
                     and not led.vetted(m.id, now) and not led.served(m.id, now)):
-                out = self._ask(m, next(iter(led.by_member.get(m.id, ())), None), 1, now)
+                out = self._ask(m, next(iter(led.by_member.get(m.id, ())), None), 2, now)
                 if out:
                     return out
         return []
 
     def _ask(self, m, acct, again, now):
-        """Ask member `m` (on connection `acct`) for a record it must hold; `again`: asks left."""
-        due = [rid for t, rid in self.got if m.since <= t <= now - self.config.check_age_s]
-        if not due or acct is None:  # none it must hold; or it never spoke to us: nothing to hold it to
+        """Ask member `m` (on connection `acct`) for a record it must hold, with a ping like a probe's;
+        `again`: asks left."""
+        if acct is None or now - m.since < self.config.check_age_s:  # never spoke to us; or (re)joined lately
+            return []                                                  # and may still be catching up
+        due = [rid for t, rid in self.got if m.first <= t <= now - self.config.check_age_s]
+        if not due:
             return []
-        rid = self.rng.choice(due)
-        self.spot[m.id] = (rid, now + self.config.promise_timeout_s, acct.origin, again, now)
-        self.sent["check"] += 2  # an iwant and a ping (its ack shows the member reachable), apart from the rest
-        ask = wire.make_message(self.identity, "iwant", {"ids": [rid]}, int(now * 1000), self.address)
-        ping = wire.make_message(self.identity, "ping", {"seq": 0, "members": [], "suspects": []}, int(now * 1000),
-                                 self.address)
+        self.seq += 1
+        self.spot[m.id] = Promise(self.rng.choice(due), now + self.config.promise_timeout_s, acct.origin, again, self.seq)
+        self.sent["check"] += 2  # an iwant and a ping, apart from dissemination's and the probes'
+        stamp = int(now * 1000)
+        ask = wire.make_message(self.identity, "iwant", {"ids": [self.spot[m.id].rid]}, stamp, self.address)
+        ping = wire.make_message(self.identity, "ping", {"seq": self.seq, **self._piggyback(True)}, stamp, self.address)
         return [Send(m.address, ask, "check"), Send(m.address, ping, "check")]
+
+    def _kept_promise(self, mid, rid, now):
+        p = self.spot.get(mid)
+        if p is not None and p.rid == rid:  # served what its digest claimed, or what a check asked for
+            del self.spot[mid]
+            self.ledger.vet(mid, now)
+
+    def _on_ack(self, msg, acct, now):
+        p = self.spot.get(msg.sender_id)
+        if p is not None and p.seq is not None and msg.payload["seq"] == p.seq:
+            p.answered = True  # reachable, from itself: not through a helper, not a replay of an old ack
+        return super()._on_ack(msg, acct, now)
 
     def _on_ids(self, msg, acct, now):
         return self._on_ihave(msg, acct, now)

@@ -47,11 +47,11 @@ class Account:
 class Conduct:
     """What one member has done for us: debt and service, each as of a time, and when it last
     served a record its digest claimed (a spot check)."""
-    __slots__ = ("debt", "debt_at", "service", "service_at", "vetted_at")
+    __slots__ = ("debt", "debt_at", "service", "service_at", "vetted_at", "first")
 
     def __init__(self, now):
         self.debt, self.debt_at, self.service, self.service_at = 0.0, now, 0.0, now
-        self.vetted_at = None
+        self.vetted_at, self.first = None, now
 
 
 class Ledger:
@@ -162,6 +162,10 @@ class Ledger:
     def vet(self, mid, now):
         """The member served a record its digest said it held."""
         self._conduct(mid, now).vetted_at = now
+
+    def first_seen(self, mid, now):
+        """When the member first became known here (a leave and a rejoin do not make it new)."""
+        return self._conduct(mid, now).first
 
     def vetted(self, mid, now):
         c = self.conduct.get(mid)
