@@ -43,7 +43,7 @@ from gossip import protocol, sim, wire  # noqa: E402
 from gossip.identity import Identity  # noqa: E402
 
 CFG = protocol.CONFIG
-LATER_S = CFG.check_age_s + 5  # an attack scenario's pause before its later records, and the scores
+LATER_S = CFG.check_age_s + 30  # an attack scenario's pause before its later records (checks run for the last 30 s)
 LOSS = 0.01
 DISSEMINATION = ("push", "ihave", "iwant", "ids")
 AIMED = ("push", "ihave", "digest")    # an honest node's choice of gossip target shows in these
