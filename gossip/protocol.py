@@ -432,7 +432,7 @@ class Node(Membership):
         """Ask one member that has neither served us nor been vetted for a record it must hold: one
         we got at least `check_age_s` ago, and after the member first became known to us (so it
         was published while the member was among us). It must serve it within `promise_timeout_s`
-        (tick() asks once more when no record comes, then penalizes, unless the member did not answer
+        (tick() asks twice more when no record comes, then penalizes, unless the member did not answer
         the ping sent with the request either: it may be cut off; _on_push vets a kept promise)."""
         if not self.got or self.got[0][0] > now - self.config.check_age_s:
             return []
