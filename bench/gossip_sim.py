@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The gossip core in the simulator: dissemination, partition heal, and attacks.
 
-    python bench/gossip_sim.py [--sizes 10,100,1000,5000] [--seed S] [--quick]
+    python bench/gossip_sim.py [--parts abc] [--sizes 10,100,1000,5000] [--seed S] [--quick] [--set KEY=VALUE]
 
 Prints markdown tables on stdout (progress on stderr):
 
@@ -19,6 +19,7 @@ C. The attacks of libp2p gossipsub v1.1's evaluation that apply here (Sybil flas
    one node, censorship by dropping or delaying, cold boot), by hostile subclasses of
    protocol.Node, 100 honest nodes each (--honest); each against the same honest population
    without attack; and the CPU one connection can make a node spend on valid messages.
+   `--set checks_per_s=0` (any field of gossip.protocol.Config) runs every node with it changed.
 
 Every node runs the real protocol core (gossip/protocol.py), signatures and all. To save time,
 signature checks and the decoding of relayed `hello` blobs are memoized per exact bytes (the
@@ -91,7 +92,7 @@ def memoize_signatures():
 
 class Net(sim.Network):
     def __init__(self, **kw):
-        super().__init__(**kw)
+        super().__init__(**{"config": CFG, **kw})
         self.hostile = set()     # addresses
         self.order = []          # addresses in the order they joined
         self.aimed = Counter()   # (kind, to a hostile node?) for sends by honest nodes, by their choice
@@ -743,7 +744,7 @@ are drawn for half of every choice of gossip target. Target shares count the hon
 choices (pushes of records they forward, ihave, digest), not the publisher's flood of its own record.
 "No attack" is the same honest population without hostile nodes. Each scenario then waits {later:.0f} s
 (possession checks need records {age:.0f} s old) and publishes as many records again ("... later"
-rows); the scores are taken after those.""".format(later=LATER_S, age=CFG.check_age_s)
+rows); the scores are taken after those."""
 
 
 # --- main --------------------------------------------------------------------------------------
@@ -759,6 +760,20 @@ def git_state():
         return "unknown"
 
 
+def _setting(kv):
+    """("key", value) of a --set KEY=VALUE, the value of the field's type."""
+    key, sep, raw = kv.partition("=")
+    field = next((f for f in dataclasses.fields(protocol.Config) if f.name == key), None)
+    if not sep or field is None:
+        raise ValueError(f"{kv!r} is not KEY=VALUE with KEY a field of gossip.protocol.Config")
+    kind = type(getattr(protocol.CONFIG, key))
+    if kind is bool:
+        if raw not in ("true", "false"):
+            raise ValueError(f"{key} takes true or false, not {raw!r}")
+        return key, raw == "true"
+    return key, kind(raw)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default=None, help="comma-separated N for part A (default 10,100,1000,5000)")
@@ -768,14 +783,23 @@ def main():
     ap.add_argument("--parts", default="abc", help="which parts to run (a, b, c)")
     ap.add_argument("--honest", type=int, default=None, help="honest nodes in each attack scenario (default 100)")
     ap.add_argument("--no-memo", action="store_true", help="verify every signature (3x slower, same results)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of gossip.protocol.Config for every node, e.g. checks_per_s=0")
     args = ap.parse_args()
+    global CFG, LATER_S
+    try:
+        CFG = dataclasses.replace(CFG, **dict(_setting(kv) for kv in args.set))
+    except (ValueError, TypeError) as e:
+        ap.error(f"--set: {e}")
+    LATER_S = CFG.check_age_s + 30
     sizes = [int(s) for s in (args.sizes or ("10,100" if args.quick else "10,100,1000,5000")).split(",")]
     if not args.no_memo:
         memoize_signatures()
     c = CFG
     print(f"# Gossip simulation\n\nCore {git_state()}; fanout {c.fanout}, lazy fanout {c.lazy_fanout}, round "
           f"{c.round_s} s, anti-entropy every {c.ae_interval_s} s, probe every {c.ping_interval_s} s, suspicion "
-          f"{c.suspect_timeout_s} s, view ≤ {c.max_view}; {LOSS:.0%} message loss, latency 5–50 ms; seed {args.seed}.\n",
+          f"{c.suspect_timeout_s} s, view ≤ {c.max_view}; {LOSS:.0%} message loss, latency 5–50 ms; seed {args.seed}"
+          f"{'; set ' + ', '.join(args.set) if args.set else ''}.\n",
           flush=True)
 
     if "a" in args.parts:
@@ -801,7 +825,7 @@ def main():
         flood, rate = flood_cpu(args.seed)
         delivery, scores, notes = report_c(base, cold_base, results)
         print("## C. Attacks\n")
-        print(ATTACKS_DOC + "\n")
+        print(ATTACKS_DOC.format(later=LATER_S, age=CFG.check_age_s) + "\n")
         print(delivery + "\n")
         print(scores + "\n")
         if notes:
