@@ -35,11 +35,12 @@ class Event:
 
 class Member:
     __slots__ = ("id", "key", "address", "incarnation", "meta", "hello", "state", "suspect_until",
-                 "last_seen", "deliveries", "seed", "rank", "since", "first")
+                 "last_seen", "deliveries", "seed", "rank", "since", "first", "acked")
 
     def __init__(self, msg, seen, rank, since, first):
         self.id, self.key, self.seed, self.deliveries, self.rank = msg.sender_id, msg.sender, False, 0, rank
         self.since, self.first = since, first  # when it became a member here (this time; the first time)
+        self.acked = False  # it answered a ping of ours itself: its hello's address is really its own
         self.state, self.suspect_until, self.last_seen = "alive", 0.0, seen  # the last time we know it spoke
         self.update(msg)
 
@@ -379,6 +380,7 @@ class Membership:
             target = self.members.get(ch.target)
             if target:
                 target.last_seen, target.state = now, "alive"
+                target.acked |= msg.sender_id == target.id
             out += self._disproved(ch, now)
         return out
 

@@ -438,10 +438,13 @@ class Node(Membership):
             return []
         led, members = self.ledger, list(self.members.values())
         for m in self.rng.sample(members, min(8, len(members))):  # a few draws: no scan of the view
+            # a member whose address never answered as itself is asked once per half-life at most: a hello
+            # may name another node's address, and that node would get every check meant for it
             if (m.state == "alive" and m.id not in self.spot and led.standing(m.id, now) >= 0
-                    and not led.vetted(m.id, now) and not led.served(m.id, now)):
+                    and (m.acked or not led.asked(m.id, now)) and not led.vetted(m.id, now) and not led.served(m.id, now)):
                 out = self._ask(m, next(iter(led.by_member.get(m.id, ())), None), 2, now)
                 if out:
+                    led.ask(m.id, now)
                     return out
         return []
 
@@ -471,6 +474,8 @@ class Node(Membership):
         p = self.spot.get(msg.sender_id)
         if p is not None and p.seq is not None and msg.payload["seq"] == p.seq:
             p.answered = True  # reachable, from itself: not through a helper, not a replay of an old ack
+            if msg.sender_id in self.members:
+                self.members[msg.sender_id].acked = True
         return super()._on_ack(msg, acct, now)
 
     def _on_ids(self, msg, acct, now):

@@ -47,11 +47,11 @@ class Account:
 class Conduct:
     """What one member has done for us: debt and service, each as of a time, and when it last
     served a record its digest claimed (a spot check)."""
-    __slots__ = ("debt", "debt_at", "service", "service_at", "vetted_at", "first")
+    __slots__ = ("debt", "debt_at", "service", "service_at", "vetted_at", "first", "asked_at")
 
     def __init__(self, now):
         self.debt, self.debt_at, self.service, self.service_at = 0.0, now, 0.0, now
-        self.vetted_at, self.first = None, now
+        self.vetted_at, self.first, self.asked_at = None, now, None
 
 
 class Ledger:
@@ -166,6 +166,15 @@ class Ledger:
     def first_seen(self, mid, now):
         """When the member first became known here (a leave and a rejoin do not make it new)."""
         return self._conduct(mid, now).first
+
+    def ask(self, mid, now):
+        """We asked the member for a record it must hold (a possession check)."""
+        self._conduct(mid, now).asked_at = now
+
+    def asked(self, mid, now):
+        """Whether a possession check asked it within the last half-life."""
+        c = self.conduct.get(mid)
+        return c is not None and c.asked_at is not None and now - c.asked_at < SERVICE_HALF_LIFE_S
 
     def vetted(self, mid, now):
         c = self.conduct.get(mid)
