@@ -21,8 +21,10 @@ network of thousands of nodes (gossip/sim.py).
   we first knew of the member (and not within `check_age_s` of its joining our view), with a
   ping. A member that answers the ping but not with the record, three times, broke a promise and
   is no longer gossiped to; one that serves it (in any encoding) is vetted; one that answers
-  nothing may be cut off and is not blamed. So hostile members that only take are found however
-  few of them we would ever gossip with, and honest ones are asked once per vetting period.
+  nothing may be cut off and is not blamed (and, if its address never answered a ping as itself,
+  is not asked again for a vetting period: a hello may name another node's address). So hostile
+  members that only take are found however few of them we would ever gossip with, and honest
+  ones are asked once per vetting period.
 - Per-peer accounting (gossip/scoring.py), by the connection a message came on: a token bucket
   that every message and every signature check it causes draws on, and a score that bad input
   pulls down, to a ban.
