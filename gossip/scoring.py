@@ -45,8 +45,9 @@ class Account:
 
 
 class Conduct:
-    """What one member has done for us: debt and service, each as of a time, and when it last
-    served a record its digest claimed (a spot check)."""
+    """What one member has done for us: debt and service, each as of a time, when it last
+    served a record we asked it for (a spot or possession check), when it became known here,
+    and when a possession check last asked it."""
     __slots__ = ("debt", "debt_at", "service", "service_at", "vetted_at", "first", "asked_at")
 
     def __init__(self, now):
