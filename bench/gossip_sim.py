@@ -763,8 +763,7 @@ def git_state():
 def _setting(kv):
     """("key", value) of a --set KEY=VALUE, the value of the field's type."""
     key, sep, raw = kv.partition("=")
-    field = next((f for f in dataclasses.fields(protocol.Config) if f.name == key), None)
-    if not sep or field is None:
+    if not sep or key not in {f.name for f in dataclasses.fields(protocol.Config)}:
         raise ValueError(f"{kv!r} is not KEY=VALUE with KEY a field of gossip.protocol.Config")
     kind = type(getattr(protocol.CONFIG, key))
     if kind is bool:

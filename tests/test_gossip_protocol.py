@@ -790,12 +790,21 @@ def test_silent_censors_earn_no_service_and_fail_spot_checks():
     assert targets[True] / sum(targets.values()) < 0.1, targets  # a quarter of the members, seldom a target
 
 
+def checks_only(**kw):
+    """The core's config with digest spot checks off: possession checks are all that can blame."""
+    return dataclasses.replace(CFG, spot_checks=0.0, **kw)
+
+
+def broken_promises(net):
+    return sum(n.rejected().get("broken_promise", 0) for n in net.nodes.values())
+
+
 @pytest.mark.parametrize("checks", [4.0, 0.0])
 def test_possession_checks_find_members_that_only_take(checks):
     """With digest spot checks off, only possession checks can tell a silent censor from an honest
     member that was never first with a record: every honest node finds every censor, and no honest
     member fails one (1 % loss). Without them, none is found."""
-    cfg = dataclasses.replace(CFG, spot_checks=0.0, checks_per_s=checks)
+    cfg = checks_only(checks_per_s=checks)
     net = Sim(seed=122, loss=0.01, config=cfg)
     net.add()
     for i in range(1, 16):
@@ -827,7 +836,7 @@ def test_possession_checks_find_members_that_only_take(checks):
 def test_possession_checks_do_not_blame_members_cut_off():
     """A member that does not answer the ping sent with a check is unreachable (a partition),
     not one that broke a promise: nobody loses standing over a cut."""
-    cfg = dataclasses.replace(CFG, spot_checks=0.0, check_age_s=3.0)
+    cfg = checks_only(check_age_s=3.0)
     net = swarm(12, seed=123, loss=0.01, config=cfg)
     for i in range(3):
         net.publish(f"n{i}", note(f"record {i}", net.now, Identity.from_seed(b"author %d" % i)))
@@ -843,27 +852,27 @@ def test_possession_checks_do_not_blame_members_cut_off():
     net.group.clear()
     net.run(10)
     assert asks  # checks did go to the members cut off
-    assert sum(n.rejected().get("broken_promise", 0) for n in net.nodes.values()) == 0
+    assert broken_promises(net) == 0
     assert len(asks) > len({(a, mid) for a, mid, _ in asks})  # members that answered before are asked again
 
 
 def test_possession_checks_blame_no_honest_member_under_loss():
     """At 10 % message loss a check fails once now and then (the request, the record or the ack
     lost); three asks, and no blame where the ack never came, keep every honest member clean."""
-    cfg = dataclasses.replace(CFG, spot_checks=0.0, check_age_s=5.0)
+    cfg = checks_only(check_age_s=5.0)
     net = swarm(16, seed=11, loss=0.1, config=cfg)
     for k in range(40):
         net.publish(f"n{k % 16}", note(f"r{k}", net.now, Identity.from_seed(b"a%d" % k)))
         net.run(2)
     net.run(20)
     assert net.sent["check"] > 16 * 15  # every pair was asked
-    assert sum(n.rejected().get("broken_promise", 0) for n in net.nodes.values()) == 0
+    assert broken_promises(net) == 0
 
 
 def test_possession_check_passes_a_record_served_in_other_bytes():
     """Decoding accepts any key order, so one record can travel in two encodings; a member that
     serves ours in its own bytes holds it all the same (a signed, checked copy)."""
-    cfg = dataclasses.replace(CFG, spot_checks=0.0, check_age_s=5.0)
+    cfg = checks_only(check_age_s=5.0)
     net = swarm(12, seed=7, config=cfg)
     author = Identity.from_seed(b"two faces")
     for k in range(3):
@@ -875,14 +884,14 @@ def test_possession_check_passes_a_record_served_in_other_bytes():
         net.run(1)
     net.run(30)
     assert net.sent["check"] > 0
-    assert sum(n.rejected().get("broken_promise", 0) for n in net.nodes.values()) == 0
+    assert broken_promises(net) == 0
 
 
 def test_possession_checks_spare_an_address_a_stranger_claims():
     """A hello may name another node's address. Checks meant for that member then go to the other
     node, which cannot answer as it: a member whose address never answered as itself is asked once
     per vetting period, not four times a second."""
-    cfg = dataclasses.replace(CFG, spot_checks=0.0, check_age_s=3.0)
+    cfg = checks_only(check_age_s=3.0)
     net = swarm(8, seed=124, config=cfg)
     node = net.nodes["n0"]
     net.inject("evil", "n0", _member_hello(MALLORY, "n3", ms=int(net.now * 1000)))  # "I am at n3"
