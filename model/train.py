@@ -336,9 +336,10 @@ gpu_name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
 peak = next((v for k, v in peak_flops.items() if k in gpu_name), None)
 autocast = torch.autocast(device_type=DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda")
 train_model = torch.compile(model, dynamic=False) if DEVICE == "cuda" else model
-grad_accum = max(1, TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * SEQ_LEN))
-batch_tokens = grad_accum * DEVICE_BATCH_SIZE * SEQ_LEN
-loader = prepare.TrainLoader(data, DEVICE_BATCH_SIZE, SEQ_LEN, DEVICE)
+rows = max(1, min(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // SEQ_LEN))  # a step smaller than a forward pass: fewer rows
+grad_accum = max(1, TOTAL_BATCH_SIZE // (rows * SEQ_LEN))
+batch_tokens = grad_accum * rows * SEQ_LEN
+loader = prepare.TrainLoader(data, rows, SEQ_LEN, DEVICE)
 print(f"device: {gpu_name} | profile: {prepare.PROFILE} | data: {data.fingerprint[:16]} | "
       f"params: {num_params / 1e6:.1f}M | batch: {batch_tokens:,} tokens | budget: {TIME_BUDGET:.0f}s", flush=True)
 

@@ -267,9 +267,10 @@ peak_lrs = [opt.learning_rate.item() for opt in optimizer.optimizers]
 mx.eval(model.parameters(), optimizer.state)
 num_params = sum(p.size for _, p in tree_flatten(model.parameters()))
 flops_per_token = model.flops_per_token()
-grad_accum = max(1, TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * SEQ_LEN))
-batch_tokens = grad_accum * DEVICE_BATCH_SIZE * SEQ_LEN
-loader = prepare.TrainLoader(data, DEVICE_BATCH_SIZE, SEQ_LEN, None)  # numpy int32 batches
+rows = max(1, min(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // SEQ_LEN))  # a step smaller than a forward pass: fewer rows
+grad_accum = max(1, TOTAL_BATCH_SIZE // (rows * SEQ_LEN))
+batch_tokens = grad_accum * rows * SEQ_LEN
+loader = prepare.TrainLoader(data, rows, SEQ_LEN, None)  # numpy int32 batches
 print(f"device: mlx {mx.__version__} on the {DEVICE} | profile: {prepare.PROFILE} | data: {data.fingerprint[:16]} | "
       f"params: {num_params / 1e6:.1f}M | batch: {batch_tokens:,} tokens | budget: {TIME_BUDGET:.0f}s", flush=True)
 

@@ -115,8 +115,13 @@ def step(c, direction, scale=1.0):
     if c.kind == "pow2":
         v = c.value * 2 if direction == "up" else c.value // 2
         return v if v >= 1 else None
-    if c.kind == "int":
-        v = c.value + 1 if direction == "up" else c.value - 1
+    if c.kind == "int":  # a count: one more or less; past 8 (warm-up steps, say) by the float's factor
+        if c.value <= 8:
+            v = c.value + 1 if direction == "up" else c.value - 1
+        else:
+            f = 1.5 ** scale
+            v = round(c.value * f) if direction == "up" else round(c.value / f)
+            v = v if v != c.value else c.value + (1 if direction == "up" else -1)
         return v if v >= 1 else None
     pattern = c.value
     if direction == "up":  # one more full-context layer

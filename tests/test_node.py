@@ -71,6 +71,15 @@ def test_constants_follow_the_device_branch():
     assert {"MATRIX_LR", "WARMDOWN_RATIO", "WINDOW_PATTERN"} <= set(cpu)
 
 
+def test_steps_are_sized_to_the_value():
+    cpu = proposers.constants(BASELINE, "cpu")
+    assert [proposers.step(cpu["DEPTH"], d) for d in ("up", "down")] == [5, 3]  # a small count: one more or less
+    warmup = cpu["MUON_MOMENTUM_WARMUP"]  # a large count moves like a float, not 200 -> 199
+    assert warmup.kind == "int" and [proposers.step(warmup, d) for d in ("up", "down")] == [300, 133]
+    assert proposers.step(warmup, "up", scale=1 / 3) == 229
+    assert [proposers.step(cpu["TOTAL_BATCH_SIZE"], d) for d in ("up", "down")] == [4096, 1024]
+
+
 def test_proposals_are_real_one_line_diffs_reproducible_under_a_seed():
     ctx = proposers.Context(BASELINE, [], 0.01, "cpu", [])
     a, b = proposers.OfflineProposer(3).propose(ctx), proposers.OfflineProposer(3).propose(ctx)

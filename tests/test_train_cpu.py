@@ -28,3 +28,17 @@ def test_train_refuses_missing_data(tmp_path):
     r = subprocess.run([sys.executable, "model/train.py"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines() == [f"error: no prepared data in {tmp_path}: run `python -m model.prepare --source stdlib` first"]
+
+
+def test_a_step_smaller_than_a_forward_pass_takes_fewer_rows(stdlib_cache, tmp_path):
+    # TOTAL_BATCH_SIZE below DEVICE_BATCH_SIZE x SEQ_LEN once meant a whole forward pass anyway: an
+    # edit the proposer makes first on the CPU changed nothing but the noise
+    source = open(os.path.join(ROOT, "model", "train.py")).read()
+    assert "    TOTAL_BATCH_SIZE = 8 * 256\n" in source
+    (tmp_path / "train.py").write_text(source.replace("    TOTAL_BATCH_SIZE = 8 * 256\n", "    TOTAL_BATCH_SIZE = 512\n"))
+    env = dict(os.environ, AUTORESEARCH_CACHE=str(stdlib_cache), AUTORESEARCH_TIME_BUDGET="1",
+               AUTORESEARCH_PROFILE="cpu", PYTHONPATH=os.path.join(ROOT, "model"))
+    r = subprocess.run([sys.executable, str(tmp_path / "train.py")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "| batch: 512 tokens |" in r.stdout
