@@ -35,7 +35,8 @@ SETTINGS = {
     "remeasure_every": (8, int, "re-measure the current best after this many experiments"),
     "max_reruns": (2, int, "extra runs of a thin win before it is kept or dropped"),
     "keep_sigmas": (2.0, float, "a keep must beat the best by this many standard errors"),
-    "noise_floor": (0.0005, float, "smallest run-to-run noise assumed, in val_bpb"),
+    "noise_floor": (None, float, "smallest run-to-run noise assumed, in val_bpb (default: the profile's: 0.0005 "
+                                 "for gpu, 0.003 for cpu and tiny)"),
     "verify_share": (0.3, float, "share of run time spent verifying peers' improvements when none is strong "
                                  "(strong ones may take up to 0.75; 0: never verify)"),
     "verify_batch": (8, int, "most peers' improvements verified merged in one run (1: one at a time)"),
@@ -43,6 +44,9 @@ SETTINGS = {
                                  "first (about the time a record takes to reach the swarm; 0: no wait)"),
 }
 CPU_BUDGET = 30.0
+# Run-to-run sd of val_bpb assumed at the least: on an H100 the baseline's is 0.0005-0.0012; on a 2-core
+# CPU at 30 s it is 0.004-0.009 (bench/cpu_screen.py), and two baseline runs may by chance agree to 0.0005
+NOISE_FLOORS = {"gpu": 0.0005, "cpu": 0.003, "tiny": 0.003}
 PROFILES = ("gpu", "cpu", "tiny")  # model/prepare.py's, named here without importing it (it reads the profile once)
 
 
@@ -101,6 +105,11 @@ def load(path=None, overrides=None):
     if out["baseline_runs"] < 2:
         raise ConfigError("baseline_runs must be at least 2: the noise is measured from them")
     return out
+
+
+def noise_floor(settings):
+    """The settings' noise floor, else the profile's."""
+    return settings["noise_floor"] or NOISE_FLOORS.get(settings["profile"], NOISE_FLOORS["cpu"])
 
 
 def _typed(key, value, where):

@@ -24,7 +24,7 @@ import time
 
 from gossip import store as records_store, wire
 from gossip.identity import Identity
-from node import claude, gittree, home as homes, memory as memories, proposer as proposers, swarm
+from node import claude, config, gittree, home as homes, memory as memories, proposer as proposers, swarm
 from sandbox import backend as backends
 
 MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model")
@@ -148,7 +148,7 @@ class Node:
         return homes.measurements(self.store.experiments())
 
     def noise(self):
-        return noise(self.measurements(), self.s["noise_floor"], self.memory.peer_noise(self.hardware()))
+        return noise(self.measurements(), config.noise_floor(self.s), self.memory.peer_noise(self.hardware()))
 
     # -- running ------------------------------------------------------------
 
