@@ -31,7 +31,7 @@ MARKS = [  # (statement the mark follows, mark, the mark's indent: inside the lo
     ("model = GPT(data.vocab_size, data.bos_id).to(DEVICE)\n", "model", None),
     ("model.init_weights()\n", "init", None),
     ("adam, muon = make_optimizers(model)\n", "optimizers", None),
-    ("loader = prepare.TrainLoader(data, DEVICE_BATCH_SIZE, SEQ_LEN, DEVICE)\n", "loader", None),
+    ("loader = prepare.TrainLoader(data, rows, SEQ_LEN, DEVICE)\n", "loader", None),
     ("\nx, y, epoch = next(loader)\n", "first batch", None),
     ("            loss = train_model(x, y)\n", "forward", " " * 12),
     ("        (loss / grad_accum).backward()\n", "backward", " " * 8),

@@ -62,7 +62,7 @@ class Objective:
     def __init__(self, seed):
         rng = random.Random(seed)
         self.base = proposers.constants(BASELINE, "cpu")
-        self.names = [n for n, c in self.base.items() if c.kind != "pattern"]
+        self.names = [n for n, c in self.base.items() if c.kind != "pattern" and n not in proposers.MEMORY]
         self.opt = {n: rng.gauss(0, 1.5) for n in self.names}
         self.curv = {n: rng.uniform(0.0005, 0.004) for n in self.names}
         pairs = [(a, b) for i, a in enumerate(self.names) for b in self.names[i + 1:]]
@@ -81,6 +81,8 @@ class Objective:
                 out[n] = math.log(b.value / a.value) / math.log(1.5)
             elif a.kind == "pow2":
                 out[n] = math.log2(b.value / a.value)
+            elif a.value > 8:  # a count the proposer steps by a factor (proposer.step)
+                out[n] = math.log(b.value / a.value) / math.log(1.5)
             else:
                 out[n] = float(b.value - a.value)
         return out
@@ -201,7 +203,7 @@ class SimNode:
         return self.sim.obj.true(self.best, self.tag)
 
     def noise(self):
-        return loop.noise(self.m, SETTINGS["noise_floor"], self.memory.peer_noise(self.hw) if self.sim.use_memory else (0, 0))
+        return loop.noise(self.m, config.noise_floor(SETTINGS), self.memory.peer_noise(self.hw) if self.sim.use_memory else (0, 0))
 
     def score(self, h):
         return swarm.score(self.m[h], self.noise())

@@ -336,7 +336,9 @@ gpu_name = torch.cuda.get_device_name() if DEVICE == "cuda" else DEVICE
 peak = next((v for k, v in peak_flops.items() if k in gpu_name), None)
 autocast = torch.autocast(device_type=DEVICE, dtype=torch.bfloat16, enabled=DEVICE == "cuda")
 train_model = torch.compile(model, dynamic=False) if DEVICE == "cuda" else model
-rows = max(1, min(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // SEQ_LEN))  # a step smaller than a forward pass: fewer rows
+if TOTAL_BATCH_SIZE < SEQ_LEN:
+    sys.exit(f"error: TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is less than one row of {SEQ_LEN} tokens")
+rows = min(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // SEQ_LEN)  # a step smaller than a forward pass: fewer rows
 grad_accum = max(1, TOTAL_BATCH_SIZE // (rows * SEQ_LEN))
 batch_tokens = grad_accum * rows * SEQ_LEN
 loader = prepare.TrainLoader(data, rows, SEQ_LEN, DEVICE)

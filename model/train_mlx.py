@@ -267,7 +267,9 @@ peak_lrs = [opt.learning_rate.item() for opt in optimizer.optimizers]
 mx.eval(model.parameters(), optimizer.state)
 num_params = sum(p.size for _, p in tree_flatten(model.parameters()))
 flops_per_token = model.flops_per_token()
-rows = max(1, min(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // SEQ_LEN))  # a step smaller than a forward pass: fewer rows
+if TOTAL_BATCH_SIZE < SEQ_LEN:
+    sys.exit(f"error: TOTAL_BATCH_SIZE {TOTAL_BATCH_SIZE} is less than one row of {SEQ_LEN} tokens")
+rows = min(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE // SEQ_LEN)  # a step smaller than a forward pass: fewer rows
 grad_accum = max(1, TOTAL_BATCH_SIZE // (rows * SEQ_LEN))
 batch_tokens = grad_accum * rows * SEQ_LEN
 loader = prepare.TrainLoader(data, rows, SEQ_LEN, None)  # numpy int32 batches

@@ -45,7 +45,7 @@ SETTINGS = {
 }
 CPU_BUDGET = 30.0
 # Run-to-run sd of val_bpb assumed at the least: on an H100 the baseline's is 0.0005-0.0012; on a 2-core
-# CPU at 30 s it is 0.004-0.009 (bench/cpu_screen.py), and two baseline runs may by chance agree to 0.0005
+# CPU at 30 s it is 0.004-0.014 (bench/cpu_screen.py), and two baseline runs may by chance agree to 0.0005
 NOISE_FLOORS = {"gpu": 0.0005, "cpu": 0.003, "tiny": 0.003}
 PROFILES = ("gpu", "cpu", "tiny")  # model/prepare.py's, named here without importing it (it reads the profile once)
 
@@ -109,7 +109,9 @@ def load(path=None, overrides=None):
 
 def noise_floor(settings):
     """The settings' noise floor, else the profile's."""
-    return settings["noise_floor"] or NOISE_FLOORS.get(settings["profile"], NOISE_FLOORS["cpu"])
+    if settings["noise_floor"] is not None:
+        return settings["noise_floor"]
+    return NOISE_FLOORS.get(settings["profile"], NOISE_FLOORS["cpu"])
 
 
 def _typed(key, value, where):

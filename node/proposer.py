@@ -20,6 +20,9 @@ NUMBER = r"\d+(?:\.\d*)?(?:[eE][-+]?\d+)?"
 # what is tried first, before the bandit has data: the usual winners of short-budget runs
 PRIOR = ("MATRIX_LR", "TOTAL_BATCH_SIZE", "EMBEDDING_LR", "WARMDOWN_RATIO", "UNEMBEDDING_LR", "DEPTH", "MODEL_DIM",
          "WEIGHT_DECAY", "SCALAR_LR", "WINDOW_PATTERN", "MLP_RATIO")
+# what is never tried: rows per forward pass trade memory for speed at the same tokens per step
+# (train.py takes fewer rows when TOTAL_BATCH_SIZE is smaller), so a step up changes nothing
+MEMORY = ("DEVICE_BATCH_SIZE",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +170,7 @@ class OfflineProposer:
             combo = self._combine(ctx, consts, stats)
             if combo:
                 return combo
-        arms = [(n, d) for n in consts for d in ("up", "down")]
+        arms = [(n, d) for n in consts if n not in MEMORY for d in ("up", "down")]
         order = {n: i for i, n in enumerate(PRIOR)}
         arms.sort(key=lambda a: (order.get(a[0], len(PRIOR)), rng.random()))
         total = sum(s[0] for s in stats.values()) + 1
@@ -211,7 +214,7 @@ class OfflineProposer:
 
     def _combine(self, ctx, consts, stats):
         """The two best single-parameter near-misses (better, not kept) on different parameters, together."""
-        near = [(mean, arm) for arm, (n, mean, _) in stats.items() if 0 < mean and arm[0] in consts]
+        near = [(mean, arm) for arm, (n, mean, _) in stats.items() if 0 < mean and arm[0] in consts and arm[0] not in MEMORY]
         near.sort(reverse=True)
         picked, names = [], set()
         for _, (name, d) in near:

@@ -291,8 +291,8 @@ def test_prices():
 
 PEER = Identity.from_seed(b"mlx-peer")
 CRASH = [("WARMDOWN_RATIO = 0.75", "WARMDOWN_RATIO = 0.6"),  # the idea, and a typo that fails before training
-         ("grad_accum = max(1, TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * SEQ_LEN))",
-          "grad_accum = max(1, TOTAL_BATCH_SIZE // (DEVICE_BATCH_SIZE * SEQ_LENGTH))")]
+         ("grad_accum = max(1, TOTAL_BATCH_SIZE // (rows * SEQ_LEN))",
+          "grad_accum = max(1, TOTAL_BATCH_SIZE // (rows * SEQ_LENGTH))")]
 PORTED = ("ADAM_BETAS = (0.8, 0.95)", "ADAM_BETAS = (0.85, 0.95)")
 RENAMED = ("betas=ADAM_BETAS,", "betas=ADAM_BETA,")  # the port's own slip: it crashes too, early
 LATENCY = 2.0

@@ -84,6 +84,16 @@ def test_steps_are_sized_to_the_value():
     assert [proposers.step(cpu["TOTAL_BATCH_SIZE"], d) for d in ("up", "down")] == [4096, 1024]
 
 
+def test_the_proposer_leaves_rows_per_pass_alone():
+    # DEVICE_BATCH_SIZE is memory, not quality: train.py takes TOTAL_BATCH_SIZE tokens a step either way
+    p, history, names = proposers.OfflineProposer(0), [], set()
+    for _ in range(40):
+        prop = p.propose(proposers.Context(BASELINE, history, 0.01, "cpu", []))
+        names.update(c["name"] for c in prop.edit["changes"])
+        history.append(dict(edit=prop.edit, status="discard", val_bpb=3.01, parent_bpb=3.0))
+    assert "DEVICE_BATCH_SIZE" not in names and {"MATRIX_LR", "TOTAL_BATCH_SIZE", "DEPTH"} <= names
+
+
 def test_proposals_are_real_one_line_diffs_reproducible_under_a_seed():
     ctx = proposers.Context(BASELINE, [], 0.01, "cpu", [])
     a, b = proposers.OfflineProposer(3).propose(ctx), proposers.OfflineProposer(3).propose(ctx)

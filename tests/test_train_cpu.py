@@ -42,3 +42,9 @@ def test_a_step_smaller_than_a_forward_pass_takes_fewer_rows(stdlib_cache, tmp_p
                        text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "| batch: 512 tokens |" in r.stdout
+    # less than one row cannot be a step: an error, not a silent row of 256
+    (tmp_path / "train.py").write_text(source.replace("    TOTAL_BATCH_SIZE = 8 * 256\n", "    TOTAL_BATCH_SIZE = 128\n"))
+    r = subprocess.run([sys.executable, str(tmp_path / "train.py")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "error: TOTAL_BATCH_SIZE 128 is less than one row of 256 tokens")
