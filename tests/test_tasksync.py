@@ -210,8 +210,11 @@ def test_a_killed_fetch_resumes_without_fetching_verified_chunks_again(tmp_path,
     log = cache / "partial" / task.fingerprint / "verified"
     slow = Server(stdlib_data.folder, task, "127.0.0.1", rate=400_000).start()  # ~5 s for the whole task
     try:
+        # Ctrl-C as at a terminal, also where the suite itself runs with SIGINT ignored (a background job
+        # of a shell without job control), which the child would inherit and so finish the fetch
         proc = subprocess.Popen([sys.executable, "-c", FETCH.format(port=slow.port, task=task.task, cache=str(cache))],
-                                cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                                cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 30
         while not (log.exists() and len(log.read_text().splitlines()) >= 8):
             assert proc.poll() is None and time.time() < deadline, "the fetch ended before it could be killed"
