@@ -37,6 +37,12 @@ def run(path, budget):
     return out
 
 
+def edit(base, consts, name, value):
+    """(label, source) of the baseline with one constant set."""
+    c = consts[name]
+    return f"{name} {proposer.render(c, c.value)} -> {proposer.render(c, value)}", proposer.apply(base, consts, [(name, value)])
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget", type=float, default=30)
@@ -55,8 +61,7 @@ def main(argv=None):
         new = proposer.step(consts[name], d)
         if new is None:
             ap.error(f"{item!r}: no step that way")
-        edits.append((f"{name} {proposer.render(consts[name], consts[name].value)} -> {proposer.render(consts[name], new)}",
-                      proposer.apply(base, consts, [(name, new)])))
+        edits.append(edit(base, consts, name, new))
     for kv in args.set:
         name, _, raw = kv.partition("=")
         if name not in consts:
@@ -66,15 +71,10 @@ def main(argv=None):
             value = raw if c.kind == "pattern" else type(c.value)(raw)
         except ValueError:
             ap.error(f"{kv!r}: {name} takes a {type(c.value).__name__}")
-        edits.append((f"{name} {proposer.render(c, c.value)} -> {proposer.render(c, value)}",
-                      proposer.apply(base, consts, [(name, value)])))
-    k = max(1, args.baselines)
-    slots = [round(i * len(edits) / max(1, k - 1)) for i in range(k)] if k > 1 else [0]
-    plan = []
-    for i in range(len(edits) + 1):
-        plan += [("baseline", base)] * slots.count(i)
-        if i < len(edits):
-            plan.append(edits[i])
+        edits.append(edit(base, consts, name, value))
+    k, plan = max(1, args.baselines), list(edits)
+    for i in reversed(range(k)):  # the i-th baseline goes before edit round(i * n / (k - 1)): first, ..., last
+        plan.insert(round(i * len(edits) / max(1, k - 1)), ("baseline", base))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (label, source) in enumerate(plan):
@@ -87,7 +87,7 @@ def main(argv=None):
             bpb = f"{r['val_bpb']:.4f}" if r.get("val_bpb") is not None else "-"
             print(f"[{i + 1}/{len(plan)}] {label}: {r.get('status')} {bpb} ({r.get('num_steps')} steps)", file=sys.stderr,
                   flush=True)
-    bases = [v for label, s, v, _ in rows if label == "baseline" and v is not None]
+    bases = [v for label, _, v, _ in rows if label == "baseline" and v is not None]
     mean = statistics.mean(bases) if bases else None
     sd = statistics.stdev(bases) if len(bases) > 1 else None
     print(f"\nbudget {args.budget:g} s, profile cpu; baselines: mean {mean:.4f}" + (f", sd {sd:.4f}" if sd else "")
