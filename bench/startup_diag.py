@@ -92,8 +92,9 @@ def main():
         t = time.time()
         res = sandbox.run(tree, budget=args.budget, trusted=trusted, **kw)
         open(os.path.join(OUT, f"{label}.log"), "w").write(res.log_tail)
+        phases = [line for line in res.log_tail.splitlines() if line.startswith("harness:")]
         rows.append(dict(case=label, rc=res.status + " " + ",".join(res.violations), wall=round(time.time() - t, 1),
-                         harness_eval=res.evaluation_seconds, **fields(res.log_tail)))
+                         harness_eval=res.evaluation_seconds, phases=phases[-1] if phases else None, **fields(res.log_tail)))
 
     everything = {
         "A": ("in-process cold", lambda: inprocess("A_inproc_cold", trees["baseline"])),
