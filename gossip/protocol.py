@@ -220,8 +220,8 @@ class Node(Membership):
         for rid, (deadline, origin) in list(self.wanted.items()):
             if now >= deadline:
                 del self.wanted[rid]
-                if rid not in self.records and origin in self.ledger.accounts:
-                    out += self._penalize(self.ledger.accounts[origin], "broken_promise", now)
+                if rid not in self.records and origin in self.ledger.accounts:  # one ask: it may be a lost message,
+                    out += self._penalize(self.ledger.accounts[origin], "unserved_pull", now)  # not a check's three
         if now >= nxt["round"]:
             nxt["round"] = now + c.round_s
             if self.lazy:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 PENALTY = {"malformed": 1.0, "oversize": 2.0, "schema": 2.0, "version": 0.5, "unknown_type": 1.0,
            "future": 1.0, "stale": 0.5, "bad_signature": 4.0, "id_mismatch": 4.0, "broken_promise": 1.0,
+           "unserved_pull": 1.0,
            "throttled": 0.05, "spoofed": 4.0}
 DEBT_DECAY = 0.1             # per second: one debt sidelines a member for ~10 s
 SERVICE_HALF_LIFE_S = 600.0  # evidence of service fades over minutes, not at once

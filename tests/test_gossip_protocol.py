@@ -613,7 +613,7 @@ def test_ids_on_a_ping_are_pulled_when_no_push_brought_them():
     pulls = sends(node.tick(1.0 + CFG.have_wait_s), {"iwant"})
     assert [(o.address, wire.decode_message(o.data, 2_000).payload["ids"]) for o in pulls] == [("s", [r2.id])]
     node.tick(1.0 + CFG.have_wait_s + CFG.promise_timeout_s)
-    assert node.ledger.accounts["s"].counts["broken_promise"] == 1
+    assert node.ledger.accounts["s"].counts["unserved_pull"] == 1
 
 
 def test_a_record_that_arrives_late_is_announced_to_every_member():
