@@ -259,6 +259,7 @@ def warm(framework):
         return
     try:
         _warm_cuda(torch, F)
+        torch.cuda.empty_cache()  # the candidate trains beside this process: what warming cached goes back
     except Exception as e:  # noqa: BLE001 -- warming only saves time; the model's own forward decides
         print(f"serve: warming up failed ({type(e).__name__}: {e}); the first batches will be slower", file=sys.stderr)
 
