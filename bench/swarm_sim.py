@@ -203,7 +203,7 @@ class SimNode:
         return self.sim.obj.true(self.best, self.tag)
 
     def noise(self):
-        return loop.noise(self.m, config.noise_floor(SETTINGS), self.memory.peer_noise(self.hw) if self.sim.use_memory else (0, 0))
+        return loop.noise(self.m, config.noise_floor(SETTINGS), self.peer_noise())
 
     def score(self, h):
         return swarm.score(self.m[h], self.noise())
@@ -238,15 +238,30 @@ class SimNode:
         while True:
             yield from self.run(source, kind if kind == "verify" or not runs else "rerun")
             runs += 1
+            yield from self.ensure_noise()
             v = loop.verdict(self.m[best], self.m[h], self.noise(), SETTINGS["keep_sigmas"], reruns)
             if v != "rerun":
                 return v, runs
             reruns -= 1
 
+    def ensure_noise(self):
+        """loop.Node.ensure_noise: before a verdict, re-run the best while the noise rests on fewer
+        degrees of freedom (ours and same-tag peers') than baseline_runs baseline runs give."""
+        self.ledger.refresh()
+        while not (loop.noise_measured(self.m, self.peer_noise(), SETTINGS["baseline_runs"])
+                   or len(self.m[swarm.content_hash(self.best)]) >= SETTINGS["baseline_runs"]):
+            kind = "baseline" if self.best == BASELINE else "remeasure"
+            yield from self.run(self.best, kind)
+            self.log(self.sim.now - RUN_MIN, kind, "the best (repeat, noise)", "")
+
+    def peer_noise(self):
+        return self.memory.peer_noise(self.hw) if self.sim.use_memory else (0, 0)
+
     def life(self):
-        """The node's loop (loop.Node.run): baselines, then verify or experiment, the best re-measured
-        every remeasure_every experiments."""
-        for i in range(SETTINGS["baseline_runs"]):
+        """The node's loop (loop.Node.run): baselines (one when peers are alive: ensure_noise runs the
+        rest if needed), then verify or experiment, the best re-measured every remeasure_every
+        experiments."""
+        for i in range(SETTINGS["baseline_runs"] if len(self.sim.nodes) == 1 else 1):
             yield from self.run(BASELINE, "baseline")
             self.log(self.sim.now - RUN_MIN, "baseline", "the baseline" + (f" (repeat {i})" if i else ""), "")
         experiments = remeasured = 0
@@ -340,7 +355,7 @@ class SimNode:
             expires = self.sim.now + 2 * RUN_MIN * (1 + SETTINGS["max_reruns"])  # as loop.Node.claim
             claim = self.sign("claim", dict(task=TASK, parent=ph, child=ch, idea=idea, hardware=self.hw,
                                             description=p.description, expires=int(expires * 60_000),
-                                            diff=gittree.diff_texts(best, p.source)))
+                                            diff=gittree.diff_texts(best, p.source), parent_score=self.score(ph)))
             self.sim.publish(self, claim)
             if lost == loop.CLAIM_TRIES - 1 or len(self.sim.nodes) == 1:  # no peer to race
                 break

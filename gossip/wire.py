@@ -171,7 +171,10 @@ OPTIONAL = {
     "attestation": {"jointly": lambda x: isinstance(x, list) and 0 < len(x) <= MAX_JOINTLY
                     and all(_record_id(i) for i in x)},
     # diff: what the claimed candidate changes, so that peers can try other parameters meanwhile
-    "claim": {"diff": lambda x: isinstance(x, str) and len(x) <= CLAIM_DIFF_CHARS},
+    "claim": {"diff": lambda x: isinstance(x, str) and len(x) <= CLAIM_DIFF_CHARS,
+              # parent_score: the claimant's own score of the parent, so that peers of its tag learn the
+              # run-to-run noise from a tree many of them ran once (the baseline) a run sooner
+              "parent_score": _score},
 }
 
 

@@ -38,16 +38,31 @@ class Stop(BaseException):
     on the way may swallow it)."""
 
 
-def noise(measurements, floor, peers=(0.0, 0)):
-    """Pooled standard deviation of val_bpb over commits measured more than once, with `peers`
-    (sum of squares, degrees of freedom) from same-tag peers' records (memory.Memory.peer_noise)."""
+def pooled(measurements, peers=(0.0, 0)):
+    """(sum of squares, degrees of freedom) of val_bpb over commits measured more than once, with
+    `peers` (the same) from same-tag peers' records (memory.Memory.peer_noise)."""
     ss, dof = peers
     for xs in measurements.values():
         if len(xs) > 1:
             m = sum(xs) / len(xs)
             ss += sum((x - m) ** 2 for x in xs)
             dof += len(xs) - 1
+    return ss, dof
+
+
+def noise(measurements, floor, peers=(0.0, 0)):
+    """Pooled standard deviation of val_bpb (see pooled), never below `floor`."""
+    ss, dof = pooled(measurements, peers)
     return max(floor, math.sqrt(ss / dof)) if dof else floor
+
+
+def noise_measured(measurements, peers, baseline_runs):
+    """Whether the noise rests on at least the degrees of freedom that baseline_runs runs of the
+    baseline give, our own repeated runs and same-tag peers' together. A node with peers runs the
+    baseline once and checks this only when it first needs the noise, at its first verdict: by
+    then the peers that started before it have published their runs of the baseline, and it
+    re-runs its best only when they have not (Node.ensure_noise)."""
+    return pooled(measurements, peers)[1] >= baseline_runs - 1
 
 
 def verdict(best, cand, sigma, sigmas, reruns_left):
@@ -276,7 +291,8 @@ class Node:
                                          child=swarm.content_hash(self.tree.read(commit)), idea=idea,
                                          hardware=self.hardware(), description=description[:500],
                                          expires=int(expires * 1000),
-                                         **({"diff": diff} if len(diff) <= wire.CLAIM_DIFF_CHARS else {})))
+                                         **({"diff": diff} if len(diff) <= wire.CLAIM_DIFF_CHARS else {}),
+                                         **({"parent_score": self.scores(parent)} if parent in self.measurements() else {})))
         if self.network:
             self.network.publish(record)
         else:
@@ -302,10 +318,11 @@ class Node:
             proposer=proposer, description=description[:500], **_inspired(inspired)))
 
     def baseline(self):
-        """Run the unmodified tree until it has been measured baseline_runs times."""
+        """Run the unmodified tree until it has been measured baseline_runs times; once when peers
+        are alive (their records may give the noise by our first verdict: ensure_noise)."""
         while True:
             done = sum(e["kind"] == "baseline" and e["status"] == "keep" for e in self.store.experiments())
-            if done >= self.s["baseline_runs"]:
+            if done >= self.s["baseline_runs"] or (done and self.network and self.network.alive()):
                 return
             exp, r = self.measure("baseline", self.best(), "baseline" if not done else f"baseline (repeat {done}, noise)")
             self.decide([exp], "keep" if r.status == "ok" else "crash")
@@ -521,12 +538,31 @@ class Node:
             ids.append(exp)
             if r.status != "ok":
                 return "crash", ids, r
+            self.ensure_noise()
             m = self.measurements()
             v = verdict(m[self.best()], m[commit], self.noise(), self.s["keep_sigmas"], reruns)
             if v == "rerun":
                 reruns -= 1
                 continue
             return v, ids, r
+
+    def ensure_noise(self):
+        """Before a verdict: re-run the best while neither our own repeated runs nor same-tag peers'
+        claims and records give the noise as many degrees of freedom as baseline_runs baseline runs would (a
+        node that ran the baseline once because peers were alive, whose peers published nothing
+        of use yet). A lone node has run all its baselines already and runs nothing here."""
+        while True:
+            self.ledger.refresh()  # what peers published while we ran
+            m = self.measurements()
+            if (noise_measured(m, self.memory.peer_noise(self.hardware()), self.s["baseline_runs"])
+                    or len(m.get(self.best(), ())) >= self.s["baseline_runs"]):
+                return
+            kind = "baseline" if self.best() == self.tree.root() else "remeasure"
+            exp, r = self.measure(kind, self.best(), f"{kind} (repeat, noise)")
+            self.decide([exp], "keep" if r.status == "ok" else "crash")
+            if r.status != "ok":  # the tree ran before: this machine fails, as when a baseline crashes
+                raise homes.HomeError(f"the best {self.best()[:7]} did not run again in the sandbox ({r.status}); "
+                                      "its log ends:\n" + "\n".join(r.log_tail.splitlines()[-15:]))
 
     # -- verification -------------------------------------------------------
 

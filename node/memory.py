@@ -219,24 +219,39 @@ class Memory:
         estimates alone, 9 % with peers' (at a cost: 1.1 h to the target instead of 0.9,
         bench/RESULTS.md, before this rule). Peers none of whose improvements we confirmed
         ourselves count together as one peer: a swarm of fresh keys reporting no spread at all
-        (or confirming each other) moves the estimate no more than one node can."""
+        (or confirming each other) moves the estimate no more than one node can. A tree that several
+        peers ran once each (the baseline, which every node runs first) gives their spread too: k
+        runs, k - 1 degrees of freedom, on k machines of one tag, so any difference between the
+        machines adds to it (a larger estimate: a stricter keep rule, never a looser one). Claims
+        carry their parent's score: a peer's baseline is known here as soon as it starts its first
+        experiment, before our own first verdict (loop.Node.ensure_noise)."""
         best = {}
-        for r in self.ledger.experiments:
+        for r in self.ledger.experiments + self.ledger.claims:
             if r.author_id == self.ledger.me or swarm.closeness(r.body["hardware"], hardware) < COMPATIBLE:
                 continue
-            for h, sc in ((r.body["parent"], r.body["before"]), (r.body["child"], r.body["after"])):
-                if sc and sc["runs"] >= 2 and sc["runs"] > best.get((r.author_id, h), {"runs": 0})["runs"]:
+            scores = (((r.body["parent"], r.body.get("parent_score")),) if r.type == "claim" else
+                      ((r.body["parent"], r.body["before"]), (r.body["child"], r.body["after"])))
+            for h, sc in scores:
+                if sc and sc["runs"] > best.get((r.author_id, h), {"runs": 0})["runs"]:
                     best[(r.author_id, h)] = sc
-        per = defaultdict(lambda: [0.0, 0])
-        for (author, _), sc in best.items():
-            per[author][0] += (sc["runs"] - 1) * sc["spread"] ** 2
-            per[author][1] += sc["runs"] - 1
+        per, single = defaultdict(lambda: [0.0, 0]), defaultdict(dict)
+        for (author, h), sc in best.items():
+            if sc["runs"] == 1:
+                single[h][author] = sc["val_bpb"]
+            elif self.ledger.standing(author) >= 0.4:
+                per[author][0] += (sc["runs"] - 1) * sc["spread"] ** 2
+                per[author][1] += sc["runs"] - 1
         earned, fresh = [0.0, 0.0], [0.0, 0.0]  # (ss, dof) of peers proven to us / the others
         for author, (a_ss, a_dof) in per.items():
-            if self.ledger.standing(author) >= 0.4:
-                keep = min(1.0, MAX_PEER_DOF / a_dof)
-                pool = earned if self.ledger.proven(author) else fresh
-                pool[0], pool[1] = pool[0] + a_ss * keep, pool[1] + a_dof * keep
+            keep = min(1.0, MAX_PEER_DOF / a_dof)
+            pool = earned if self.ledger.proven(author) else fresh
+            pool[0], pool[1] = pool[0] + a_ss * keep, pool[1] + a_dof * keep
+        for values in single.values():  # one tree run once by each of several peers: their spread
+            xs = {a: x for a, x in values.items() if self.ledger.standing(a) >= 0.4}
+            if len(xs) >= 2:
+                m = sum(xs.values()) / len(xs)
+                pool = earned if all(self.ledger.proven(a) for a in xs) else fresh
+                pool[0], pool[1] = pool[0] + sum((x - m) ** 2 for x in xs.values()), pool[1] + len(xs) - 1
         # keys cost nothing: peers none of whose improvements were confirmed count together as one
         keep = min(1.0, MAX_PEER_DOF / fresh[1]) if fresh[1] else 0.0
         return earned[0] + fresh[0] * keep, earned[1] + fresh[1] * keep

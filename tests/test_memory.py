@@ -357,3 +357,26 @@ def test_a_tangle_of_forged_records_costs_one_pass(tmp_path):
     ledger.refresh()
     assert ledger.source(swarm.content_hash(UP), KNOWN.get) == UP
     store.close()
+
+
+def test_one_tree_run_once_by_several_peers_gives_their_spread(mem):
+    """Peers of our tag that each ran the baseline once (read from their claims' parent_score, or
+    from their records' scores) give the noise: k runs, k - 1 degrees of freedom; one peer alone,
+    or peers of another tag, give none."""
+    now = time.time()
+
+    def claiming(author, val, hardware=HW):
+        body = dict(claim(author, BASELINE, UP, now=now).body, hardware=hardware,
+                    parent_score=dict(val_bpb=val, runs=1, spread=0.0005))
+        return wire.make_record(author, "claim", body, now * 1000)
+    add(mem, claiming(BOB, 3.000), claiming(Identity.from_seed(b"far"), 3.5, hardware=dict(HW, accelerator="H100")))
+    assert mem.peer_noise(HW) == (0.0, 0.0)
+    carol = Identity.from_seed(b"carol")
+    add(mem, claiming(carol, 3.004))
+    ss, dof = mem.peer_noise(HW)
+    assert dof == 1 and ss == pytest.approx(2 * 0.002 ** 2)
+    add(mem, experiment(Identity.from_seed(b"dave"), BASELINE, UP))  # its before: the baseline at 3.0, one run
+    ss, dof = mem.peer_noise(HW)
+    m = (3.000 + 3.004 + 3.0) / 3
+    assert dof == 2 and ss == pytest.approx(sum((x - m) ** 2 for x in (3.000, 3.004, 3.0)))
+    assert loop.noise({}, 0.0005, (ss, dof)) == pytest.approx((ss / 2) ** 0.5)

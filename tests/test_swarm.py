@@ -518,3 +518,72 @@ def test_the_best_is_re_measured_once_per_remeasure_every_experiments(tmp_path, 
         node.close()
     assert [d for kind, d in calls if kind == "remeasure"] == [4, 8]
     assert sum(kind == "experiment" for kind, _ in calls) == 9 and any(kind == "verify" for kind, _ in calls)
+
+
+class _Peers:
+    """A stand-in for the gossip network: one peer alive, records stored as they are sent."""
+
+    def __init__(self, records):
+        self.records = records
+
+    def alive(self):
+        return 1
+
+    def publish(self, record):
+        self.records.add(record)
+
+
+def _scripted(node, values):
+    """Replace the sandbox: a run of commit c scores values(c, kind); every run is listed."""
+    from sandbox.result import HardwareTag, Result
+    hw = HardwareTag.detect(node.s["budget"], node.s["profile"], node.data.fingerprint, node.backend)
+    runs = []
+
+    def measure(kind, commit, description, proposer="-", edit=None, usage=None):
+        exp = node.store.start(kind, node.best(), commit, description, proposer, edit, usage)
+        val = values(commit, kind)
+        r = Result("ok", val, 1.0, 1.5, 0.5, 100.0, 10, 1000, (), 0.0, hw, (), "")
+        node.store.finish(exp, "measured", val, 0.1, node.noise(), r.to_json())
+        runs.append((kind, commit == node.tree.root()))
+        return exp, r
+    return measure, runs
+
+
+@pytest.mark.parametrize("peers_ran_it", [False, True])
+def test_a_node_with_peers_runs_the_baseline_once_and_again_only_if_they_give_no_noise(
+        tmp_path, stdlib_data, monkeypatch, peers_ran_it):
+    """With peers alive a node runs the baseline once; before its first verdict it re-runs it only
+    when no same-tag peers' claims or records give the noise (here: two peers' claims carrying
+    their one run of the baseline)."""
+    node = make_node(tmp_path / "n", stdlib_data, baseline_runs=2, max_reruns=0, claim_settle=0.0)
+    try:
+        node.network = _Peers(node.records)
+        measure, runs = _scripted(node, lambda commit, kind: 3.0 if commit == node.tree.root() else 2.9)
+        monkeypatch.setattr(node, "measure", measure)
+        node.baseline()
+        assert runs == [("baseline", True)]
+        base = swarm.content_hash(node.tree.read(node.best()))
+        if peers_ran_it:
+            for i, val in enumerate((3.002, 2.999)):
+                body = dict(task=node.task, parent=base, child="c" * 64, idea="d" * 64, hardware=node.hardware(),
+                            description="trying", expires=int((time.time() + 600) * 1000),
+                            parent_score=dict(val_bpb=val, runs=1, spread=0.0005))
+                node.records.add(wire.make_record(Identity.from_seed(b"peer%d" % i), "claim", body, time.time() * 1000))
+        assert node.experiment()
+    finally:
+        node.network = None
+        node.close()
+    again = [] if peers_ran_it else [("baseline", True)]
+    assert runs == [("baseline", True), ("candidate", False)] + again
+    ss, dof = loop.pooled(node_measurements(tmp_path / "n"), (0.0, 0))
+    assert dof == (0 if peers_ran_it else 1)
+
+
+def node_measurements(home):
+    from node import home as homes
+    store = homes.Store(os.path.join(str(home), "store.sqlite"))
+    try:
+        return homes.measurements(store.experiments())
+    finally:
+        store.db.close()
+
