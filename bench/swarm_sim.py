@@ -234,15 +234,19 @@ class SimNode:
         key = (self.tag, best, h)
         self.sim.duplicates += kind == "experiment" and self.sim.runs[key] > 0
         self.sim.runs[key] += 1
-        runs, reruns = 0, SETTINGS["max_reruns"]
+        runs, reruns, again = 0, SETTINGS["max_reruns"], False
         while True:
-            yield from self.run(source, kind if kind == "verify" or not runs else "rerun")
-            runs += 1
+            if again:  # loop.rerun_best: the best has fewer runs than the candidate
+                yield from self.run(self.best, "rerun")
+            else:
+                yield from self.run(source, kind if kind == "verify" or not runs else "rerun")
+                runs += 1
             yield from self.ensure_noise()
             v = loop.verdict(self.m[best], self.m[h], self.noise(), SETTINGS["keep_sigmas"], reruns)
             if v != "rerun":
                 return v, runs
             reruns -= 1
+            again = loop.rerun_best(self.m[best], self.m[h])
 
     def ensure_noise(self):
         """loop.Node.ensure_noise: before a verdict, re-run the best while the noise rests on fewer

@@ -76,6 +76,14 @@ def verdict(best, cand, sigma, sigmas, reruns_left):
     return "discard"
 
 
+def rerun_best(best, cand):
+    """Whether a thin win's next run re-measures the best rather than the candidate: when the best
+    has fewer runs (a node that ran the baseline once, a best kept on one run), where one more run
+    shrinks the standard error of their difference most; the best is compared with every later
+    candidate too."""
+    return len(best) < len(cand)
+
+
 class Node:
     def __init__(self, home, settings, data, out=sys.stdout):
         self.home, self.s, self.data, self.out = home, settings, data, out
@@ -529,20 +537,25 @@ class Node:
         return any((c.ts, c.author_id) < (claim.ts, claim.author_id) for c in rivals)
 
     def trial(self, kind, commit, description, proposer, edit=None, usage=None):
-        """Measure a committed candidate, re-running a thin win: (keep | discard | crash, run ids,
-        last result); nothing decided yet. The proposal's usage goes with its first run."""
-        ids, reruns = [], self.s["max_reruns"]
+        """Measure a committed candidate, re-running a thin win (or the best, when it has fewer runs:
+        rerun_best): (keep | discard | crash, the candidate's run ids, its last result); nothing
+        decided yet. The proposal's usage goes with its first run."""
+        ids, reruns, again = [], self.s["max_reruns"], False
         while True:
-            exp, r = self.measure(kind if not ids or kind == "verify" else "rerun", commit, description, proposer, edit,
-                                  None if ids else usage)
-            ids.append(exp)
-            if r.status != "ok":
-                return "crash", ids, r
+            if again:
+                self.remeasure()
+            else:
+                exp, r = self.measure(kind if not ids or kind == "verify" else "rerun", commit, description, proposer,
+                                      edit, None if ids else usage)
+                ids.append(exp)
+                if r.status != "ok":
+                    return "crash", ids, r
             self.ensure_noise()
             m = self.measurements()
             v = verdict(m[self.best()], m[commit], self.noise(), self.s["keep_sigmas"], reruns)
             if v == "rerun":
                 reruns -= 1
+                again = rerun_best(m[self.best()], m[commit])
                 continue
             return v, ids, r
 

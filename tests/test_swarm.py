@@ -587,3 +587,18 @@ def node_measurements(home):
     finally:
         store.db.close()
 
+
+def test_a_thin_win_re_runs_the_best_when_the_best_has_fewer_runs(tmp_path, stdlib_data, monkeypatch):
+    """A best measured once (one baseline run, its noise from peers) against a thin win measured
+    twice: the next run is the best's, where the standard error of the difference falls most."""
+    node = make_node(tmp_path / "n", stdlib_data, baseline_runs=1, max_reruns=2, noise_floor=0.01)
+    try:
+        measure, runs = _scripted(node, lambda commit, kind: 3.0 if commit == node.tree.root() else 2.99)
+        monkeypatch.setattr(node, "measure", measure)
+        node.baseline()
+        assert node.experiment()
+    finally:
+        node.close()
+    assert runs == [("baseline", True), ("candidate", False), ("rerun", False), ("remeasure", True)]
+    assert [loop.rerun_best([1.0], [1.0]), loop.rerun_best([1.0], [1.0, 1.0]), loop.rerun_best([1.0] * 2, [1.0])] == [
+        False, True, False]
