@@ -31,7 +31,8 @@ SETTINGS = {
     "mdns": (True, bool, "do not look for peers on the LAN by mDNS (config: mdns = false)"),
     "start": (None, str, "the train.py a new home starts from (default: the baseline, model/train.py)"),
     "max_experiments": (0, int, "stop after this many experiments (0: run until stopped)"),
-    "baseline_runs": (2, int, "runs of the unmodified tree at the start, to measure the noise"),
+    "baseline_runs": (2, int, "runs of the unmodified tree at the start, to measure the noise (one when peers are "
+                                "alive: their claims' scores of the baseline may give it by the first verdict)"),
     "remeasure_every": (8, int, "re-measure the current best after this many experiments"),
     "max_reruns": (2, int, "extra runs of a thin win before it is kept or dropped"),
     "keep_sigmas": (2.0, float, "a keep must beat the best by this many standard errors"),

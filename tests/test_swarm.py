@@ -591,13 +591,21 @@ def node_measurements(home):
 def test_a_thin_win_re_runs_the_best_when_the_best_has_fewer_runs(tmp_path, stdlib_data, monkeypatch):
     """A best measured once (one baseline run, its noise from peers) against a thin win measured
     twice: the next run is the best's, where the standard error of the difference falls most."""
-    node = make_node(tmp_path / "n", stdlib_data, baseline_runs=1, max_reruns=2, noise_floor=0.01)
+    node = make_node(tmp_path / "n", stdlib_data, max_reruns=2, noise_floor=0.01, claim_settle=0.0)
     try:
+        node.network = _Peers(node.records)
         measure, runs = _scripted(node, lambda commit, kind: 3.0 if commit == node.tree.root() else 2.99)
         monkeypatch.setattr(node, "measure", measure)
         node.baseline()
+        base = swarm.content_hash(node.tree.read(node.best()))
+        for i, val in enumerate((3.002, 2.999)):  # two peers' runs of the baseline: the noise
+            body = dict(task=node.task, parent=base, child="c" * 64, idea="d" * 64, hardware=node.hardware(),
+                        description="trying", expires=int((time.time() + 600) * 1000),
+                        parent_score=dict(val_bpb=val, runs=1, spread=0.0005))
+            node.records.add(wire.make_record(Identity.from_seed(b"peer%d" % i), "claim", body, time.time() * 1000))
         assert node.experiment()
     finally:
+        node.network = None
         node.close()
     assert runs == [("baseline", True), ("candidate", False), ("rerun", False), ("remeasure", True)]
     assert [loop.rerun_best([1.0], [1.0]), loop.rerun_best([1.0], [1.0, 1.0]), loop.rerun_best([1.0] * 2, [1.0])] == [
