@@ -202,9 +202,6 @@ class Hostile(protocol.Node):
     def _on_ids(self, msg, acct, now):
         return [] if self.drop and self.censor is None else super()._on_ids(msg, acct, now)
 
-    def _sync_new(self, m, now):  # takes no part in anti-entropy (tick() drops its periodic digests)
-        return [] if self.drop and self.censor is None else super()._sync_new(m, now)
-
     # membership
     def _piggyback(self, own, rumours=True):
         p = super()._piggyback(own, rumours)

@@ -1,8 +1,7 @@
 """Membership, the half of the protocol core that knows who is out there (gossip/protocol.py
 is the other half: records). Pure like it; a mixin of protocol.Node, which supplies the
 identity, config, rng, ledger and clock (`_now`), signs what goes out (`_message`), bans
-(`_penalize`), lets records ride on membership messages (`_have`, `_hear_of`), and syncs
-records with a member new to the view (`_sync_new`).
+(`_penalize`), and lets records ride on membership messages (`_have`, `_hear_of`).
 
 - SWIM: a signed `hello` per node (its address and incarnation) relayed by peers; one probe per
   period, then indirect probes through k others; suspicion before removal; refutation by a
@@ -17,8 +16,6 @@ records with a member new to the view (`_sync_new`).
   seen however often (or by whom) each was introduced.
 - Gossip targets and peer exchange lean on evidence of service: members that delivered us
   records first are drawn half the time (scoring.Ledger.served), and named in peer exchange.
-- A member new to our view gets one anti-entropy exchange at once (protocol.Node._sync_new, as
-  memberlist's push-pull on join), while we hold records too old for our pings to name.
 """
 
 import hashlib
@@ -159,7 +156,7 @@ class Membership:
         self.dead.pop(mid, None)
         if seen >= now - self.config.news_s:  # news (a join, a restart, or first-hand): spread it; an old
             self._spread(msg.encoded, mid)     # hello heard second-hand travels by peer exchange alone
-        return [Event("member_joined", {"id": mid, "address": m.address})] + self._sync_new(m, now)
+        return [Event("member_joined", {"id": mid, "address": m.address})]
 
     def _peek(self, blob):
         """(member id, incarnation) as a hello's bytes claim them, unchecked; None if they do not parse."""

@@ -13,10 +13,9 @@ network of thousands of nodes (gossip/sim.py).
   standing (the push path around us failed). A record is delivered (to be stored) before
   anything forwards it.
 - Anti-entropy: every period a digest of the store (count and xor-hash per hour of record
-  time, per day beyond 48 h) goes to one member, and one goes to each member new to our view;
-  both sides list their ids of the buckets that differ and pull what they lack. A periodic
-  partner whose digest equals ours must serve one of our records when asked (a spot check): a
-  censor that answers digests with ours cannot.
+  time, per day beyond 48 h) goes to one member; both sides list their ids of the buckets
+  that differ and pull what they lack. A member whose digest equals ours must serve one of our
+  records when asked (a spot check): a censor that answers digests with ours cannot.
 - Possession checks: a few times a second, a member that has neither served us nor been vetted
   is asked for a record it must hold: one of our 64 newest, got `check_age_s` ago or more, after
   we first knew of the member (and not within `check_age_s` of its joining our view), with a
@@ -76,8 +75,6 @@ class Config:
                                    # standing, at most once per anti-entropy period
     flood_publish: bool = True     # our own new record goes to every member in good standing, not `fanout`
     spot_checks: float = 0.25      # share of digests equal to ours whose sender must then serve one of our records
-    sync_new: bool = True          # a member new to our view gets a digest at once (one anti-entropy exchange),
-                                   # while we hold a record older than have_s
     checks_per_s: float = 4.0      # possession checks: members neither vetted nor serving asked for a record ...
     check_age_s: float = 60.0      # ... we have held this long (honest nodes got records within 60 s in every attack simulated)
     rate_per_s: float = 400.0      # tokens per connection, sustained: a message or a signature check each
@@ -405,25 +402,9 @@ class Node(Membership):
             a[1] ^= xor
         return [[k, c, x.to_bytes(16, "big")] for k, (c, x) in sorted(agg.items())][-wire.LIMITS.array_len:]
 
-    def _sync_new(self, m, now):
-        """A member new to our view (a newcomer, a healed partition, a node that joined through
-        hostile nodes only) may lack records we hold, or hold some we lack: one anti-entropy
-        exchange with it at once, not when the periodic draw happens to pick it. Only while we
-        hold a record older than `have_s` (or loaded from the store): younger ones it learns of
-        from the ids on our pings, so a swarm whose views are still filling pays nothing. Its
-        reply is spot-checked by no one (only the periodic partner's is), so that loss of a spot
-        check's reply does not cost an honest newcomer its standing."""
-        if not self.config.sync_new:
-            return []
-        self._have()  # forgets what is older than have_s
-        if len(self.records) <= len(self.recent):
-            return []
-        return [self._message(m.address, "digest", {"buckets": self._digest(now), "reply": True}, now)]
-
     def _on_digest(self, msg, acct, now):
         address = msg.address
-        periodic = not msg.payload["reply"] and msg.sender_id == self.ae_waiting
-        if periodic:
+        if not msg.payload["reply"] and msg.sender_id == self.ae_waiting:
             self.ae_waiting = None
             self.ledger.owe(msg.sender_id, -1.0, now)
         theirs = {k: (c, h) for k, c, h in msg.payload["buckets"]}
@@ -436,7 +417,7 @@ class Node(Membership):
                     out.append(self._message(address, "ids", {"bucket": k, "ids": ids[j:j + wire.LIMITS.array_len]}, now))
         if msg.payload["reply"]:
             out.append(self._message(address, "digest", {"buckets": self._digest(now), "reply": False}, now))
-        elif (periodic and theirs == mine and mine and msg.sender_id not in self.spot and not self.ledger.served(msg.sender_id, now)
+        elif (theirs == mine and mine and msg.sender_id not in self.spot and not self.ledger.served(msg.sender_id, now)
               and not self.ledger.vetted(msg.sender_id, now) and self.rng.random() < self.config.spot_checks):
             out += self._spot_check(msg, acct, now)
         return out

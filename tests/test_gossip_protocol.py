@@ -887,28 +887,6 @@ def test_possession_check_passes_a_record_served_in_other_bytes():
     assert broken_promises(net) == 0
 
 
-@pytest.mark.parametrize("sync", [True, False])
-def test_a_member_new_to_the_view_is_synced_at_once(sync):
-    """A node meeting a member that holds records it missed (a latecomer; a node whose seeds were
-    all hostile, found at last by an honest one) pulls them within a second, not when the periodic
-    anti-entropy draw happens to pick that member (here: never)."""
-    cfg = dataclasses.replace(CFG, ae_interval_s=1000.0, sync_new=sync)
-    net = swarm(6, seed=131, config=cfg)
-    rids = []
-    for i in range(3):
-        r = note(f"record {i}", net.now, Identity.from_seed(b"author %d" % i))
-        net.publish(f"n{i}", r)
-        rids.append(r.id)
-    net.add(seeds=["n5"])
-    net.run(1.0)
-    assert net.sent["digest"] == 0  # records young enough for the ids on pings: no sync, no cost
-    net.run(cfg.have_s + 5)  # older than the ids pings carry: only anti-entropy brings them now
-    late = net.add(seeds=["n5"])
-    net.run(1.0)
-    assert held_by(net, rids[0], net.live()) is sync and all(late.address in net.holders(r) for r in rids) is sync
-    assert (net.sent["digest"] > 0) is sync
-
-
 def test_possession_checks_spare_an_address_a_stranger_claims():
     """A hello may name another node's address. Checks meant for that member then go to the other
     node, which cannot answer as it: a member whose address never answered as itself is asked once
