@@ -564,11 +564,7 @@ def test_a_node_with_peers_runs_the_baseline_once_and_again_only_if_they_give_no
         assert runs == [("baseline", True)]
         base = swarm.content_hash(node.tree.read(node.best()))
         if peers_ran_it:
-            for i, val in enumerate((3.002, 2.999)):
-                body = dict(task=node.task, parent=base, child="c" * 64, idea="d" * 64, hardware=node.hardware(),
-                            description="trying", expires=int((time.time() + 600) * 1000),
-                            parent_score=dict(val_bpb=val, runs=1, spread=0.0005))
-                node.records.add(wire.make_record(Identity.from_seed(b"peer%d" % i), "claim", body, time.time() * 1000))
+            _peers_claim_with_scores(node, base, (3.002, 2.999))
         assert node.experiment()
     finally:
         node.network = None
@@ -577,6 +573,15 @@ def test_a_node_with_peers_runs_the_baseline_once_and_again_only_if_they_give_no
     assert runs == [("baseline", True), ("candidate", False)] + again
     ss, dof = loop.pooled(node_measurements(tmp_path / "n"), (0.0, 0))
     assert dof == (0 if peers_ran_it else 1)
+
+
+def _peers_claim_with_scores(node, parent, scores):
+    """One claim per score, each from another peer of the node's tag, carrying its one run of `parent`."""
+    for i, val in enumerate(scores):
+        body = dict(task=node.task, parent=parent, child="c" * 64, idea="d" * 64, hardware=node.hardware(),
+                    description="trying", expires=int((time.time() + 600) * 1000),
+                    parent_score=dict(val_bpb=val, runs=1, spread=0.0005))
+        node.records.add(wire.make_record(Identity.from_seed(b"peer%d" % i), "claim", body, time.time() * 1000))
 
 
 def node_measurements(home):
@@ -598,11 +603,7 @@ def test_a_thin_win_re_runs_the_best_when_the_best_has_fewer_runs(tmp_path, stdl
         monkeypatch.setattr(node, "measure", measure)
         node.baseline()
         base = swarm.content_hash(node.tree.read(node.best()))
-        for i, val in enumerate((3.002, 2.999)):  # two peers' runs of the baseline: the noise
-            body = dict(task=node.task, parent=base, child="c" * 64, idea="d" * 64, hardware=node.hardware(),
-                        description="trying", expires=int((time.time() + 600) * 1000),
-                        parent_score=dict(val_bpb=val, runs=1, spread=0.0005))
-            node.records.add(wire.make_record(Identity.from_seed(b"peer%d" % i), "claim", body, time.time() * 1000))
+        _peers_claim_with_scores(node, base, (3.002, 2.999))  # two peers' runs of the baseline: the noise
         assert node.experiment()
     finally:
         node.network = None
