@@ -1,5 +1,6 @@
 """The swarm: foreign improvements rebuilt, rebased with git's three-way merge, ranked, verified
 in the real sandbox, adopted or refuted, attested; records durable before they are sent."""
+import contextlib
 import os
 import time
 
@@ -555,28 +556,37 @@ def test_a_node_with_peers_runs_the_baseline_once_and_again_only_if_they_give_no
     """With peers alive a node runs the baseline once; before its first verdict it re-runs it only
     when no same-tag peers' claims or records give the noise (here: two peers' claims carrying
     their one run of the baseline)."""
-    node = make_node(tmp_path / "n", stdlib_data, baseline_runs=2, max_reruns=0, claim_settle=0.0)
-    try:
-        node.network = _Peers(node.records)
-        measure, runs = _scripted(node, lambda commit, kind: 3.0 if commit == node.tree.root() else 2.9)
-        monkeypatch.setattr(node, "measure", measure)
-        node.baseline()
+    with _node_with_peers(tmp_path / "n", stdlib_data, monkeypatch, 2.9, baseline_runs=2, max_reruns=0) as (node, runs):
         assert runs == [("baseline", True)]
-        base = swarm.content_hash(node.tree.read(node.best()))
         if peers_ran_it:
-            _peers_claim_with_scores(node, base, (3.002, 2.999))
+            _peers_claim_with_scores(node, (3.002, 2.999))
         assert node.experiment()
-    finally:
-        node.network = None
-        node.close()
     again = [] if peers_ran_it else [("baseline", True)]
     assert runs == [("baseline", True), ("candidate", False)] + again
     ss, dof = loop.pooled(node_measurements(tmp_path / "n"), (0.0, 0))
     assert dof == (0 if peers_ran_it else 1)
 
 
-def _peers_claim_with_scores(node, parent, scores):
-    """One claim per score, each from another peer of the node's tag, carrying its one run of `parent`."""
+@contextlib.contextmanager
+def _node_with_peers(home, data, monkeypatch, candidate_score, **settings):
+    """(node, its runs) of a node that believes peers alive and has run its baseline (scored 3.0;
+    every other tree scores `candidate_score`); closed on the way out."""
+    node = make_node(home, data, claim_settle=0.0, **settings)
+    try:
+        node.network = _Peers(node.records)
+        measure, runs = _scripted(node, lambda commit, kind: 3.0 if commit == node.tree.root() else candidate_score)
+        monkeypatch.setattr(node, "measure", measure)
+        node.baseline()
+        yield node, runs
+    finally:
+        node.network = None
+        node.close()
+
+
+def _peers_claim_with_scores(node, scores):
+    """One claim per score, each from another peer of the node's tag, carrying its one run of the
+    node's best (its baseline)."""
+    parent = swarm.content_hash(node.tree.read(node.best()))
     for i, val in enumerate(scores):
         body = dict(task=node.task, parent=parent, child="c" * 64, idea="d" * 64, hardware=node.hardware(),
                     description="trying", expires=int((time.time() + 600) * 1000),
@@ -596,18 +606,9 @@ def node_measurements(home):
 def test_a_thin_win_re_runs_the_best_when_the_best_has_fewer_runs(tmp_path, stdlib_data, monkeypatch):
     """A best measured once (one baseline run, its noise from peers) against a thin win measured
     twice: the next run is the best's, where the standard error of the difference falls most."""
-    node = make_node(tmp_path / "n", stdlib_data, max_reruns=2, noise_floor=0.01, claim_settle=0.0)
-    try:
-        node.network = _Peers(node.records)
-        measure, runs = _scripted(node, lambda commit, kind: 3.0 if commit == node.tree.root() else 2.99)
-        monkeypatch.setattr(node, "measure", measure)
-        node.baseline()
-        base = swarm.content_hash(node.tree.read(node.best()))
-        _peers_claim_with_scores(node, base, (3.002, 2.999))  # two peers' runs of the baseline: the noise
+    with _node_with_peers(tmp_path / "n", stdlib_data, monkeypatch, 2.99, max_reruns=2, noise_floor=0.01) as (node, runs):
+        _peers_claim_with_scores(node, (3.002, 2.999))  # two peers' runs of the baseline: the noise
         assert node.experiment()
-    finally:
-        node.network = None
-        node.close()
     assert runs == [("baseline", True), ("candidate", False), ("rerun", False), ("remeasure", True)]
     assert [loop.rerun_best([1.0], [1.0]), loop.rerun_best([1.0], [1.0, 1.0]), loop.rerun_best([1.0] * 2, [1.0])] == [
         False, True, False]
