@@ -541,6 +541,12 @@ def bpb_counts(logits, targets, token_bytes):
     return nats.item(), int(nbytes.item())
 
 
+def eval_batch_cap(seq_len, vocab_size, shared=True):
+    """The most rows the harness asks for in one evaluation call: at most 2^30 logits (4 GiB of
+    float32) in a shared GPU buffer, as in-process evaluation; 2^26 (256 MiB) through a socket."""
+    return max(1, min(64, (2**30 if shared else 2**26) // (seq_len * vocab_size)))
+
+
 def eval_batches(rows, batch_size):
     """(batch, real rows) over `rows`; the last batch is padded with copies of its first
     row to full size, so the model never sees a new shape, and only `real` rows count."""
@@ -731,12 +737,15 @@ def cuda_free(address):
 
 
 def cuda_ipc_export(address):
-    """{"handle": hex, "offset": 0} for an allocation another process can map."""
+    """{"handle": hex, "offset": bytes} that let another process map the allocation holding
+    `address` (cuMemAlloc'd: torch's caching allocator, not its expandable segments)."""
     import ctypes
     cu = _libcuda()
-    handle = cu.IpcHandle()
-    _cuda_check(cu.cuIpcGetMemHandle(ctypes.byref(handle), ctypes.c_uint64(address)), "cuIpcGetMemHandle")
-    return {"handle": bytes(handle).hex(), "offset": 0}
+    base, size, handle = ctypes.c_uint64(), ctypes.c_size_t(), cu.IpcHandle()
+    _cuda_check(cu.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ctypes.c_uint64(address)),
+                "cuMemGetAddressRange")
+    _cuda_check(cu.cuIpcGetMemHandle(ctypes.byref(handle), base), "cuIpcGetMemHandle")
+    return {"handle": bytes(handle).hex(), "offset": address - base.value}
 
 
 def cuda_ipc_open(handle, device):

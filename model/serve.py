@@ -5,17 +5,19 @@ Under the sandbox, train.py's hand_over (prepare.py) no longer serves its model:
 (cloudpickle pickles what train.py defines, its classes and functions and the globals they use,
 by value), its weights go as torch.save's raw storages, and the ambient state its forward depends
 on goes with it (autocast, float32 matmul precision, ...: train.py hands over inside `with
-autocast:`). The harness copies those bytes into a file it seals against writes and starts this
-file twice, each process fresh and in its own confinement:
+autocast:`). The harness seals that file against writes once the candidate is done and starts
+this file twice, each process fresh and in its own confinement:
 
     python serve.py torch|mlx    (the sandbox's scoring server and probe server)
 
 Each imports its framework (and makes its CUDA context) while the candidate trains, loads the
 frozen model only when the harness says so, and answers forward requests as hand_over used to:
-int32 inputs (B, T) in, float32 logits (B, T, V) out, on CUDA into one buffer the harness maps,
+int32 inputs (B, T) in, float32 logits (B, T, V) out, on CUDA where the harness maps them (in place, or
+copied into one buffer where they cannot be shared),
 on the CPU into the harness's sealed shared-memory file, else through the socket.
 """
 
+import contextlib
 import fcntl
 import io
 import math
@@ -97,7 +99,8 @@ def freeze(payload, fd, framework):
     try:
         if framework == "torch":
             import torch
-            torch.save(payload, out, pickle_module=cloudpickle, pickle_protocol=5)
+            with _no_checksums():  # the harness's seal guards these bytes; a CRC32 of each record only costs time
+                torch.save(payload, out, pickle_module=cloudpickle, pickle_protocol=5)
         else:
             cloudpickle.dump(payload, out, protocol=5)
     except Exception as e:  # noqa: BLE001 -- pickling fails in many ways; say where
@@ -110,6 +113,22 @@ def freeze(payload, fd, framework):
             f"sockets, threads, locks, generators or data loaders (cloudpickle pickles train.py's own classes "
             f"and functions by value)") from None
     return out.written
+
+
+@contextlib.contextmanager
+def _no_checksums():
+    """torch.save without its CRC32 of every record, where this torch can skip it."""
+    try:
+        from torch.utils.serialization import config
+        before = config.save.compute_crc32
+    except (ImportError, AttributeError):
+        yield
+        return
+    config.save.compute_crc32 = False
+    try:
+        yield
+    finally:
+        config.save.compute_crc32 = before
 
 
 class _Bounded(io.RawIOBase):
@@ -209,17 +228,25 @@ def thaw(fd, size):
 def serve(sock, forward, host):
     """Answer forward requests until the harness says otherwise. forward: int32 numpy (B, T) ->
     logits, a torch tensor or a numpy array; host: the harness's shared memory (float32 numpy) or None."""
-    cuda = address = export = None
+    cuda = address = export = logits = None
     while True:
         header, payload = prepare.recv_frame(sock, 1 << 30)
         if header.get("op") != "forward":
             return
+        logits = None  # the harness is done with the last reply: its memory may hold this one
         logits = forward(np.frombuffer(payload, dtype=np.int32).reshape(header["shape"]))
         n = math.prod(logits.shape)
         reply = {"op": "logits", "shape": list(logits.shape), "dtype": "float32"}
         on_cuda = getattr(logits, "is_cuda", False)
         if header.get("ipc") and on_cuda:
             import torch
+            torch.cuda.synchronize(logits.device)
+            if logits.dtype == torch.float32 and logits.is_contiguous():
+                try:  # the harness maps the logits where they are: no copy
+                    prepare.send_frame(sock, dict(reply, ipc=prepare.cuda_ipc_export(logits.data_ptr())))
+                    continue
+                except RuntimeError:  # not shareable (expandable segments): through a buffer of ours
+                    pass
             if cuda is None or cuda.numel() < n:
                 if cuda is not None:
                     prepare.cuda_free(address)
@@ -268,19 +295,23 @@ def _warm_cuda(torch, F):
     B, T, H, D, V = 2, prepare.MAX_SEQ_LEN, 4, 128, prepare.VOCAB_SIZE
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         idx = torch.randint(0, V, (B, T), device="cuda")
-        docs = torch.cumsum(idx == 0, dim=1)
-        pos = torch.arange(T, device="cuda")
-        mask = (docs[:, :, None] == docs[:, None, :]) & (pos[:, None] >= pos[None, :])
         x = F.rms_norm(F.embedding(idx, torch.randn(V, H * D, device="cuda", dtype=torch.bfloat16)), (H * D,))
         for width in (H * D, 3 * H * D, 4 * H * D):
             F.linear(x, torch.randn(width, H * D, device="cuda"))
         q = x.view(B, T, H, D)
         q = torch.cat([q[..., :D // 2] * 2 + q[..., D // 2:], q[..., D // 2:] - q[..., :D // 2]], dim=-1).transpose(1, 2)
-        for m in (mask[:, None], None):
-            F.scaled_dot_product_attention(q, q, q, attn_mask=m, is_causal=m is None)
+        F.scaled_dot_product_attention(q, q, q, is_causal=True)
         y = torch.sigmoid(F.relu(F.linear(x, torch.randn(4 * H * D, H * D, device="cuda"))).square()[..., :32])
         logits = F.linear(x, torch.randn(V, H * D, device="cuda")).float()
         (15 * torch.tanh(logits / 15) + y.sum()).isfinite().all()
+        # attention under a dense mask at the evaluation's batch size: cuDNN builds a plan for each
+        # shape at its first call (90 ms on an H100, bench/serve_first_use.py); the rest is small
+        B = prepare.eval_batch_cap(T, V)
+        docs = torch.cumsum(torch.randint(0, V, (B, T), device="cuda") == 0, dim=1)
+        pos = torch.arange(T, device="cuda")
+        mask = (docs[:, :, None] == docs[:, None, :]) & (pos[:, None] >= pos[None, :])
+        q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        F.scaled_dot_product_attention(q, q, q, attn_mask=mask[:, None])
     torch.cuda.synchronize()
 
 
@@ -303,7 +334,6 @@ def main():
         prepare.send_frame(sock, {"op": "ready", "device": device})
         serve(sock, lambda x: np.asarray(fn(mx.array(x)).astype(mx.float32)), host)
         return 0
-    import contextlib
     import torch
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())

@@ -37,12 +37,14 @@ def _inputs(batch):
     return np.ascontiguousarray(batch[:, :-1], dtype=np.int32)
 
 
-def score(model, rows, token_bytes, batch_size, plan, device="cpu", arrivals=None):
+def score(model, rows, token_bytes, batch_size, plan, device="cpu", arrivals=None, timings=None):
     """(val_bpb, {probed batch: its logits}) of `model` on `rows` (N, T + 1). Each reply is
     copied once, as it arrives; the metric and every check read only the copy, so a reply
     rewritten while the harness reads it changes nothing, and the next request goes out at
     once, while the harness works on the copy (no device round trip per batch). `arrivals`,
-    a list, gets the time.time() at which each reply arrived."""
+    a list, gets the time.time() at which each reply arrived; `timings`, a dict, the seconds
+    spent making the harness's buffers."""
+    t = time.time()
     batches = list(prepare.eval_batches(rows, batch_size))
     V = len(token_bytes)
     shape = (batch_size, rows.shape[1] - 1, V)
@@ -53,6 +55,8 @@ def score(model, rows, token_bytes, batch_size, plan, device="cpu", arrivals=Non
     nats = torch.zeros((), dtype=torch.float64, device=device)
     nbytes = torch.zeros((), dtype=torch.int64, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
+    if timings is not None:
+        timings["buffers made"] = time.time() - t
     model.send(_inputs(batches[0][0]))
     # every batch's targets on the device while the first batch is served: no copy between replies
     targets = [torch.from_numpy(batch[:real, 1:]).to(device) for batch, real in batches]
@@ -185,12 +189,13 @@ class SharedMemoryModel(RemoteModel):
 
 
 class CudaIpcModel(RemoteModel):
-    """Requests over the socket; the logits stay in the server's GPU buffer, mapped
-    here once (CUDA IPC): no copy through the socket."""
+    """Requests over the socket; the logits stay in the server's GPU memory, mapped here
+    (CUDA IPC) once per allocation they come in: no copy through the socket."""
 
     def __init__(self, sock, vocab_size, device):
         super().__init__(sock, vocab_size)
         self.device, self.handle, self.address, self.size = torch.device(device), None, None, 0
+        self.mapping_seconds, self.mappings = 0.0, 0  # spent mapping the server's memory, and how often
 
     def send(self, x):
         super().send(x, ipc=True)
@@ -207,11 +212,12 @@ class CudaIpcModel(RemoteModel):
             raise ModelError("bad_logits")
         if handle != self.handle:
             self.close()
+            t = time.time()
             try:
                 self.address, self.size = prepare.cuda_ipc_open(handle, self.device)
             except RuntimeError:
                 raise ModelError("bad_logits") from None
-            self.handle = handle
+            self.handle, self.mapping_seconds, self.mappings = handle, self.mapping_seconds + time.time() - t, self.mappings + 1
         if offset + nbytes > self.size:
             raise ModelError("bad_logits")
         return torch.as_tensor(prepare.CudaArray(self.address + offset, self.shape), device=self.device)

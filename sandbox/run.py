@@ -300,7 +300,7 @@ def _server_env(scratch, fds, profile, budget, backend):
                 AUTORESEARCH_TIME_BUDGET=str(budget), TORCHINDUCTOR_CACHE_DIR=os.path.join(scratch, ".compile"), **fds)
 
 
-def _start_server(role, kind, prefix, limits, frozen_fd, shm_bytes, profile, budget, backend, hidden):
+def _start_server(role, kind, prefix, limits, model_fd, shm_bytes, profile, budget, backend, hidden):
     """One of the two fresh processes that will serve the frozen model (servers.py), confined
     like a candidate but in a view of its own: the system, Python and model/, read-only, and
     an empty scratch folder; no data at all."""
@@ -311,10 +311,10 @@ def _start_server(role, kind, prefix, limits, frozen_fd, shm_bytes, profile, bud
     argv = [sys.executable, SERVE, "mlx" if backend == "mlx" else "torch"]
     command = (_view_command(prefix, root, scratch, argv, _candidate_uid(prefix), [], (), hidden) if kind == "view"
                else [*prefix, *argv])
-    fds = {serve.SOCKET_ENV: str(theirs.fileno()), serve.MODEL_ENV: str(frozen_fd), prepare.SHARED_ENV: f"{shm_fd}:{len(shm)}"}
+    fds = {serve.SOCKET_ENV: str(theirs.fileno()), serve.MODEL_ENV: str(model_fd), prepare.SHARED_ENV: f"{shm_fd}:{len(shm)}"}
     try:
         proc = subprocess.Popen(command, cwd=scratch, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=subprocess.STDOUT,
-                                pass_fds=[theirs.fileno(), frozen_fd, shm_fd], env=_server_env(scratch, fds, profile, budget, backend),
+                                pass_fds=[theirs.fileno(), model_fd, shm_fd], env=_server_env(scratch, fds, profile, budget, backend),
                                 # threads count too, for the user it shares with the candidate: room for its own pool
                                 preexec_fn=_confine(dict(limits, processes=limits["processes"] + (os.cpu_count() or 1))))
     finally:
@@ -405,12 +405,12 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                                     **{prepare.FREEZE_ENV: str(model_fd)}),
                                 preexec_fn=_confine(limits))
     theirs.close()
-    frozen_fd, pair, timings = servers.frozen_file(), [], {}
+    pair, timings = [], {}
     try:
         # while the candidate starts: the servers of its model-to-be, and what the evaluation needs
         shm_bytes = _batch_size(profile, data, shared=False) * prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size * 4
         for role in ("scoring", "probe"):
-            pair.append(_start_server(role, kind, prefix, limits, frozen_fd, shm_bytes, profile, budget, hardware.backend, hidden))
+            pair.append(_start_server(role, kind, prefix, limits, model_fd, shm_bytes, profile, budget, hardware.backend, hidden))
         rows = prepare.eval_rows(data.val, data.val_docs, prepare.PROFILES[profile]["max_seq_len"],
                                  prepare.PROFILES[profile]["eval_tokens"])
         _warm_cuda(hardware, data.vocab_size)
@@ -453,8 +453,9 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                 progress("evaluating", time.time() - t0, 0)
             try:
                 t = time.time()
-                servers.freeze(model_fd, frozen_fd, size)
-                timings[f"model of {size / 1e6:.2f} MB frozen"] = time.time() - t
+                if not servers.seal(model_fd, size):
+                    raise evaluate.ModelError("bad_handover")
+                timings[f"model of {size / 1e6:.2f} MB sealed"] = time.time() - t
                 asked = ready.get("batch_size") if type(ready.get("batch_size")) is int else 1 << 30
                 shared = bool(servers.cuda_device(ready.get("device")))
                 batch = max(1, min(asked, _batch_size(profile, data, shared)))  # as in-process, within the cap
@@ -484,7 +485,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
             except RuntimeError:  # unmapping a dead server's buffer
                 pass
         ours.close()
-        os.close(model_fd), os.close(frozen_fd)
+        os.close(model_fd)
         with open(log_path, "rb") as f:
             log = f.read()[-65536:].decode("utf-8", "replace")
         log += "".join(server.log() for server in pair)
@@ -541,10 +542,8 @@ def _remove(path):
 
 
 def _batch_size(profile, data, shared):
-    """Rows per evaluation call: at most 2^30 logits (4 GiB of float32) in a shared GPU
-    buffer, as in-process evaluation; 2^26 (256 MiB) through the socket."""
-    cap = 2**30 if shared else 2**26
-    return max(1, min(64, cap // (prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size)))
+    """Rows per evaluation call (prepare.eval_batch_cap)."""
+    return prepare.eval_batch_cap(prepare.PROFILES[profile]["max_seq_len"], data.vocab_size, shared)
 
 
 def _warm_cuda(hardware, vocab_size):

@@ -6,8 +6,8 @@ Both start with the candidate, while it trains, so that Python, the framework an
 context are ready when its model arrives; each in a confinement of its own (run.py starts
 them: own mount, pid, network and IPC namespaces, an empty scratch folder, no data, nothing
 writable that anything else can see). The candidate freezes its model into a file of the
-harness's; the harness copies those bytes into a file it seals against writes, so both
-servers load the very same model, and no candidate code ever runs in two of the three
+harness's, which the harness seals against writes once the candidate says it is done, so
+both servers load the very same model, and no candidate code ever runs in two of the three
 processes at once, except the candidate's last moments beside the scoring server's first
 (the candidate has seen no validation input; it has nothing to tell). A stateful model thus
 gains nothing from remembering requests: the probe server never saw the real rows, and the
@@ -44,26 +44,21 @@ def freeze_file(limit):
     """The file a candidate freezes its model into: `limit` bytes (sparse) that it cannot grow."""
     fd = os.memfd_create("autoresearch-model", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, limit)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALED)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW)
     return fd
 
 
-def frozen_file():
-    """The file both servers load from: empty until `freeze` fills and seals it."""
-    return os.memfd_create("autoresearch-frozen", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-
-
-def freeze(source, frozen, size):
-    """Copy the first `size` bytes the candidate wrote into `frozen` and seal it against
-    any change: the candidate may still be writing, but both servers read this copy."""
-    os.ftruncate(frozen, size)
-    done = 0
-    while done < size:
-        n = os.copy_file_range(source, frozen, size - done, done, done)
-        if n == 0:
-            raise OSError("the candidate's model file is shorter than it said")
-        done += n
-    fcntl.fcntl(frozen, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | SEALED)
+def seal(fd, size):
+    """Cut the candidate's file to the `size` bytes it says it wrote and seal it against any
+    change: from here on both servers read these very bytes, and the candidate, still running,
+    can change none of them. False where it cannot be sealed at that size: the candidate holds
+    a writable mapping of it, or cut it shorter."""
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | SEALED)
+    except OSError:
+        return False
+    return os.fstat(fd).st_size == size
 
 
 class Server:
@@ -125,10 +120,12 @@ def evaluate_frozen(scorer, prober, size, rows, token_bytes, batch_size, rng, pr
     model, device = scorer.model(V, scorer.load(size, deadline), deadline)
     timings["scoring server loaded"] = time.time() - t
     t, arrivals = time.time(), []
-    bpb, kept = evaluate.score(model, rows, token_bytes, batch_size, plan, device, arrivals)
+    bpb, kept = evaluate.score(model, rows, token_bytes, batch_size, plan, device, arrivals, timings)
     timings[f"{len(arrivals)} batches scored"] = time.time() - t
     timings["first reply"] = arrivals[0] - t  # a fresh server's first forward: what warming did not load
     timings[f"next {len(arrivals) - 1} replies"] = arrivals[-1] - arrivals[0]
+    if getattr(model, "mappings", 0):
+        timings[f"replies' memory mapped {model.mappings}x"] = model.mapping_seconds
     t = time.time()
     scorer.stop(kill)
     between()

@@ -125,23 +125,39 @@ def test_a_model_that_cannot_be_handed_over_is_a_crash_that_says_why(run_candida
 
 
 def test_both_servers_load_the_same_sealed_bytes():
-    """What the candidate writes after its hand-over reaches no server, no server can change the frozen
-    bytes, and a server refuses bytes that are not sealed."""
+    """Once the harness seals the candidate's file, nothing changes it: not the candidate, still
+    running, nor a server; a server refuses bytes that are not sealed, and a file the candidate
+    keeps a writable mapping of, or cut short, cannot be sealed."""
+    import mmap
     from model import serve
     from sandbox import servers
-    source, frozen = servers.freeze_file(1 << 20), servers.frozen_file()
+    source = servers.freeze_file(1 << 20)
     try:
         size = serve.freeze(dict(framework="torch", fn=torch.nn.Linear(4, 2), device="cpu", ambient=serve.ambient()),
                             source, "torch")
         with pytest.raises(RuntimeError, match="not sealed"):
-            serve.thaw(frozen, size)
-        servers.freeze(source, frozen, size)
-        os.pwrite(source, b"rewritten after the hand-over", 0)
-        with pytest.raises(PermissionError):
-            os.pwrite(frozen, b"x", 0)
-        assert isinstance(serve.thaw(frozen, size)["fn"], torch.nn.Linear)
+            serve.thaw(source, size)
+        assert servers.seal(source, size) and os.fstat(source).st_size == size
+        for change in (lambda: os.pwrite(source, b"rewritten after the hand-over", 0), lambda: os.ftruncate(source, 1),
+                       lambda: os.ftruncate(source, size + 1)):
+            with pytest.raises(PermissionError):
+                change()
+        assert isinstance(serve.thaw(source, size)["fn"], torch.nn.Linear)
     finally:
-        os.close(source), os.close(frozen)
+        os.close(source)
+    for hold in ("mapping", "cut"):
+        source = servers.freeze_file(1 << 20)
+        try:
+            size = serve.freeze(dict(framework="torch", fn=torch.nn.Linear(4, 2), device="cpu", ambient=serve.ambient()),
+                                source, "torch")
+            if hold == "mapping":
+                with mmap.mmap(source, 4096):  # writable and shared, as the candidate could keep it
+                    assert not servers.seal(source, size)
+            else:
+                os.ftruncate(source, size - 1)
+                assert not servers.seal(source, size)
+        finally:
+            os.close(source)
 
 
 def test_the_ambient_state_of_the_hand_over_goes_with_the_model():
