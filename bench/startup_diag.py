@@ -80,18 +80,22 @@ def main():
     kept = tempfile.mkdtemp(prefix="diag-kept-")
     rows = []
 
+    def log_path(label):  # a repeated case keeps each run's log
+        n = sum(r["case"] == label for r in rows)
+        return os.path.join(OUT, f"{label}.log" if n == 0 else f"{label}-{n + 1}.log")
+
     def inprocess(label, tree, env=()):
         t = time.time()
         r = subprocess.run([sys.executable, os.path.join(tree, "train.py")], capture_output=True, text=True,
                            env=dict(os.environ, AUTORESEARCH_TIME_BUDGET=str(args.budget), PYTHONPATH=os.path.join(ROOT, "model"), **dict(env)))
         log = r.stdout + r.stderr
-        open(os.path.join(OUT, f"{label}.log"), "w").write(log)
+        open(log_path(label), "w").write(log)
         rows.append(dict(case=label, rc=r.returncode, wall=round(time.time() - t, 1), **fields(log)))
 
     def sandboxed(label, tree, trusted=False, **kw):
         t = time.time()
         res = sandbox.run(tree, budget=args.budget, trusted=trusted, **kw)
-        open(os.path.join(OUT, f"{label}.log"), "w").write(res.log_tail)
+        open(log_path(label), "w").write(res.log_tail)
         phases = [line for line in res.log_tail.splitlines() if line.startswith("harness:")]
         rows.append(dict(case=label, rc=res.status + " " + ",".join(res.violations), wall=round(time.time() - t, 1),
                          harness_eval=res.evaluation_seconds, phases=phases[-1] if phases else None, **fields(res.log_tail)))
