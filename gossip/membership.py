@@ -16,6 +16,10 @@ identity, config, rng, ledger and clock (`_now`), signs what goes out (`_message
   seen however often (or by whom) each was introduced.
 - Gossip targets and peer exchange lean on evidence of service: members that delivered us
   records first are drawn half the time (scoring.Ledger.served), and named in peer exchange.
+- Verified addresses: a message names the address its sender takes replies at, and anyone may
+  sign any address. Every ping we send carries a fresh nonce that only we can compute, one per
+  destination; an ack signed by member M that echoes the nonce of a ping we sent to address A
+  proves that M receives what is sent to A, and (M, A) counts as verified for `verified_s`.
 """
 
 import hashlib
@@ -35,12 +39,11 @@ class Event:
 
 class Member:
     __slots__ = ("id", "key", "address", "incarnation", "meta", "hello", "state", "suspect_until",
-                 "last_seen", "deliveries", "seed", "rank", "since", "first", "acked")
+                 "last_seen", "deliveries", "seed", "rank", "since", "first")
 
     def __init__(self, msg, seen, rank, since, first):
         self.id, self.key, self.seed, self.deliveries, self.rank = msg.sender_id, msg.sender, False, 0, rank
         self.since, self.first = since, first  # when it became a member here (this time; the first time)
-        self.acked = False  # it answered a ping of ours itself: its hello's address is really its own
         self.state, self.suspect_until, self.last_seen = "alive", 0.0, seen  # the last time we know it spoke
         self.update(msg)
 
@@ -57,6 +60,7 @@ class Check:
     at: float
     tellers: list = None
     indirect: bool = False
+    via: tuple = ()         # the nonces of the ping_reqs sent for it, one per helper
 
 
 class Membership:
@@ -71,8 +75,12 @@ class Membership:
         self.checks = {}                    # our seq -> Check
         self.rumours = Counter()            # heard, confirmed, disproved, unheard (teller in debt or unknown)
         self.probe_order = []
-        self.relays = {}                    # our seq -> (requester address, their seq)
-        self.seq = 0
+        self.relays = {}                    # our nonce -> (requester address, their seq)
+        self.via = {}                       # a ping_req's nonce -> the nonce of the check it helps
+        self.seq = 0                        # pings sent: the counter our nonces hash
+        self.pinged = OrderedDict()         # nonce -> the address the ping carrying it went to
+        self.verified = OrderedDict()       # member id -> (address it answered a nonce at, when), oldest first
+        self.verified_at = {}               # address -> the member last verified there
         self._worst = None                  # (view size, time, the member a better-ranked newcomer evicts)
         self.next_probe = now + self.config.ping_interval_s
         self.next_rejoin = now + self.config.rejoin_interval_s
@@ -288,11 +296,11 @@ class Membership:
             self.rumours["unheard"] += 1
             return []
         self.rumours["heard"] += 1
-        self.seq += 1
-        self.checks[self.seq] = Check(m.id, now, [teller])
+        seq = self._nonce(m.address)
+        self.checks[seq] = Check(m.id, now, [teller])
         # No rumours ride on the check (so checking cannot start a storm of checks) but the one
         # checked, told to the member it is about, so that it refutes it before its tellers' time runs out.
-        ping = {"seq": self.seq, **self._piggyback(True, rumours=False), "suspects": [[m.id, m.incarnation]]}
+        ping = {"seq": seq, **self._piggyback(True, rumours=False), "suspects": [[m.id, m.incarnation]]}
         return [self._message(m.address, "ping", ping, now)]
 
     def _suspect(self, m, now):
@@ -317,26 +325,31 @@ class Membership:
             self.probe_order = list(self.members)
             self.rng.shuffle(self.probe_order)
         target = self.members[self.probe_order.pop()]
-        self.seq += 1
-        self.checks[self.seq] = Check(target.id, now)
-        return [self._message(target.address, "ping", {"seq": self.seq, **self._piggyback(True)}, now)]
+        seq = self._nonce(target.address)
+        self.checks[seq] = Check(target.id, now)
+        return [self._message(target.address, "ping", {"seq": seq, **self._piggyback(True)}, now)]
 
     def _check_step(self, seq, now):
         """A probe or rumour check past its timeouts: indirect pings, then a verdict."""
         ch, c = self.checks[seq], self.config
         target = self.members.get(ch.target)
         if target is None:
-            del self.checks[seq]
+            self._end_check(seq)
             return []
         if not ch.indirect and now >= ch.at + c.ping_timeout_s:
             ch.indirect = True
             skip = {target.id, *(ch.tellers or ())}
             helpers = self._targets(c.indirect_checks, exclude=skip)
-            return [self._message(m.address, "ping_req", {"seq": seq, "target": target.address}, now)
-                    for m in helpers]
+            out = []
+            for m in helpers:  # a nonce per helper: one that leaked it cannot answer for the target's address
+                n = self._nonce(m.address)
+                self.via[n] = seq
+                ch.via += (n,)
+                out.append(self._message(m.address, "ping_req", {"seq": n, "target": target.address}, now))
+            return out
         if now < ch.at + c.ping_interval_s * 0.9:
             return []
-        del self.checks[seq]
+        self._end_check(seq)
         if target.last_seen > ch.at:  # it said something since: alive
             return self._disproved(ch, now)
         if target.state != "alive":
@@ -355,6 +368,12 @@ class Membership:
     def _on_hello(self, msg, acct, now):
         return self._learn(msg.encoded, acct, now, direct=True, said_ms=msg.ts)
 
+    def _end_check(self, seq):
+        ch = self.checks.pop(seq)
+        for n in ch.via:
+            self.via.pop(n, None)
+        return ch
+
     def _on_join(self, msg, acct, now):
         out = self._learn(msg.payload["hello"], acct, now, direct=True, said_ms=msg.ts)
         sample = [m for m in self._exchange(self.config.intro_per_message - 2) if m.id != msg.sender_id]
@@ -372,25 +391,61 @@ class Membership:
     def _on_ack(self, msg, acct, now):
         out = self._absorb(msg, acct, now)
         seq = msg.payload["seq"]
+        self._acked(msg, seq, now)
         if seq in self.relays:
             address, their_seq = self.relays.pop(seq)
             out.append(self._message(address, "ack", {"seq": their_seq, "members": [], "suspects": []}, now))
-        elif seq in self.checks:
-            ch = self.checks.pop(seq)
+            return out
+        seq = self.via.get(seq, seq)  # a helper's answer to our ping_req stands for the target's
+        if seq in self.checks:
+            ch = self._end_check(seq)
             target = self.members.get(ch.target)
             if target:
                 target.last_seen, target.state = now, "alive"
-                target.acked |= msg.sender_id == target.id
             out += self._disproved(ch, now)
         return out
 
     def _on_ping_req(self, msg, acct, now):
-        self.seq += 1
-        self.relays[self.seq] = (msg.address, msg.payload["seq"])
+        target = msg.payload["target"]
+        seq = self._nonce(target)
+        self.relays[seq] = (msg.address, msg.payload["seq"])
         while len(self.relays) > 64:
             self.relays.pop(next(iter(self.relays)))
-        ping = {"seq": self.seq, **self._piggyback(True, rumours=False)}  # it may be a rumour's check
-        return [self._message(msg.payload["target"], "ping", ping, now)]
+        ping = {"seq": seq, **self._piggyback(True, rumours=False)}  # it may be a rumour's check
+        return [self._message(target, "ping", ping, now)]
+
+    # --- verified addresses ------------------------------------------------------------------------
+
+    def _nonce(self, address):
+        """A fresh nonce for a ping (or ping_req) to `address`: a keyed hash of a counter, so that
+        no one who did not receive it can answer with it; remembered with its address."""
+        self.seq += 1
+        digest = hashlib.blake2b(self.seq.to_bytes(8, "big"), key=self.salt, person=b"ping nonce", digest_size=8)
+        n = int.from_bytes(digest.digest(), "big") >> 1
+        self.pinged[n] = address
+        while len(self.pinged) > self.config.max_pinged:
+            self.pinged.popitem(last=False)
+        return n
+
+    def _acked(self, msg, seq, now):
+        """An ack that echoes a nonce we sent to one address: its signer receives there."""
+        address = self.pinged.pop(seq, None)
+        if address is None:
+            return
+        mid = msg.sender_id
+        old = self.verified.pop(mid, None)
+        if old is not None and self.verified_at.get(old[0]) == mid:
+            del self.verified_at[old[0]]
+        self.verified[mid] = (address, now)
+        self.verified_at[address] = mid
+        while len(self.verified) > self.config.max_verified:
+            gone, (a, _) = self.verified.popitem(last=False)
+            if self.verified_at.get(a) == gone:
+                del self.verified_at[a]
+
+    def _verified(self, mid, address, now):
+        v = self.verified.get(mid)
+        return v is not None and v[0] == address and now - v[1] < self.config.verified_s
 
     def _on_leave(self, msg, acct, now):
         m = self.members.get(msg.sender_id)

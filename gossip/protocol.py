@@ -77,6 +77,10 @@ class Config:
     spot_checks: float = 0.25      # share of digests equal to ours whose sender must then serve one of our records
     checks_per_s: float = 4.0      # possession checks: members neither vetted nor serving asked for a record ...
     check_age_s: float = 60.0      # ... we have held this long (honest nodes got records within 60 s in every attack simulated)
+    verified_s: float = 600.0      # an address a member answered a ping nonce of ours at is its own this long
+                                   # (our probes renew it: each member is probed every max_view s at most)
+    max_verified: int = 4096       # (member, address) pairs verified, remembered
+    max_pinged: int = 4096         # nonces of pings awaiting an ack (the oldest is forgotten)
     rate_per_s: float = 400.0      # tokens per connection, sustained: a message or a signature check each
     burst: float = 800.0
     ban_score: float = -20.0
@@ -443,7 +447,8 @@ class Node(Membership):
             # a member whose address never answered as itself is asked once per half-life at most: a hello
             # may name another node's address, and that node would get every check meant for it
             if (m.state == "alive" and m.id not in self.spot and led.standing(m.id, now) >= 0
-                    and (m.acked or not led.asked(m.id, now)) and not led.vetted(m.id, now) and not led.served(m.id, now)):
+                    and (self._verified(m.id, m.address, now) or not led.asked(m.id, now))
+                    and not led.vetted(m.id, now) and not led.served(m.id, now)):
                 out = self._ask(m, next(iter(led.by_member.get(m.id, ())), None), 2, now)
                 if out:
                     led.ask(m.id, now)
@@ -458,13 +463,11 @@ class Node(Membership):
         due = [rid for t, rid in self.got if m.first <= t <= now - self.config.check_age_s]
         if not due:
             return []
-        self.seq += 1
-        self.spot[m.id] = Promise(self.rng.choice(due), now + self.config.promise_timeout_s, acct.origin, again, self.seq)
-        self.sent["check"] += 2  # an iwant and a ping, apart from dissemination's and the probes'
-        stamp = int(now * 1000)
-        ask = wire.make_message(self.identity, "iwant", {"ids": [self.spot[m.id].rid]}, stamp, self.address)
-        ping = wire.make_message(self.identity, "ping", {"seq": self.seq, **self._piggyback(True)}, stamp, self.address)
-        return [Send(m.address, ask, "check"), Send(m.address, ping, "check")]
+        seq = self._nonce(m.address)
+        self.spot[m.id] = Promise(self.rng.choice(due), now + self.config.promise_timeout_s, acct.origin, again, seq)
+        # an iwant and a ping, counted apart from dissemination's and the probes'
+        return [self._message(m.address, "iwant", {"ids": [self.spot[m.id].rid]}, now, label="check"),
+                self._message(m.address, "ping", {"seq": seq, **self._piggyback(True)}, now, label="check")]
 
     def _kept_promise(self, mid, rid, now):
         p = self.spot.get(mid)
@@ -476,8 +479,6 @@ class Node(Membership):
         p = self.spot.get(msg.sender_id)
         if p is not None and p.seq is not None and msg.payload["seq"] == p.seq:
             p.answered = True  # reachable, from itself: not through a helper, not a replay of an old ack
-            if msg.sender_id in self.members:
-                self.members[msg.sender_id].acked = True
         return super()._on_ack(msg, acct, now)
 
     def _on_ids(self, msg, acct, now):
@@ -494,6 +495,7 @@ class Node(Membership):
             out.append(self._remove(m, "member_dead"))
         return out
 
-    def _message(self, address, kind, payload, now):
-        self.sent[kind] += 1
-        return Send(address, wire.make_message(self.identity, kind, payload, int(now * 1000), self.address), kind)
+    def _message(self, address, kind, payload, now, label=None):
+        """A signed message to `address`; `label` (default: its kind) is what `sent` counts it as."""
+        self.sent[label or kind] += 1
+        return Send(address, wire.make_message(self.identity, kind, payload, int(now * 1000), self.address), label or kind)

@@ -905,7 +905,7 @@ def test_possession_checks_spare_an_address_a_stranger_claims():
         net.run(0.25)
         if MALLORY.id in node.spot:
             asks.add(node.spot[MALLORY.id].seq)
-    assert len(asks) == 1 and not node.members[MALLORY.id].acked
+    assert len(asks) == 1 and not node._verified(MALLORY.id, "n3", net.now)
 
 
 # --- hypothesis: any input to Node.receive --------------------------------------------------------
