@@ -19,13 +19,19 @@ identity, config, rng, ledger and clock (`_now`), signs what goes out (`_message
 - Verified addresses: a message names the address its sender takes replies at, and anyone may
   sign any address. Every ping we send carries a fresh nonce that only we can compute, one per
   destination; an ack signed by member M that echoes the nonce of a ping we sent to address A
-  proves that M receives what is sent to A, and (M, A) counts as verified for `verified_s`.
+  proves that M receives what is sent to A, and (M, A) counts as verified for `verified_s`. A
+  reply that can be larger than its request (a digest's ids and reply, the records an `iwant`
+  asks for, a welcome, the ping a `ping_req` relays) goes only to the verified address of its
+  requester: until then the request waits (`_answer`) while one ping that carries nothing (the
+  size of a small request) asks the address, one per address at a time and twice at most, and
+  an ack to an address not verified carries no more than the ping it answers. Nothing larger
+  than what a peer sent goes to an address no member has answered at, however many keys claim it.
 """
 
 import hashlib
 import math
-from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from collections import Counter, OrderedDict, deque
+from dataclasses import dataclass, field
 
 from gossip import wire
 from gossip.identity import node_id
@@ -63,6 +69,16 @@ class Check:
     via: tuple = ()         # the nonces of the ping_reqs sent for it, one per helper
 
 
+@dataclass
+class Pending:
+    """An address being verified: the requests that wait for it, each answered if its sender is
+    the one that answers there."""
+    retry: float                                          # when to ask again, or (asked twice) give up
+    tries: int = 1
+    waiting: deque = field(default_factory=deque)         # (sender id, answer, message, connection)
+    size: int = 0                                         # bytes of the messages waiting
+
+
 class Membership:
     def _init_membership(self, now):
         self.salt = self.rng.getrandbits(128).to_bytes(16, "big")  # our view's ranking, unknown to others
@@ -81,6 +97,10 @@ class Membership:
         self.pinged = OrderedDict()         # nonce -> the address the ping carrying it went to
         self.verified = OrderedDict()       # member id -> (address it answered a nonce at, when), oldest first
         self.verified_at = {}               # address -> the member last verified there
+        self.verifying = OrderedDict()      # address -> Pending, oldest first
+        self.waiting_bytes = 0              # of the requests waiting on verifications
+        self.replies = Counter()            # answered (verified at once), waited, answered_late, dropped
+        self._ack_base = None               # bytes of an ack that carries nothing
         self._worst = None                  # (view size, time, the member a better-ranked newcomer evicts)
         self.next_probe = now + self.config.ping_interval_s
         self.next_rejoin = now + self.config.rejoin_interval_s
@@ -89,6 +109,13 @@ class Membership:
         out, c = [], self.config
         for seq in list(self.checks):
             out += self._check_step(seq, now)
+        for address, p in list(self.verifying.items()):
+            if now >= p.retry:
+                if p.tries >= 2:  # asked twice, no answer as that member: the requests are dropped
+                    self._unwait(address, "dropped")
+                else:
+                    p.tries, p.retry = p.tries + 1, now + c.verify_timeout_s
+                    out.append(self._verify_ping(address, now))
         for m in [m for m in self.members.values() if m.state == "suspect" and now >= m.suspect_until]:
             out.append(self._remove(m, "member_dead"))
         if now >= self.next_probe:
@@ -225,6 +252,24 @@ class Membership:
             self.suspicions = [s for s in self.suspicions if s[1] > 0]
         out = {"members": members, "suspects": suspects}
         have = self._have()
+        if have:
+            out["have"] = have
+        return out
+
+    @staticmethod
+    def _trim(gossip, budget):
+        """A piggyback cut to at most `budget` bytes (each item counted with more than its msgpack
+        header): the ids we have first (they are what a healed partition pulls through), then
+        suspicions (so a member learns it must refute), then hellos."""
+        def fits(n):
+            nonlocal budget
+            if n + 6 > budget:
+                return False
+            budget -= n + 6
+            return True
+        have = [rid for rid in gossip.get("have", ()) if fits(len(rid) + 4)]
+        out = {"suspects": [s for s in gossip["suspects"] if fits(len(s[0]) + 12)]}
+        out["members"] = [h for h in gossip["members"] if fits(len(h))]
         if have:
             out["have"] = have
         return out
@@ -376,22 +421,29 @@ class Membership:
 
     def _on_join(self, msg, acct, now):
         out = self._learn(msg.payload["hello"], acct, now, direct=True, said_ms=msg.ts)
+        return out + self._answer(msg, acct, now, self._welcome)
+
+    def _welcome(self, msg, acct, now):
         sample = [m for m in self._exchange(self.config.intro_per_message - 2) if m.id != msg.sender_id]
         hellos = [self.hello] + [m.hello for m in sample]
-        return out + [self._message(msg.address, "welcome", {"members": hellos}, now)]
+        return [self._message(msg.address, "welcome", {"members": hellos}, now)]
 
     def _on_welcome(self, msg, acct, now):
         return self._absorb(msg, acct, now)
 
     def _on_ping(self, msg, acct, now):
         out = self._absorb(msg, acct, now)
-        out.append(self._message(msg.address, "ack", {"seq": msg.payload["seq"], **self._piggyback(False)}, now))
+        if self._verified(msg.sender_id, msg.address, now):
+            gossip = self._piggyback(False)
+        else:  # an address nobody answered at as this sender: no more bytes back than came
+            gossip = self._trim(self._piggyback(False), len(msg.encoded) - self._ack_bytes())
+        out.append(self._message(msg.address, "ack", {"seq": msg.payload["seq"], **gossip}, now))
         return out
 
     def _on_ack(self, msg, acct, now):
         out = self._absorb(msg, acct, now)
         seq = msg.payload["seq"]
-        self._acked(msg, seq, now)
+        out += self._acked(msg, seq, now)
         if seq in self.relays:
             address, their_seq = self.relays.pop(seq)
             out.append(self._message(address, "ack", {"seq": their_seq, "members": [], "suspects": []}, now))
@@ -406,12 +458,21 @@ class Membership:
         return out
 
     def _on_ping_req(self, msg, acct, now):
+        return self._answer(msg, acct, now, self._relay)
+
+    def _relay(self, msg, acct, now):
+        """Ping the target for a requester whose address is verified. A target that no member
+        answered at gets a ping that carries nothing (the size of the request, within a few bytes)."""
         target = msg.payload["target"]
         seq = self._nonce(target)
         self.relays[seq] = (msg.address, msg.payload["seq"])
         while len(self.relays) > 64:
             self.relays.pop(next(iter(self.relays)))
-        ping = {"seq": seq, **self._piggyback(True, rumours=False)}  # it may be a rumour's check
+        mid = self.verified_at.get(target)
+        if mid is not None and self._verified(mid, target, now):
+            ping = {"seq": seq, **self._piggyback(True, rumours=False)}  # it may be a rumour's check
+        else:
+            ping = {"seq": seq, "members": [], "suspects": []}
         return [self._message(target, "ping", ping, now)]
 
     # --- verified addresses ------------------------------------------------------------------------
@@ -428,10 +489,11 @@ class Membership:
         return n
 
     def _acked(self, msg, seq, now):
-        """An ack that echoes a nonce we sent to one address: its signer receives there."""
+        """An ack that echoes a nonce we sent to one address: its signer receives there. Requests
+        of that member waiting on the address are answered now."""
         address = self.pinged.pop(seq, None)
         if address is None:
-            return
+            return []
         mid = msg.sender_id
         old = self.verified.pop(mid, None)
         if old is not None and self.verified_at.get(old[0]) == mid:
@@ -442,10 +504,70 @@ class Membership:
             gone, (a, _) = self.verified.popitem(last=False)
             if self.verified_at.get(a) == gone:
                 del self.verified_at[a]
+        p = self.verifying.get(address)
+        if p is None or not any(w[0] == mid for w in p.waiting):
+            return []
+        answered = [w for w in p.waiting if w[0] == mid]
+        p.waiting = deque(w for w in p.waiting if w[0] != mid)  # other keys that claim the address wait on
+        done = sum(len(w[2].encoded) for w in answered)
+        p.size, self.waiting_bytes = p.size - done, self.waiting_bytes - done
+        self.replies["answered_late"] += len(answered)
+        if not p.waiting:
+            del self.verifying[address]
+        out = []
+        for _, answer, request, origin in answered:
+            acct = self.ledger.accounts.get(origin)
+            if acct is not None and acct.banned_until <= now:
+                out += answer(request, acct, now)
+        return out
 
     def _verified(self, mid, address, now):
         v = self.verified.get(mid)
         return v is not None and v[0] == address and now - v[1] < self.config.verified_s
+
+    def _answer(self, msg, acct, now, answer):
+        """`answer(msg, acct, now)` now if the sender's address is verified; else once it is: the
+        request waits (bounded) while a small ping asks the address."""
+        if self._verified(msg.sender_id, msg.address, now):
+            self.replies["answered"] += 1
+            return answer(msg, acct, now)
+        c, address, out = self.config, msg.address, []
+        if len(msg.encoded) + self.waiting_bytes > c.max_waiting_bytes:
+            self.replies["dropped"] += 1
+            return []
+        p = self.verifying.get(address)
+        if p is None:  # one ping per address, whatever keys claim it
+            p = self.verifying[address] = Pending(now + c.verify_timeout_s)
+            while len(self.verifying) > c.max_verifying:
+                self._unwait(next(iter(self.verifying)), "dropped")
+            out.append(self._verify_ping(address, now))
+        p.waiting.append((msg.sender_id, answer, msg, acct.origin))
+        p.size += len(msg.encoded)
+        self.waiting_bytes += len(msg.encoded)
+        self.replies["waited"] += 1
+        if len(p.waiting) > c.max_waiting:
+            old = p.waiting.popleft()[2]
+            p.size -= len(old.encoded)
+            self.waiting_bytes -= len(old.encoded)
+            self.replies["dropped"] += 1
+        return out
+
+    def _unwait(self, address, why):
+        p = self.verifying.pop(address)
+        self.waiting_bytes -= p.size
+        self.replies[why] += len(p.waiting)
+
+    def _verify_ping(self, address, now):
+        """A ping that carries nothing but its nonce: the size of a small request."""
+        payload = {"seq": self._nonce(address), "members": [], "suspects": []}
+        return self._message(address, "ping", payload, now, label="verify")
+
+    def _ack_bytes(self):
+        """The size of an ack of ours that carries nothing (at the largest seq and timestamp)."""
+        if self._ack_base is None:
+            empty = {"seq": (1 << 64) - 1, "members": [], "suspects": []}
+            self._ack_base = len(wire.make_message(self.identity, "ack", empty, (1 << 64) - 1, self.address))
+        return self._ack_base
 
     def _on_leave(self, msg, acct, now):
         m = self.members.get(msg.sender_id)

@@ -28,6 +28,12 @@ network of thousands of nodes (gossip/sim.py).
 - Per-peer accounting (gossip/scoring.py), by the connection a message came on: a token bucket
   that every message and every signature check it causes draws on, and a score that bad input
   pulls down, to a ban.
+- Replies go to verified addresses (gossip/membership.py): a digest's ids and reply and the
+  records an `iwant` asks for are sent only to an address where the requester answered a ping
+  nonce of ours; until then the request waits (a few per address, a bounded number of addresses
+  and bytes) while one empty ping asks. A hostile peer that signs a third party's address gets
+  nothing larger than its own messages sent there (by its requests: what we send members on our
+  own schedule goes where their hellos say).
 
 The caller must act on outputs in order: a `Deliver` comes before the `Send`s that forward
 its record, so a store written on `Deliver` is durable before the record is announced.
@@ -79,7 +85,12 @@ class Config:
     check_age_s: float = 60.0      # ... we have held this long (honest nodes got records within 60 s in every attack simulated)
     verified_s: float = 600.0      # an address a member answered a ping nonce of ours at is its own this long
                                    # (our probes renew it: each member is probed every max_view s at most)
+    verify_timeout_s: float = 0.5  # a request from an address not yet verified waits this long for the ack
+                                   # of the ping that asks it, which is sent twice at most
     max_verified: int = 4096       # (member, address) pairs verified, remembered
+    max_verifying: int = 256       # addresses being verified at once (the oldest is given up)
+    max_waiting: int = 8           # requests waiting on one address (the oldest is dropped)
+    max_waiting_bytes: int = 4 << 20  # ... on all of them together
     max_pinged: int = 4096         # nonces of pings awaiting an ack (the oldest is forgotten)
     rate_per_s: float = 400.0      # tokens per connection, sustained: a message or a signature check each
     burst: float = 800.0
@@ -387,7 +398,13 @@ class Node(Membership):
         return [self._message(address, "iwant", {"ids": missing}, now)]
 
     def _on_iwant(self, msg, acct, now):
-        have = [self.records[i] for i in msg.payload["ids"] if i in self.records]
+        if not any(i in self.records for i in msg.payload["ids"]):
+            return []
+        return self._answer(msg, acct, now, self._serve)
+
+    def _serve(self, msg, acct, now):
+        """The records an `iwant` names that we hold, each once, to its sender's verified address."""
+        have = [self.records[i] for i in dict.fromkeys(msg.payload["ids"]) if i in self.records]
         return self._push(have, [msg.address], now) if have else []
 
     # --- anti-entropy --------------------------------------------------------------------------
@@ -407,23 +424,31 @@ class Node(Membership):
         return [[k, c, x.to_bytes(16, "big")] for k, (c, x) in sorted(agg.items())][-wire.LIMITS.array_len:]
 
     def _on_digest(self, msg, acct, now):
-        address = msg.address
         if not msg.payload["reply"] and msg.sender_id == self.ae_waiting:
             self.ae_waiting = None
             self.ledger.owe(msg.sender_id, -1.0, now)
-        theirs = {k: (c, h) for k, c, h in msg.payload["buckets"]}
-        mine = {k: (c, h) for k, c, h in self._digest(now)}
-        out = []
-        for k in sorted(set(mine) | set(theirs)):
-            if mine.get(k) != theirs.get(k) and k in mine:
+        theirs, mine = self._buckets(msg), {k: (c, h) for k, c, h in self._digest(now)}
+        if msg.payload["reply"] or any(mine[k] != theirs.get(k) for k in mine):
+            return self._answer(msg, acct, now, self._reconcile)
+        if (theirs == mine and mine and msg.sender_id not in self.spot and not self.ledger.served(msg.sender_id, now)
+                and not self.ledger.vetted(msg.sender_id, now) and self.rng.random() < self.config.spot_checks):
+            return self._spot_check(msg, acct, now)
+        return []
+
+    def _buckets(self, msg):
+        return {k: (c, h) for k, c, h in msg.payload["buckets"]}
+
+    def _reconcile(self, msg, acct, now):
+        """To a digest's sender (its address verified): our ids of the buckets that differ, and our
+        digest if it asked for one."""
+        address, theirs, digest, out = msg.address, self._buckets(msg), self._digest(now), []
+        for k, c, h in digest:
+            if (c, h) != theirs.get(k):
                 ids = [i for hour, b in self.hours.items() if self._bucket(hour, now) == k for i in b[2]]
                 for j in range(0, len(ids), wire.LIMITS.array_len):
                     out.append(self._message(address, "ids", {"bucket": k, "ids": ids[j:j + wire.LIMITS.array_len]}, now))
         if msg.payload["reply"]:
-            out.append(self._message(address, "digest", {"buckets": self._digest(now), "reply": False}, now))
-        elif (theirs == mine and mine and msg.sender_id not in self.spot and not self.ledger.served(msg.sender_id, now)
-              and not self.ledger.vetted(msg.sender_id, now) and self.rng.random() < self.config.spot_checks):
-            out += self._spot_check(msg, acct, now)
+            out.append(self._message(address, "digest", {"buckets": digest, "reply": False}, now))
         return out
 
     def _spot_check(self, msg, acct, now):
