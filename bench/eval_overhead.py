@@ -15,15 +15,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "model"))
 
 
+def untrained():
+    """The globals of model/train.py run up to its training loop: its model (untrained), data,
+    sizes, `autocast` and `sync`."""
+    sys.argv = ["train.py"]
+    src = open(os.path.join(ROOT, "model", "train.py")).read()
+    src = src[:src.index("x, y, epoch = next(loader)")]  # everything before training: model, data, sizes
+    g = {"__file__": os.path.join(ROOT, "model", "train.py"), "__name__": "untrained"}
+    exec(compile(src, "train.py", "exec"), g)
+    return g
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    sys.argv = ["train.py"]
-    src = open(os.path.join(ROOT, "model", "train.py")).read()
-    src = src[:src.index("x, y, epoch = next(loader)")]  # everything before training: model, data, sizes
-    g = {"__file__": os.path.join(ROOT, "model", "train.py"), "__name__": "eval_overhead"}
-    exec(compile(src, "train.py", "exec"), g)
+    g = untrained()
     torch, prepare, model, data = g["torch"], g["prepare"], g["model"], g["data"]
     model.eval()
     t = time.time()

@@ -80,11 +80,8 @@ def main():
     args = ap.parse_args()
     if args.child:
         return child(args)
-    sys.argv = ["train.py"]
-    src = open(os.path.join(ROOT, "model", "train.py")).read()
-    src = src[:src.index("x, y, epoch = next(loader)")]  # everything before training: model, data, sizes
-    g = {"__file__": os.path.join(ROOT, "model", "train.py"), "__name__": "serve_first_use"}
-    exec(compile(src, "train.py", "exec"), g)
+    from bench.eval_overhead import untrained
+    g = untrained()
     torch, prepare, model, data = g["torch"], g["prepare"], g["model"], g["data"]
     sys.path.insert(0, os.path.join(ROOT, "model"))
     import serve
