@@ -92,6 +92,7 @@ class Config:
     max_waiting: int = 8           # requests waiting on one address (the oldest is dropped)
     max_waiting_bytes: int = 4 << 20  # ... on all of them together
     max_pinged: int = 4096         # nonces of pings awaiting an ack (the oldest is forgotten)
+    max_wanted: int = 16384        # records pulled and awaited at once (ids past it: a later announcement or digest)
     rate_per_s: float = 400.0      # tokens per connection, sustained: a message or a signature check each
     burst: float = 800.0
     ban_score: float = -20.0
@@ -391,6 +392,7 @@ class Node(Membership):
     def _want(self, ids, acct, address, now):
         """Pull the announced records we lack; the announcer has promised to serve them."""
         missing = [i for i in ids if i not in self.records and i not in self.wanted]
+        missing = missing[:max(0, self.config.max_wanted - len(self.wanted))]  # ids that exist nowhere cost memory
         if not missing:
             return []
         for i in missing:

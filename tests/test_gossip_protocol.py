@@ -354,6 +354,25 @@ def test_replay_of_an_old_record_is_not_delivered_or_forwarded_again():
     assert not any(n.rejected() for n in net.nodes.values())
 
 
+def test_pulls_awaiting_their_records_are_bounded():
+    """An announcer may name ids that exist nowhere, thousands a message, each a pull that waits out
+    its promise: the table of awaited pulls stays within its bound, and real records still come."""
+    net = swarm(6, seed=73)
+    target, member = net.nodes["n3"], net.nodes["n4"]
+    rng = random.Random(5)
+    for k in range(6):  # 6 x 4096 ids in half a second, past max_wanted
+        ids = [rng.randbytes(32) for _ in range(4096)]
+        out = target.receive("n4", wire.make_message(member.identity, "ihave", {"ids": ids}, int(net.now * 1000), "n4"),
+                             net.now + 0.1 * k)
+        assert len(target.wanted) <= target.config.max_wanted
+    assert len(target.wanted) == target.config.max_wanted and not sends(out, {"iwant"})
+    net.run(2 * target.config.promise_timeout_s)
+    r = note("still comes", net.now)
+    net.publish("n0", r)
+    net.run(5)
+    assert held_by(net, r.id, net.nodes)
+
+
 def test_replayed_message_outside_the_clock_window_is_stale():
     net = swarm(6, seed=72)
     target, member = net.nodes["n3"], net.nodes["n4"]
