@@ -305,7 +305,8 @@ def _warm_cuda(torch, F):
         logits = F.linear(x, torch.randn(V, H * D, device="cuda")).float()
         (15 * torch.tanh(logits / 15) + y.sum()).isfinite().all()
         # attention under a dense mask at the evaluation's batch size: cuDNN builds a plan for each
-        # shape at its first call (90 ms on an H100, bench/serve_first_use.py); the rest is small
+        # shape at its first call (the first 64-row forward spent 94 ms of CPU in cuDNN attention
+        # after a 2-row warm-up on an H100, bench/serve_first_use.py)
         B = prepare.eval_batch_cap(T, V)
         docs = torch.cumsum(torch.randint(0, V, (B, T), device="cuda") == 0, dim=1)
         pos = torch.arange(T, device="cuda")
