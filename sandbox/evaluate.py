@@ -37,13 +37,13 @@ def _inputs(batch):
     return np.ascontiguousarray(batch[:, :-1], dtype=np.int32)
 
 
-def score(model, rows, token_bytes, batch_size, plan, device="cpu", arrivals=None, timings=None):
+def score(model, rows, token_bytes, batch_size, plan, device="cpu", timings=None):
     """(val_bpb, {probed batch: its logits}) of `model` on `rows` (N, T + 1). Each reply is
     copied once, as it arrives; the metric and every check read only the copy, so a reply
     rewritten while the harness reads it changes nothing, and the next request goes out at
-    once, while the harness works on the copy (no device round trip per batch). `arrivals`,
-    a list, gets the time.time() at which each reply arrived; `timings`, a dict, the seconds
-    spent making the harness's buffers."""
+    once, while the harness works on the copy (no device round trip per batch). `timings`, a
+    dict, gets the seconds spent making the harness's buffers, scoring, waiting for the first
+    reply (a fresh server's first forward: what warming did not load) and for the rest."""
     t = time.time()
     batches = list(prepare.eval_batches(rows, batch_size))
     V = len(token_bytes)
@@ -55,16 +55,15 @@ def score(model, rows, token_bytes, batch_size, plan, device="cpu", arrivals=Non
     nats = torch.zeros((), dtype=torch.float64, device=device)
     nbytes = torch.zeros((), dtype=torch.int64, device=device)
     finite = torch.ones((), dtype=torch.bool, device=device)
-    if timings is not None:
-        timings["buffers made"] = time.time() - t
+    made = time.time()
     model.send(_inputs(batches[0][0]))
     # every batch's targets on the device while the first batch is served: no copy between replies
     targets = [torch.from_numpy(batch[:real, 1:]).to(device) for batch, real in batches]
     for k, (_, real) in enumerate(batches):
         logits = kept.get(k, spare)
         reply = model.receive()
-        if arrivals is not None:
-            arrivals.append(time.time())
+        last = time.time()
+        first = last if k == 0 else first
         logits.copy_(reply)
         model.release()
         if k + 1 < len(batches):
@@ -77,6 +76,9 @@ def score(model, rows, token_bytes, batch_size, plan, device="cpu", arrivals=Non
             nbytes += b
     if not finite.item():
         raise ModelError("nan_logits")
+    if timings is not None:
+        timings["buffers made"], timings[f"{len(batches)} batches scored"] = made - t, time.time() - t
+        timings["first reply"], timings[f"next {len(batches) - 1} replies"] = first - t, last - first
     return nats.item() / (math.log(2) * nbytes.item()), kept
 
 

@@ -119,11 +119,7 @@ def evaluate_frozen(scorer, prober, size, rows, token_bytes, batch_size, rng, pr
     t = time.time()
     model, device = scorer.model(V, scorer.load(size, deadline), deadline)
     timings["scoring server loaded"] = time.time() - t
-    t, arrivals = time.time(), []
-    bpb, kept = evaluate.score(model, rows, token_bytes, batch_size, plan, device, arrivals, timings)
-    timings[f"{len(arrivals)} batches scored"] = time.time() - t
-    timings["first reply"] = arrivals[0] - t  # a fresh server's first forward: what warming did not load
-    timings[f"next {len(arrivals) - 1} replies"] = arrivals[-1] - arrivals[0]
+    bpb, kept = evaluate.score(model, rows, token_bytes, batch_size, plan, device, timings)
     if getattr(model, "mappings", 0):
         timings[f"replies' memory mapped {model.mappings}x"] = model.mapping_seconds
     t = time.time()
