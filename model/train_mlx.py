@@ -350,7 +350,7 @@ print(f"startup_seconds:  {first_step_seconds:.1f}")
 print(f"eval_seconds:     {eval_seconds:.1f}")
 print(f"peak_vram_mb:     {mx.get_peak_memory() / 2**20:.1f}")
 print("mfu_percent:      0.00")  # no table of Apple peak FLOPs
-print(f"total_tokens_M:   {step * batch_tokens / 1e6:.1f}")
+print(f"total_tokens_M:   {step * batch_tokens / 1e6:.6f}")
 print(f"num_steps:        {step}")
 print(f"num_params_M:     {num_params / 1e6:.1f}")
 print(f"depth:            {DEPTH}")

@@ -358,7 +358,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                       total_seconds=round(time.time() - t0, 2), peak_memory_mb=round(rss, 1),
                       evaluation_seconds=round(evaluated - handover, 2) if evaluated else None,
                       num_steps=int(steps) if steps is not None else None,
-                      tokens=int(tokens_m * 1e6) if tokens_m is not None else None, violations=tuple(violations),
+                      tokens=round(tokens_m * 1e6) if tokens_m is not None else None, violations=tuple(violations),
                       probe_max_diff=stats.get("probe_max_diff"),
                       hardware=hardware, isolation=confinement, log_tail="\n".join(log.splitlines()[-LOG_TAIL_LINES:]))
 

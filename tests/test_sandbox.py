@@ -454,6 +454,7 @@ def test_the_baseline_passes_every_check(stdlib_cache, stdlib_data, monkeypatch)
     assert r.status == "ok", r.log_tail
     assert r.val_bpb < 0.9 * uniform_bpb(stdlib_data)
     assert r.num_steps and r.num_steps > 5
+    assert r.tokens == r.num_steps * 8 * 256  # the cpu branch: 8 rows of the cpu profile's 256 tokens, to the token
 
 
 def test_cli_json_and_exit_codes(stdlib_cache, tmp_path):

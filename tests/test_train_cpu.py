@@ -19,6 +19,7 @@ def test_tiny_cpu_training_beats_the_untrained_model(stdlib_cache, stdlib_data):
     # scores (3.9 bpb here, against 4.9 for the untrained model), so the bar is that it learned at all
     untrained = uniform_bpb(stdlib_data)
     assert int(summary["num_steps"]) > 0
+    assert round(float(summary["total_tokens_M"]) * 1e6) == int(summary["num_steps"]) * 8 * 256  # exact, to the token
     assert float(summary["val_bpb"]) < 0.9 * untrained, (summary["val_bpb"], untrained)
     assert float(summary["training_seconds"]) >= 15
 
