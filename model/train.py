@@ -145,6 +145,37 @@ def attention_masks(docs, windows):
     return {w: same & (dist >= 0) & (dist < w) for w in windows}
 
 
+class CappedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of cap * tanh(x @ w.T / cap) against targets, for eager devices (CPU, MPS):
+    the logits are made, used and dropped `rows` rows at a time, with their gradients, so no
+    (tokens, vocab) tensor leaves the cache; eager PyTorch otherwise writes and reads all 64 MB
+    of them about a dozen times a step (softcap, log-softmax and their backwards). Capped logits
+    lie in [-cap, cap], so exp needs no max subtracted. The compiled CUDA path fuses on its own."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, cap, rows=256):
+        n = x.size(0)
+        loss, gx, gw, wc = x.new_zeros(()), torch.empty_like(x), torch.zeros_like(w), w / cap
+        for i in range(0, n, rows):
+            xc, yc = x[i:i + rows], targets[i:i + rows, None]
+            t = torch.mm(xc, wc.t()).tanh_()
+            e = torch.mul(t, cap).exp_()
+            z = e.sum(1, keepdim=True)
+            loss += (z.log() - cap * t.gather(1, yc)).sum()
+            e.mul_(z.mul_(n).reciprocal_())                # softmax / n: the mean's gradient
+            e.scatter_add_(1, yc, torch.full(yc.shape, -1 / n, dtype=e.dtype, device=e.device))
+            e.addcmul_(e, t.mul_(t), value=-1)             # through the cap: times 1 - tanh^2
+            torch.mm(e, w, out=gx[i:i + rows])
+            gw.addmm_(e.t(), xc)
+        ctx.save_for_backward(gx, gw)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw = ctx.saved_tensors
+        return gx * grad, gw * grad, None, None, None
+
+
 class Block(nn.Module):
     def __init__(self, dim, n_head, has_value_embed):
         super().__init__()
@@ -220,6 +251,9 @@ class GPT(nn.Module):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, docs, self.windows[i], masks)
+        if targets is not None and not idx.is_cuda:  # eager: the loss without whole logits (CappedCrossEntropy)
+            h = norm(x).view(-1, x.size(-1))
+            return CappedCrossEntropy.apply(h, self.lm_head.weight, targets.reshape(-1), LOGIT_SOFTCAP)
         logits = self.lm_head(norm(x)).float()
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
         if targets is None:
