@@ -26,6 +26,10 @@ identity, config, rng, ledger and clock (`_now`), signs what goes out (`_message
   size of a small request) asks the address, one per address at a time and twice at most, and
   an ack to an address not verified carries no more than the ping it answers. Nothing larger
   than what a peer sent goes to an address no member has answered at, however many keys claim it.
+  What we send on our own schedule that is larger than a ping (records, announcements, digests)
+  goes only to members verified at their current address (`_gossip_targets`): a member new to the
+  view, or whose hello moves it, is asked at once with a ping that carries nothing (and so does
+  the ack), one per address per `reask_s`, and gets nothing else until its ack comes.
 """
 
 import hashlib
@@ -98,6 +102,7 @@ class Membership:
         self.verified = OrderedDict()       # member id -> (address it answered a nonce at, when), oldest first
         self.verified_at = {}               # address -> the member last verified there
         self.verifying = OrderedDict()      # address -> Pending, oldest first
+        self.asked = OrderedDict()          # address -> when we last asked it on our own initiative, oldest first
         self.waiting_bytes = 0              # of the requests waiting on verifications
         self.replies = Counter()            # answered (verified at once), waited, answered_late, dropped
         self._ack_base = None               # bytes of an ack that carries nothing
@@ -179,6 +184,8 @@ class Membership:
                 m.update(msg)
                 m.last_seen = max(m.last_seen, min(now, msg.ts / 1000))  # it spoke when it signed this
                 self._spread(msg.encoded, mid)
+                if not self._verified(mid, m.address, now):  # it moved: its new address is asked at once
+                    return self._ask_address(m.address, now)
             return []
         if len(self.members) >= self.config.max_view:
             if not self._outranks(mid):
@@ -191,7 +198,10 @@ class Membership:
         self.dead.pop(mid, None)
         if seen >= now - self.config.news_s:  # news (a join, a restart, or first-hand): spread it; an old
             self._spread(msg.encoded, mid)     # hello heard second-hand travels by peer exchange alone
-        return [Event("member_joined", {"id": mid, "address": m.address})]
+        out = [Event("member_joined", {"id": mid, "address": m.address})]
+        if not self._verified(mid, m.address, now):  # asked at once, it is verified before we have much to send it
+            out += self._ask_address(m.address, now)
+        return out
 
     def _peek(self, blob):
         """(member id, incarnation) as a hello's bytes claim them, unchecked; None if they do not parse."""
@@ -433,7 +443,9 @@ class Membership:
 
     def _on_ping(self, msg, acct, now):
         out = self._absorb(msg, acct, now)
-        if self._verified(msg.sender_id, msg.address, now):
+        if not msg.payload["members"]:  # a ping that only asks whether we are there: so little back
+            gossip = {"members": [], "suspects": []}
+        elif self._verified(msg.sender_id, msg.address, now):
             gossip = self._piggyback(False)
         else:  # an address nobody answered at as this sender: no more bytes back than came
             gossip = self._trim(self._piggyback(False), len(msg.encoded) - self._ack_bytes())
@@ -562,6 +574,21 @@ class Membership:
         payload = {"seq": self._nonce(address), "members": [], "suspects": []}
         return self._message(address, "ping", payload, now, label="verify")
 
+    def _ask_address(self, address, now):
+        """A ping that carries nothing, on our own initiative, to the address of a member we may gossip
+        to (one new to the view, moved, or drawn while not verified): unless a request's ping asks it
+        already, or we asked it within `reask_s` (so an address that many keys claim, or that answers
+        none of them, gets one small ping per `reask_s`)."""
+        asked = self.asked
+        while asked and next(iter(asked.values())) <= now - self.config.reask_s:
+            asked.popitem(last=False)
+        if address in asked or address in self.verifying:
+            return []
+        asked[address] = now
+        while len(asked) > self.config.max_verified:
+            asked.popitem(last=False)
+        return [self._verify_ping(address, now)]
+
     def _ack_bytes(self):
         """The size of an ack of ours that carries nothing (at the largest seq and timestamp)."""
         if self._ack_base is None:
@@ -578,9 +605,34 @@ class Membership:
     def _targets(self, k, exclude=()):
         """k random live members in good standing, each drawn with probability `prefer_served`
         among those that served us (when there are any), else among all."""
+        return self._draw(self._eligible(exclude), k)
+
+    def _gossip_targets(self, k, exclude=()):
+        """(targets, pings): k members to send records, announcements or a digest to, drawn as by
+        `_targets` but all at verified addresses, since what we send on our own schedule goes where a
+        hello says and a hello may name anyone's address. A member drawn whose address is not verified
+        gets a ping that carries nothing instead (`_ask_address`; its ack verifies it, and it is drawn
+        like the others from then on), and a verified member takes its place. Nothing is kept for it:
+        a record it misses reaches it from other members, by the ids on pings and acks, or by
+        anti-entropy."""
+        now, pool, targets, pings = self._now, self._eligible(exclude), [], []
+        drawn = self._draw(list(pool), k)
+        for m in drawn:
+            if self._verified(m.id, m.address, now):
+                targets.append(m)
+            else:
+                pings += self._ask_address(m.address, now)
+        drawn = set(drawn)
+        rest = [m for m in pool if m not in drawn and self._verified(m.id, m.address, now)]
+        return targets + self._draw(rest, k - len(targets)), pings
+
+    def _eligible(self, exclude):
         now, led = self._now, self.ledger
-        pool = [m for m in self.members.values()
+        return [m for m in self.members.values()
                 if m.state == "alive" and m.id not in exclude and led.standing(m.id, now) >= 0]
+
+    def _draw(self, pool, k):
+        now, led = self._now, self.ledger
         if len(pool) <= k:
             return self.rng.sample(pool, len(pool))
         served = [m for m in pool if led.served(m.id, now)] if self.config.prefer_served > 0 else []

@@ -31,9 +31,12 @@ network of thousands of nodes (gossip/sim.py).
 - Replies go to verified addresses (gossip/membership.py): a digest's ids and reply and the
   records an `iwant` asks for are sent only to an address where the requester answered a ping
   nonce of ours; until then the request waits (a few per address, a bounded number of addresses
-  and bytes) while one empty ping asks. A hostile peer that signs a third party's address gets
-  nothing larger than its own messages sent there (by its requests: what we send members on our
-  own schedule goes where their hellos say).
+  and bytes) while one empty ping asks. What we send on our own schedule that is larger than a ping
+  (records, pushed or published, announcements, digests) goes only to members verified at their
+  current address; a member that is not gets an empty ping (at most one per address per `reask_s`)
+  and nothing else until it answers, and a record it misses meanwhile reaches it from others or by
+  anti-entropy. A hostile peer that signs a third party's address gets nothing larger than a ping
+  sent there, by its requests or by its hellos (our probes still go where hellos say).
 
 The caller must act on outputs in order: a `Deliver` comes before the `Send`s that forward
 its record, so a store written on `Deliver` is durable before the record is announced.
@@ -89,6 +92,8 @@ class Config:
                                    # of the ping that asks it, which is sent twice at most
     max_verified: int = 4096       # (member, address) pairs verified, remembered
     max_verifying: int = 256       # addresses being verified at once (the oldest is given up)
+    reask_s: float = 10.0          # an address we ask on our own (a member's, before we gossip to it) is asked
+                                   # again no sooner than this
     max_waiting: int = 8           # requests waiting on one address (the oldest is dropped)
     max_waiting_bytes: int = 4 << 20  # ... on all of them together
     max_pinged: int = 4096         # nonces of pings awaiting an ack (the oldest is forgotten)
@@ -176,10 +181,9 @@ class Node(Membership):
             return []
         self._now = now
         self._keep(record, now)
-        out = [Deliver(record)]
-        first = self._targets(len(self.members) if self.config.flood_publish else self.config.fanout)
+        first, pings = self._gossip_targets(len(self.members) if self.config.flood_publish else self.config.fanout)
         self.arrivals[record.id] = (now, {m.id for m in first})
-        out += self._push([record], [m.address for m in first], now)
+        out = [Deliver(record)] + pings + self._push([record], [m.address for m in first], now)
         self.lazy.append(record.id)
         return out
 
@@ -242,8 +246,8 @@ class Node(Membership):
             nxt["round"] = now + c.round_s
             if self.lazy:
                 ids, self.lazy = self.lazy[:wire.LIMITS.array_len], self.lazy[wire.LIMITS.array_len:]
-                for m in self._targets(c.lazy_fanout):
-                    out.append(self._message(m.address, "ihave", {"ids": ids}, now))
+                targets, pings = self._gossip_targets(c.lazy_fanout)
+                out += pings + [self._message(m.address, "ihave", {"ids": ids}, now) for m in targets]
         if self.late_ids and now >= nxt["wide"]:
             out += self._announce_wide(now)
         if now >= nxt["ae"]:
@@ -251,7 +255,9 @@ class Node(Membership):
             if self.ae_waiting in self.members:  # the last digest's reply never came: a member that skips anti-entropy
                 self.ledger.owe(self.ae_waiting, 1.0, now)
             self.ae_waiting = None
-            for m in self._targets(1):
+            targets, pings = self._gossip_targets(1)
+            out += pings
+            for m in targets:
                 self.ae_waiting = m.id
                 out.append(self._message(m.address, "digest", {"buckets": self._digest(now), "reply": True}, now))
         return out
@@ -338,10 +344,10 @@ class Node(Membership):
             self._forwarded(record.id, msg.sender_id, 1.0, now)
             self.ledger.reward(acct, 0.1)
         if new:
-            targets = self._targets(self.config.fanout, exclude={msg.sender_id})
+            targets, pings = self._gossip_targets(self.config.fanout, exclude={msg.sender_id})
             for r in new:
                 self.arrivals[r.id][1].update(m.id for m in targets)
-            out += self._push(new, [m.address for m in targets], now)
+            out += pings + self._push(new, [m.address for m in targets], now)
             self.lazy += [r.id for r in new]
             self.late_ids += [r.id for r in new if self.config.late_s <= now - r.ts / 1000 <= self.config.have_s]
         return out
@@ -384,7 +390,8 @@ class Node(Membership):
         no more than one announcement per member per period."""
         self.next["wide"] = now + self.config.ae_interval_s
         ids, self.late_ids = self.late_ids[:wire.LIMITS.array_len], self.late_ids[wire.LIMITS.array_len:]
-        return [self._message(m.address, "ihave", {"ids": ids}, now) for m in self._targets(len(self.members))]
+        targets, pings = self._gossip_targets(len(self.members))
+        return pings + [self._message(m.address, "ihave", {"ids": ids}, now) for m in targets]
 
     def _on_ihave(self, msg, acct, now):
         return self._want(msg.payload["ids"], acct, msg.address, now)

@@ -10,7 +10,7 @@ from collections import Counter
 
 from gossip import protocol, wire
 from gossip.identity import Identity
-from test_gossip_protocol import CFG, MALLORY, _member_hello, note, sends, swarm
+from test_gossip_protocol import CFG, MALLORY, Sim, _member_hello, held_by, note, sends, swarm
 
 AUTHOR = Identity.from_seed(b"reflection author")
 REPLIES = {"ids", "digest", "push", "welcome", "ping"}  # what an answer carries (a relayed ping included)
@@ -164,3 +164,73 @@ def test_bookkeeping_per_address_is_bounded():
         node.tick(t + step / 10)
     assert not node.verifying and node.waiting_bytes == 0
     assert node.replies["dropped"] > 0
+
+
+class Reflection(Sim):
+    """The simulated network with a victim at "victim" that is no node of the swarm: it answers
+    every ping sent there with an ack signed by its own key, and counts what it gets."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.victim, self.to_victim = Identity.from_seed(b"victim"), Counter()
+
+    def _act(self, address, outputs):
+        for o in outputs:
+            if isinstance(o, protocol.Send) and o.address == "victim":
+                self.to_victim[o.kind] += 1
+                msg = wire.decode_message(o.data, int(self.now * 1000))
+                if msg.kind == "ping":
+                    ack = {"seq": msg.payload["seq"], "members": [], "suspects": []}
+                    self.inject("victim", address, message(self.victim, "ack", ack, self.now, "victim"), delay=0.01)
+        super()._act(address, [o for o in outputs if not (isinstance(o, protocol.Send) and o.address == "victim")])
+
+
+def test_a_hello_naming_a_third_address_gets_it_no_records_announcements_or_digests():
+    """What a node sends on its own schedule (its own records to every member, pushes of records
+    it forwards, announcements, anti-entropy digests) goes only to members whose address answered
+    a ping nonce as them. In a swarm of six, a Sybil's hello names "victim", and Mallory, one of the
+    six, signs a newer hello that moves her there. For 30 s the others publish a record a second:
+    the victim, which answers every ping as itself (so both stay alive in every view), gets pings
+    alone (probes, and the empty ping that asks its address once per `reask_s`); every record
+    reaches every honest node, and Mallory got those published before she moved."""
+    net = swarm(6, seed=133, identities={"n5": MALLORY}, cls=Reflection)
+    honest = [f"n{i}" for i in range(5)]
+    sybil = Identity.from_seed(b"sybil")
+    for a in honest:
+        net.inject("evil", a, message(sybil, "hello", {"address": "victim", "incarnation": 1, "meta": {}}, net.now, "victim"))
+    before = []
+    for i in range(30):
+        if i == 10:  # Mallory moves: her node goes quiet, her newer hello names the victim's address
+            net.down.add("n5")
+            moved = message(MALLORY, "hello", {"address": "victim", "incarnation": 1 << 50, "meta": {}}, net.now, "victim")
+            for a in honest:
+                net.inject("evil-m", a, moved)
+        r = note(f"record {i}", net.now, AUTHOR)
+        net.publish(honest[i % 5], r)
+        before += [r.id] if i < 10 else []
+        net.run(1.0)
+    net.run(2.0)
+    assert all(sum(m.address == "victim" for m in net.nodes[a].members.values()) == 2 for a in honest)
+    assert set(net.to_victim) <= {"ping", "verify"}, net.to_victim  # probes of the two members there, and asks
+    assert net.to_victim["verify"] <= len(honest) * (net.now / CFG.reask_s + 1), net.to_victim
+    assert all(held_by(net, rid, honest) for rid in net.held)
+    assert all(held_by(net, rid, ["n5"]) for rid in before)
+
+
+def test_a_member_not_yet_verified_when_a_record_spreads_still_gets_it():
+    """A node new to the swarm is not pushed a record published before its address answered (one
+    round trip after a member learns of it); nothing waits for it, and it still holds the record
+    within an anti-entropy period, by its own digest or the ids on pings and acks."""
+    net = swarm(8, seed=132)
+    n0 = net.nodes["n0"]
+    new = net.add(seeds=["n0"])
+    while new.id not in n0.members:  # message by message: n0 has its hello, not yet the ack that verifies it
+        net.run_until(net.now + 0.001)
+    assert not n0._verified(new.id, new.address, net.now)
+    r = note("spreads as it joins", net.now)
+    net.publish("n0", r)
+    assert new.id not in n0.arrivals[r.id][1] and len(n0.arrivals[r.id][1]) == 7  # pushed to every verified member
+    t0 = net.now
+    net.run_until(t0 + CFG.ae_interval_s + 0.5, stop=lambda: r.id in new.records)
+    assert r.id in new.records, net.now - t0
+    assert all(r.id in n.records for n in net.nodes.values())
