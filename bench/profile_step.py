@@ -1,17 +1,44 @@
-"""Where a training step of model/train.py spends its GPU time: a few compiled steps under
-the torch profiler, then the kernel table (needs CUDA and prepared data).
+"""Where a training step of model/train.py spends its time: a few steps under the torch profiler,
+then the table of operations (CUDA: kernels of the compiled step; CPU: operators, eager).
 
-    python bench/profile_step.py
+    python bench/profile_step.py [--file model/train.py] [--threads N]
+
+Needs prepared data. On a CPU it profiles the cpu profile's model (`AUTORESEARCH_PROFILE=cpu` is
+the default there); `--file` takes another train.py (a file, or `REV:model/train.py`).
 """
-import os, sys, time
-sys.argv = ["train.py"]
+import argparse
+import os
+import subprocess
+import sys
+import time
+
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ap.add_argument("--file", default=os.path.join(root, "model", "train.py"))
+ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+args = ap.parse_args()
+if os.path.exists(args.file):
+    src = open(args.file).read()
+else:
+    r = subprocess.run(["git", "show", args.file], cwd=root, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"error: {args.file!r} is neither a file nor a git REV:PATH")
+    src = r.stdout
+sys.argv = ["train.py"]
 sys.path.insert(0, root + "/model")
-src = open(root + "/model/train.py").read()
+import torch  # noqa: E402
+from torch.profiler import profile, ProfilerActivity  # noqa: E402
+
+if args.threads:
+    torch.set_num_threads(args.threads)
 src = src[:src.index("x, y, epoch = next(loader)")]
 g = {"__file__": root + "/model/train.py", "__name__": "prof"}
 exec(compile(src, "train.py", "exec"), g)
-torch, loader, train_model, adam, muon, model, grad_accum = (g[k] for k in ("torch", "loader", "train_model", "adam", "muon", "model", "grad_accum"))
+loader, train_model, adam, muon, model, grad_accum = (g[k] for k in ("loader", "train_model", "adam", "muon", "model", "grad_accum"))
+cuda = g["DEVICE"] == "cuda"
+sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+
 def step():
     for _ in range(grad_accum):
         x, y, _ = next(loader)
@@ -20,18 +47,21 @@ def step():
         (loss / grad_accum).backward()
     adam.step(); muon.step(); model.zero_grad(set_to_none=True)
     return loss.item()
-for _ in range(6):
+
+
+for _ in range(6 if cuda else 3):
     step()
-torch.cuda.synchronize(); t = time.time()
+sync(); t = time.time()
 for _ in range(5):
     step()
-torch.cuda.synchronize(); print(f"step time {(time.time() - t) / 5 * 1000:.1f} ms")
-from torch.profiler import profile, ProfilerActivity
-with profile(activities=[ProfilerActivity.CUDA]) as p:
+sync(); print(f"step time {(time.time() - t) / 5 * 1000:.1f} ms ({g['DEVICE']}, {torch.get_num_threads()} threads)")
+with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as p:
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-print(p.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    sync()
+print(p.key_averages().table(sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30,
+                             max_name_column_width=70))
+
 
 def kind(name):  # kernel name -> share-table row
     n = name.lower()
@@ -45,12 +75,14 @@ def kind(name):  # kernel name -> share-table row
         return "other fused Triton kernels (norms, activations, casts, optimizer)"
     return "other: " + name[:40]
 
-shares = {}
-for e in p.key_averages():
-    t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-    if t > 0:
-        shares[kind(e.key)] = shares.get(kind(e.key), 0) + t
-total = sum(shares.values())
-print(f"kernel time per step {total / 3e3:.1f} ms; shares:")
-for k, t in sorted(shares.items(), key=lambda kv: -kv[1])[:12]:
-    print(f"  {100 * t / total:5.1f} %  {t / 3e3:6.1f} ms  {k}")
+
+if cuda:
+    shares = {}
+    for e in p.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0:
+            shares[kind(e.key)] = shares.get(kind(e.key), 0) + t
+    total = sum(shares.values())
+    print(f"kernel time per step {total / 3e3:.1f} ms; shares:")
+    for k, t in sorted(shares.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  {100 * t / total:5.1f} %  {t / 3e3:6.1f} ms  {k}")
