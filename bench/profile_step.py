@@ -1,5 +1,5 @@
-"""Where a training step of model/train.py spends its time: a few steps under the torch profiler,
-then the table of operations (CUDA: kernels of the compiled step; CPU: operators, eager).
+"""Where a training step of model/train.py spends its time, by the torch profiler.
+A few steps, then the table of operations (CUDA: kernels of the compiled step; CPU: operators, eager).
 
     python bench/profile_step.py [--file model/train.py] [--threads N]
 
