@@ -630,27 +630,26 @@ def flood_cpu(seed):
     return out, node.config.rate_per_s
 
 
-def part_c(h, k, seed, limit_s=60.0):
+def part_c(h, k, seed, limit_s=60.0, only=None):
+    """The two runs without attack, and each attack scenario whose name contains one of `only` (all if None)."""
     log(f"C: honest population {h}, {k} records per scenario")
     base = scenario("no attack", seed, h, k, limit_s=limit_s)
     cold_base = scenario("no attack, cold (5 s after boot)", seed, h, k, how="cold", settle=5.0, limit_s=limit_s)
     sybil = dict(drop=True, pollute=True, slander=True)
     cls = hostile_class("Sybil", **sybil)
     forger = type("Forger", (cls,), {"garbage_rate": 0.5})  # same clan
-    results = [
-        scenario("sybil flash", seed, h, k, hostile=h, cls=[forger, cls, cls, cls], limit_s=limit_s),
-        scenario("eclipse of one node", seed, h, k, hostile=(2 * h) // 3, victim=True,
-                 cls=hostile_class("Eclipser", hello_rate=2.0, **sybil), limit_s=limit_s),
-        scenario("censor (drop, skip anti-entropy)", seed, h, k, hostile=h // 2, cls=hostile_class("Skipper", evade=False),
-                 how="mixed", limit_s=limit_s),
-        scenario("censor (drop)", seed, h, k, hostile=h // 2, cls=hostile_class("Dropper"), how="mixed", limit_s=limit_s),
-        scenario("censor (delay 3 s)", seed, h, k, hostile=h // 2, cls=hostile_class("Delayer", drop=False, delay_s=3.0),
-                 how="mixed", limit_s=limit_s),
-        scenario("censor (one publisher)", seed, h, k, hostile=h // 2, cls=hostile_class("Censor", drop=False),
-                 how="mixed", censor=True, limit_s=limit_s),
-        scenario("cold boot (hostile 2:1)", seed, h, k, hostile=2 * h, cls=hostile_class("Cold", drop=True, pollute=True),
-                 how="cold", settle=5.0, limit_s=limit_s),
+    scenarios = [
+        ("sybil flash", dict(hostile=h, cls=[forger, cls, cls, cls])),
+        ("eclipse of one node", dict(hostile=(2 * h) // 3, victim=True, cls=hostile_class("Eclipser", hello_rate=2.0, **sybil))),
+        ("censor (drop, skip anti-entropy)", dict(hostile=h // 2, cls=hostile_class("Skipper", evade=False), how="mixed")),
+        ("censor (drop)", dict(hostile=h // 2, cls=hostile_class("Dropper"), how="mixed")),
+        ("censor (delay 3 s)", dict(hostile=h // 2, cls=hostile_class("Delayer", drop=False, delay_s=3.0), how="mixed")),
+        ("censor (one publisher)", dict(hostile=h // 2, cls=hostile_class("Censor", drop=False), how="mixed", censor=True)),
+        ("cold boot (hostile 2:1)", dict(hostile=2 * h, cls=hostile_class("Cold", drop=True, pollute=True), how="cold",
+                                         settle=5.0)),
     ]
+    results = [scenario(name, seed, h, k, limit_s=limit_s, **kw) for name, kw in scenarios
+               if only is None or any(o in name for o in only)]
     return base, cold_base, results
 
 
@@ -781,6 +780,8 @@ def main():
     ap.add_argument("--records", type=int, default=5, help="records per size in part A (at most 3 at N > 2000)")
     ap.add_argument("--parts", default="abc", help="which parts to run (a, b, c)")
     ap.add_argument("--honest", type=int, default=None, help="honest nodes in each attack scenario (default 100)")
+    ap.add_argument("--scenarios", default=None,
+                    help="part C: comma-separated parts of attack scenario names to run, e.g. sybil,cold (default all)")
     ap.add_argument("--no-memo", action="store_true", help="verify every signature (3x slower, same results)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of gossip.protocol.Config for every node, e.g. checks_per_s=0")
@@ -820,7 +821,9 @@ def main():
         print(f"\nHeal time per record (s): {', '.join(fmt(x) for x in r['lags'])}.\n", flush=True)
 
     if "c" in args.parts:
-        base, cold_base, results = part_c(args.honest or (20 if args.quick else 100), 3, args.seed + 2, 20.0 if args.quick else 60.0)
+        only = args.scenarios.split(",") if args.scenarios else None
+        base, cold_base, results = part_c(args.honest or (20 if args.quick else 100), 3, args.seed + 2,
+                                          20.0 if args.quick else 60.0, only)
         flood, rate = flood_cpu(args.seed)
         delivery, scores, notes = report_c(base, cold_base, results)
         print("## C. Attacks\n")
