@@ -8,14 +8,15 @@ Prints one row per run (val_bpb, optimizer steps), then each file's mean and sd 
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import cpu_screen  # noqa: E402 (bench/, beside this file)
+
+ROOT = cpu_screen.ROOT
 
 
 def source(spec):
@@ -46,13 +47,7 @@ def main(argv=None):
         print("| run | file | status | val_bpb | steps |\n| ---: | --- | --- | ---: | ---: |", flush=True)
         for i in range(args.runs):
             for key in ("A", "B"):
-                r = subprocess.run([sys.executable, "-m", "node", "experiment", "--budget", str(args.budget), "--profile",
-                                    args.profile, "--backend", "cpu", "--json", paths[key]], cwd=ROOT,
-                                   capture_output=True, text=True)
-                try:
-                    out = json.loads(r.stdout)
-                except json.JSONDecodeError:
-                    out = {"status": "error", "val_bpb": None, "num_steps": None}
+                out = cpu_screen.run(paths[key], args.budget, args.profile)
                 results[key].append(out)
                 bpb = f"{out['val_bpb']:.4f}" if out.get("val_bpb") is not None else "-"
                 print(f"| {i + 1} | {key} | {out.get('status')} | {bpb} | {out.get('num_steps')} |", flush=True)

@@ -8,22 +8,17 @@ the default there); `--file` takes another train.py (a file, or `REV:model/train
 """
 import argparse
 import os
-import subprocess
 import sys
 import time
+
+import cpu_ab  # bench/, beside this file: a file or REV:PATH
 
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ap.add_argument("--file", default=os.path.join(root, "model", "train.py"))
 ap.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
 args = ap.parse_args()
-if os.path.exists(args.file):
-    src = open(args.file).read()
-else:
-    r = subprocess.run(["git", "show", args.file], cwd=root, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"error: {args.file!r} is neither a file nor a git REV:PATH")
-    src = r.stdout
+src = cpu_ab.source(args.file)
 sys.argv = ["train.py"]
 sys.path.insert(0, root + "/model")
 import torch  # noqa: E402
