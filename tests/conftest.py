@@ -12,6 +12,15 @@ os.environ.setdefault("AUTORESEARCH_PROFILE", "cpu")
 os.environ.pop("ANTHROPIC_API_KEY", None)  # --proposer auto is offline in tests: none calls the real API
 
 
+def train_section(start, end, **names):
+    """The definitions of model/train.py from the line starting `start` up to `end`, run without the
+    training script around them; `names` are the globals they need."""
+    src = open(os.path.join(ROOT, "model", "train.py")).read()
+    g = dict(names)
+    exec(src[src.index(start):src.index(end)], g)
+    return g
+
+
 def run_prepare(cache, *args, timeout=300):
     env = dict(os.environ, AUTORESEARCH_CACHE=str(cache))
     return subprocess.run([sys.executable, "-m", "model.prepare", *args], cwd=ROOT, env=env,

@@ -1,23 +1,19 @@
 """The document/window attention of model/train.py: flex block masks against dense masks.
 The GPU case (compiled flex, forward and backward) is the one that caught a wrong
 kv-block layout on the H100; it skips where there is no CUDA."""
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import train_section
 
 
 def attention_section():
     """train.py's attention helpers, without running the training script."""
-    src = open(os.path.join(ROOT, "model", "train.py")).read()
-    code = src[src.index("def norm(x)"):src.index("class Block")]
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    g = dict(torch=torch, F=F, BlockMask=BlockMask, flex_attention=flex_attention, flash_attn_varlen_func=None)
-    exec(code, g)
-    return g
+    return train_section("def norm(x)", "class CappedCrossEntropy", torch=torch, F=F, BlockMask=BlockMask,
+                         flex_attention=flex_attention, flash_attn_varlen_func=None)
 
 
 def random_docs(B, T, p, device="cpu", seed=0):

@@ -1,20 +1,14 @@
 """train.py's eager loss (CappedCrossEntropy: the softcapped cross-entropy computed a few hundred
 rows at a time, gradients included) against the plain formula, value and gradients."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import train_section
 
 
 def capped_cross_entropy():
-    src = open(os.path.join(ROOT, "model", "train.py")).read()
-    code = src[src.index("class CappedCrossEntropy"):src.index("class Block")]
-    g = dict(torch=torch)
-    exec(code, g)
-    return g["CappedCrossEntropy"]
+    return train_section("class CappedCrossEntropy", "class Block", torch=torch)["CappedCrossEntropy"]
 
 
 def plain(x, w, y, cap):
