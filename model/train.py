@@ -165,7 +165,7 @@ class CappedCrossEntropy(torch.autograd.Function):
             e.mul_(z.mul_(n).reciprocal_())                # softmax / n: the mean's gradient
             e.scatter_add_(1, yc, torch.full(yc.shape, -1 / n, dtype=e.dtype, device=e.device))
             e.addcmul_(e, t.mul_(t), value=-1)             # through the cap: times 1 - tanh^2
-            torch.mm(e, w, out=gx[i:i + rows])
+            gx[i:i + rows] = torch.mm(e, w)  # (rows x dim): small; no out= into a view (MPS)
             gw.addmm_(e.t(), xc)
         ctx.save_for_backward(gx, gw)
         return loss / n
