@@ -616,7 +616,7 @@ class Membership:
         a record it misses reaches it from other members, by the ids on pings and acks, or by
         anti-entropy."""
         now, pool, targets, pings = self._now, self._eligible(exclude), [], []
-        drawn = self._draw(list(pool), k)
+        drawn = self._draw(pool, k)
         for m in drawn:
             if self._verified(m.id, m.address, now):
                 targets.append(m)
