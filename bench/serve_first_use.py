@@ -4,7 +4,7 @@ fresh processes like the sandbox's scoring and probe servers (unconfined), each 
 warm-up, its load and its first forwards at the evaluation's batch size, under variants of
 the environment; beside it, the plain in-process evaluation.
 
-    python3 bench/serve_first_use.py [--variants default,eager,nowarm,profile]  (default: default,nowarm,profile)
+    python3 bench/serve_first_use.py [--variants default,eager,nowarm,profile,reserve]  (default: default,nowarm,profile)
 
 Needs CUDA and prepared data (AUTORESEARCH_CACHE, AUTORESEARCH_PROFILE=gpu).
 """
@@ -24,6 +24,7 @@ VARIANTS = {  # name: (environment, warm-up, profile the first forward)
     "eager": ({"CUDA_MODULE_LOADING": "EAGER"}, True, False),
     "nowarm": ({}, False, False),
     "profile": ({}, True, True),
+    "reserve": ({}, True, False),  # warmed, then 6 GiB allocated and freed: kept in torch's cache
 }
 
 
@@ -39,6 +40,8 @@ def child(args):
     else:
         torch.cuda.init()
         torch.empty(1, device="cuda")
+    if args.child == "reserve":
+        torch.empty(6 << 30, dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()
     out = {"variant": args.child, "warm": time.time() - t0}
     time.sleep(2)  # as when the candidate trains: the load comes later

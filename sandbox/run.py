@@ -432,6 +432,10 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                     handover, ready = time.time() - t0, header
                     if handover > deadline:
                         status, violations = "violation", ["over_budget"]
+                    elif servers.cuda_device(ready.get("device")):  # while it freezes its model: the servers' memory
+                        logits = _eval_batch(ready, profile, data) * prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size * 4
+                        for server in pair:
+                            server.reserve(logits * 3 // 2)  # the logits and the forward's activations
                 elif op == "model" and handover is not None:
                     size = header.get("size")
                     if type(size) is not int or not 0 < size <= os.fstat(model_fd).st_size:
@@ -456,9 +460,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                 if not servers.seal(model_fd, size):
                     raise evaluate.ModelError("bad_handover")
                 timings[f"model of {size / 1e6:.2f} MB sealed"] = time.time() - t
-                asked = ready.get("batch_size") if type(ready.get("batch_size")) is int else 1 << 30
-                shared = bool(servers.cuda_device(ready.get("device")))
-                batch = max(1, min(asked, _batch_size(profile, data, shared)))  # as in-process, within the cap
+                batch = _eval_batch(ready, profile, data)
                 val_bpb = servers.evaluate_frozen(
                     *pair, size, rows, data.token_bytes, batch, np.random.default_rng(seed),
                     -(-limits["probe_rows"] // batch) if probes is None else probes, t0 + hard_limit,
@@ -551,6 +553,12 @@ def _warm_cuda(hardware, vocab_size):
     evaluation uses, not when evaluation starts."""
     if hardware.backend == "cuda":
         evaluate.warm("cuda", vocab_size)
+
+
+def _eval_batch(ready, profile, data):
+    """Rows per evaluation call: what the candidate evaluates in-process with, within the cap."""
+    asked = ready.get("batch_size") if type(ready.get("batch_size")) is int else 1 << 30
+    return max(1, min(asked, _batch_size(profile, data, bool(servers.cuda_device(ready.get("device"))))))
 
 
 def _kill(proc, patience=10.0):

@@ -68,6 +68,14 @@ class Server:
         self.role, self.proc, self.sock, self.shm, self.log_path, self.paths = role, proc, sock, shm, log_path, paths
         self.remote = None
 
+    def reserve(self, nbytes):
+        """Ask it to take `nbytes` of GPU memory into its allocator's cache now, before its model
+        comes (serve.reserve): no reply, and a server that cannot is none the worse."""
+        try:
+            prepare.send_frame(self.sock, {"op": "reserve", "bytes": int(nbytes)})
+        except OSError:
+            pass
+
     def load(self, size, deadline):
         """Tell it to load the frozen model; its device once it is ready."""
         self.sock.settimeout(max(0.001, deadline - time.time()))
