@@ -127,7 +127,8 @@ def evaluate_frozen(scorer, prober, size, rows, token_bytes, batch_size, rng, pr
     t = time.time()
     model, device = scorer.model(V, scorer.load(size, deadline), deadline)
     timings["scoring server loaded"] = time.time() - t
-    bpb, kept = evaluate.score(model, rows, token_bytes, batch_size, plan, device, timings)
+    with evaluate.beside_server(device):
+        bpb, kept = evaluate.score(model, rows, token_bytes, batch_size, plan, device, timings)
     if getattr(model, "mappings", 0):
         timings[f"replies' memory mapped {model.mappings}x"] = model.mapping_seconds
     t = time.time()
