@@ -39,12 +39,13 @@ def _inputs(batch):
 
 
 @contextlib.contextmanager
-def beside_server(device):
-    """On a CPU, the harness's share of the cores while a server computes the next batch beside it:
-    a quarter of torch's threads, at least one (on 2 cores the evaluation took 5.5-6.1 s with one
-    thread here against 6.7 s with two, the two processes' threads no longer crowding each other)."""
+def beside_server(served):
+    """Where the server computes on the CPU (`served`: the device it reported), the harness's share
+    of the cores while the server computes the next batch beside it: a quarter of torch's threads,
+    at least one (on this 2-core machine, one: a run's evaluation took 5.7-6.3 s against 6.7 s
+    with two, the two processes' threads no longer crowding each other)."""
     threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
+    if served in ("cpu", "mlx:cpu"):
         torch.set_num_threads(max(1, threads // 4))
     try:
         yield

@@ -435,7 +435,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                     elif servers.cuda_device(ready.get("device")):  # while it freezes its model: the servers' memory
                         logits = _eval_batch(ready, profile, data) * prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size * 4
                         for server in pair:
-                            server.reserve(logits * 3 // 2)  # the logits and the forward's activations
+                            server.reserve(logits * 3 // 2, ready["device"])  # the logits and the forward's activations
                 elif op == "model" and handover is not None:
                     size = header.get("size")
                     if type(size) is not int or not 0 < size <= os.fstat(model_fd).st_size:

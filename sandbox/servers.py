@@ -68,11 +68,11 @@ class Server:
         self.role, self.proc, self.sock, self.shm, self.log_path, self.paths = role, proc, sock, shm, log_path, paths
         self.remote = None
 
-    def reserve(self, nbytes):
-        """Ask it to take `nbytes` of GPU memory into its allocator's cache now, before its model
-        comes (serve.reserve): no reply, and a server that cannot is none the worse."""
+    def reserve(self, nbytes, device):
+        """Ask it to take `nbytes` of `device`'s memory into its allocator's cache now, before its
+        model comes (serve.reserve): no reply, and a server that cannot is none the worse."""
         try:
-            prepare.send_frame(self.sock, {"op": "reserve", "bytes": int(nbytes)})
+            prepare.send_frame(self.sock, {"op": "reserve", "nbytes": int(nbytes), "device": device})
         except OSError:
             pass
 
@@ -125,9 +125,10 @@ def evaluate_frozen(scorer, prober, size, rows, token_bytes, batch_size, rng, pr
     V = len(token_bytes)
     plan = evaluate.plan_probes(rows, batch_size, rng, probes, V)
     t = time.time()
-    model, device = scorer.model(V, scorer.load(size, deadline), deadline)
+    served = scorer.load(size, deadline)
+    model, device = scorer.model(V, served, deadline)
     timings["scoring server loaded"] = time.time() - t
-    with evaluate.beside_server(device):
+    with evaluate.beside_server(served):
         bpb, kept = evaluate.score(model, rows, token_bytes, batch_size, plan, device, timings)
     if getattr(model, "mappings", 0):
         timings[f"replies' memory mapped {model.mappings}x"] = model.mapping_seconds

@@ -141,8 +141,8 @@ def test_a_server_takes_reservations_before_its_model_and_then_serves_it():
         env.pop(prepare.SHARED_ENV, None)
         proc = subprocess.Popen([sys.executable, serve.__file__, "torch"], pass_fds=[theirs.fileno(), source], env=env)
         theirs.close()
-        for nbytes in (1 << 20, "lots", -1):
-            prepare.send_frame(ours, {"op": "reserve", "bytes": nbytes})
+        for nbytes, device in ((1 << 20, "cuda:0"), ("lots", "cuda:0"), (-1, "cuda:0"), (1 << 20, "cpu"), (1 << 20, None)):
+            prepare.send_frame(ours, {"op": "reserve", "nbytes": nbytes, "device": device})
         prepare.send_frame(ours, {"op": "load", "size": size})
         assert prepare.recv_frame(ours, 0)[0] == {"op": "ready", "device": "cpu", "bytes": 0}
         x = np.array([[1, 2, 3], [4, 5, 15]], dtype=np.int32)
@@ -155,6 +155,22 @@ def test_a_server_takes_reservations_before_its_model_and_then_serves_it():
         assert proc.wait(timeout=60) == 0
     finally:
         os.close(source)
+    a, b = socket.socketpair()  # what the harness sends is what the server reads
+    with a, b:
+        servers.Server("probe", None, a, None, None, None).reserve(6 << 30, "cuda:1")
+        assert prepare.recv_frame(b, 0)[0] == {"op": "reserve", "nbytes": 6 << 30, "device": "cuda:1", "bytes": 0}
+
+
+def test_the_harness_leaves_the_cores_to_a_cpu_server_while_it_scores_and_then_takes_them_back():
+    from sandbox import evaluate
+    threads = torch.get_num_threads()
+    for served, inside in (("cpu", max(1, threads // 4)), ("mlx:cpu", max(1, threads // 4)), ("mps", threads),
+                           ("cuda:0", threads)):
+        with pytest.raises(KeyError):
+            with evaluate.beside_server(served):
+                assert torch.get_num_threads() == inside
+                raise KeyError("a fault while scoring")
+        assert torch.get_num_threads() == threads
 
 
 def test_both_servers_load_the_same_sealed_bytes():
