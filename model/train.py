@@ -177,15 +177,13 @@ class CappedCrossEntropy(torch.autograd.Function):
 
 
 def capped_logits(h, w, cap, rows=256):
-    """cap * tanh(h @ w.T / cap), (B, T, V), made `rows` rows at a time: eager PyTorch otherwise
-    writes and reads the whole logits three times for the cap (a third of a CPU forward)."""
+    """cap * tanh(h @ w.T / cap) in float32, (B, T, V), made `rows` rows at a time: eager PyTorch
+    otherwise writes and reads the whole logits three times for the cap (a third of a CPU
+    forward). In place: for evaluation only (no autograd)."""
     x, wc = h.reshape(-1, h.size(-1)), w / cap
     out = torch.empty(x.size(0), w.size(0), dtype=torch.float32, device=x.device)
     for i in range(0, x.size(0), rows):
-        if x.is_cpu:
-            torch.mm(x[i:i + rows], wc.t(), out=out[i:i + rows]).tanh_().mul_(cap)
-        else:  # no out= into a view on MPS
-            out[i:i + rows] = torch.mm(x[i:i + rows], wc.t()).tanh_().mul_(cap)
+        out[i:i + rows] = torch.mm(x[i:i + rows], wc.t()).float().tanh_().mul_(cap)
     return out.view(*h.shape[:-1], w.size(0))
 
 
@@ -267,7 +265,7 @@ class GPT(nn.Module):
         if targets is not None and not idx.is_cuda:  # eager: the loss without whole logits (CappedCrossEntropy)
             h = norm(x).view(-1, x.size(-1))
             return CappedCrossEntropy.apply(h, self.lm_head.weight, targets.reshape(-1), LOGIT_SOFTCAP)
-        if targets is None and not idx.is_cuda:  # eager: each chunk capped while it is in cache
+        if targets is None and not idx.is_cuda and not torch.is_grad_enabled():  # eager evaluation: capped in cache
             return capped_logits(norm(x), self.lm_head.weight, LOGIT_SOFTCAP)
         logits = self.lm_head(norm(x)).float()
         logits = LOGIT_SOFTCAP * torch.tanh(logits / LOGIT_SOFTCAP)
