@@ -15,11 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "model"))
 
 
-def untrained():
-    """The globals of model/train.py run up to its training loop: its model (untrained), data,
-    sizes, `autocast` and `sync`."""
+def untrained(src=None):
+    """The globals of model/train.py (or of the train.py source `src`) run up to its training
+    loop: its model (untrained), data, sizes, `autocast` and `sync`."""
     sys.argv = ["train.py"]
-    src = open(os.path.join(ROOT, "model", "train.py")).read()
+    src = src or open(os.path.join(ROOT, "model", "train.py")).read()
     src = src[:src.index("x, y, epoch = next(loader)")]  # everything before training: model, data, sizes
     g = {"__file__": os.path.join(ROOT, "model", "train.py"), "__name__": "untrained"}
     exec(compile(src, "train.py", "exec"), g)
