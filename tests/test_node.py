@@ -305,11 +305,10 @@ def test_a_full_disk_stops_the_node_with_one_line_and_loses_nothing(env, tmp_pat
         while not (home / "results.tsv").exists() or len(open(home / "results.tsv").readlines()) < 2:
             assert p.poll() is None and time.time() < deadline, "the first baseline never finished"
             time.sleep(0.2)
-        with open(home / "filler", "wb") as f:  # every byte that is left
-            try:
+        with open(home / "filler", "wb", buffering=0) as f:  # every byte that is left; unbuffered: closing it
+            try:                                                # has nothing left to write, and cannot fail
                 while True:
                     f.write(b"\0" * 65536)
-                    f.flush()
             except OSError:
                 pass
         _, err = p.communicate(timeout=300)
