@@ -622,6 +622,8 @@ class Membership:
                 targets.append(m)
             else:
                 pings += self._ask_address(m.address, now)
+        if len(targets) == len(drawn):  # all verified, as in a settled view: no stand-ins to look for
+            return targets, pings
         drawn = set(drawn)
         rest = [m for m in pool if m not in drawn and self._verified(m.id, m.address, now)]
         return targets + self._draw(rest, k - len(targets)), pings
