@@ -4,7 +4,7 @@ fresh processes like the sandbox's scoring and probe servers (unconfined), each 
 warm-up, its load and its first forwards at the evaluation's batch size, under variants of
 the environment; beside it, the plain in-process evaluation.
 
-    python3 bench/serve_first_use.py [--variants default,eager,nowarm,profile,reserve]  (default: default,nowarm,profile)
+    python3 bench/serve_first_use.py [--variants default,eager,nowarm,profile]  (default: default,nowarm,profile)
 
 Needs CUDA and prepared data (AUTORESEARCH_CACHE, AUTORESEARCH_PROFILE=gpu).
 """
@@ -24,7 +24,6 @@ VARIANTS = {  # name: (environment, warm-up, profile the first forward)
     "eager": ({"CUDA_MODULE_LOADING": "EAGER"}, True, False),
     "nowarm": ({}, False, False),
     "profile": ({}, True, True),
-    "reserve": ({}, True, False),  # warmed, then 6 GiB allocated and freed: kept in torch's cache
 }
 
 
@@ -40,8 +39,6 @@ def child(args):
     else:
         torch.cuda.init()
         torch.empty(1, device="cuda")
-    if args.child == "reserve":
-        torch.empty(6 << 30, dtype=torch.uint8, device="cuda")
     torch.cuda.synchronize()
     out = {"variant": args.child, "warm": time.time() - t0}
     time.sleep(2)  # as when the candidate trains: the load comes later
@@ -115,7 +112,9 @@ def main():
     torch.cuda.empty_cache()
     rows = []
     for name in args.variants.split(","):
-        env = dict(os.environ, **VARIANTS[name][0])
+        # as the sandbox's servers: without train.py's allocator setting, whose expandable segments
+        # cannot be shared in place (the parent imported train.py, which sets it)
+        env = dict({k: v for k, v in os.environ.items() if k != "PYTORCH_ALLOC_CONF"}, **VARIANTS[name][0])
         p = subprocess.run([sys.executable, __file__, "--child", name, "--fd", str(frozen), "--size", str(size),
                             "--forwards", str(args.forwards), "--batch", str(args.batch)],
                            pass_fds=[frozen], env=env, capture_output=True, text=True)

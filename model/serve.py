@@ -291,28 +291,6 @@ def warm(framework):
         print(f"serve: warming up failed ({type(e).__name__}: {e}); the first batches will be slower", file=sys.stderr)
 
 
-def reserve(framework, nbytes, device):
-    """Take `nbytes` of `device`'s memory into torch's cache and leave them there: the harness asks
-    when the candidate stops training, so the first forward finds its logits' memory allocated
-    (a fresh process's first 4 GiB cost it ~25 ms on an H100). Trusted code, before the model is
-    loaded. Only where three times as much is free: the other server, the harness's copies of
-    the logits and the candidate's last moments need theirs."""
-    if (framework != "torch" or type(nbytes) is not int or not 0 < nbytes <= 1 << 40
-            or not isinstance(device, str) or not device.startswith("cuda")):
-        return
-    import torch
-    if not torch.cuda.is_available():
-        return
-    try:
-        free, _ = torch.cuda.mem_get_info(torch.device(device))
-        if free < 3 * nbytes:
-            print(f"serve: {free / 2**30:.1f} GiB free on {device}: no memory reserved", file=sys.stderr)
-            return
-        torch.empty(nbytes, dtype=torch.uint8, device=device)
-    except (RuntimeError, ValueError) as e:  # no such device; out of memory after all
-        print(f"serve: no memory reserved ({type(e).__name__}: {e})", file=sys.stderr)
-
-
 def _warm_cuda(torch, F):
     B, T, H, D, V = 2, prepare.MAX_SEQ_LEN, 4, 128, prepare.VOCAB_SIZE
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
@@ -343,9 +321,6 @@ def main():
     sock = socket.socket(fileno=int(os.environ[SOCKET_ENV]))
     warm(framework)
     header, _ = prepare.recv_frame(sock, 0)
-    while header.get("op") == "reserve":
-        reserve(framework, header.get("nbytes"), header.get("device"))
-        header, _ = prepare.recv_frame(sock, 0)
     if header.get("op") != "load":
         return 0
     payload = thaw(int(os.environ[MODEL_ENV]), header["size"])

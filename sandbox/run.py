@@ -86,16 +86,6 @@ def sweep(folder=None):
     return removed
 
 
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
-    return True
-
-
 @functools.cache
 def isolation():
     """The strongest confinement this machine allows: (kind, command prefix, names).
@@ -432,10 +422,6 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                     handover, ready = time.time() - t0, header
                     if handover > deadline:
                         status, violations = "violation", ["over_budget"]
-                    elif servers.cuda_device(ready.get("device")):  # while it freezes its model: the servers' memory
-                        logits = _eval_batch(ready, profile, data) * prepare.PROFILES[profile]["max_seq_len"] * data.vocab_size * 4
-                        for server in pair:
-                            server.reserve(logits * 3 // 2, ready["device"])  # the logits and the forward's activations
                 elif op == "model" and handover is not None:
                     size = header.get("size")
                     if type(size) is not int or not 0 < size <= os.fstat(model_fd).st_size:

@@ -18,7 +18,6 @@ import fcntl
 import mmap
 import os
 import re
-import socket
 import time
 
 from model import prepare
@@ -67,14 +66,6 @@ class Server:
     def __init__(self, role, proc, sock, shm, log_path, paths):
         self.role, self.proc, self.sock, self.shm, self.log_path, self.paths = role, proc, sock, shm, log_path, paths
         self.remote = None
-
-    def reserve(self, nbytes, device):
-        """Ask it to take `nbytes` of `device`'s memory into its allocator's cache now, before its
-        model comes (serve.reserve): no reply, and a server that cannot is none the worse."""
-        try:
-            prepare.send_frame(self.sock, {"op": "reserve", "nbytes": int(nbytes), "device": device})
-        except OSError:
-            pass
 
     def load(self, size, deadline):
         """Tell it to load the frozen model; its device once it is ready."""

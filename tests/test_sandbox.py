@@ -124,43 +124,6 @@ def test_a_model_that_cannot_be_handed_over_is_a_crash_that_says_why(run_candida
     assert (r.status, r.violations) == ("crash", ()) and message in r.log_tail, r.log_tail
 
 
-def test_a_server_takes_reservations_before_its_model_and_then_serves_it():
-    """The harness asks both servers to reserve their logits' memory while the candidate freezes
-    its model (serve.reserve): a server takes any number of such requests, ignores one it cannot
-    use (no CUDA here, a size that is not a byte count), then loads and answers as ever."""
-    from model import serve
-    from sandbox import servers
-    source = servers.freeze_file(1 << 20)
-    ours, theirs = socket.socketpair()
-    try:
-        emb = torch.nn.Embedding(16, 5)
-        size = serve.freeze(dict(framework="torch", fn=emb, device="cpu", ambient=serve.ambient()), source, "torch")
-        assert servers.seal(source, size)
-        env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "model"),
-                   **{serve.SOCKET_ENV: str(theirs.fileno()), serve.MODEL_ENV: str(source)})
-        env.pop(prepare.SHARED_ENV, None)
-        proc = subprocess.Popen([sys.executable, serve.__file__, "torch"], pass_fds=[theirs.fileno(), source], env=env)
-        theirs.close()
-        for nbytes, device in ((1 << 20, "cuda:0"), ("lots", "cuda:0"), (-1, "cuda:0"), (1 << 20, "cpu"), (1 << 20, None)):
-            prepare.send_frame(ours, {"op": "reserve", "nbytes": nbytes, "device": device})
-        prepare.send_frame(ours, {"op": "load", "size": size})
-        assert prepare.recv_frame(ours, 0)[0] == {"op": "ready", "device": "cpu", "bytes": 0}
-        x = np.array([[1, 2, 3], [4, 5, 15]], dtype=np.int32)
-        prepare.send_frame(ours, {"op": "forward", "shape": [2, 3]}, x.tobytes())
-        header, payload = prepare.recv_frame(ours, 2 * 3 * 5 * 4)
-        assert header["shape"] == [2, 3, 5]
-        got = np.frombuffer(payload, dtype=np.float32).reshape(2, 3, 5)
-        np.testing.assert_array_equal(got, emb.weight.detach().numpy()[x])
-        ours.close()
-        assert proc.wait(timeout=60) == 0
-    finally:
-        os.close(source)
-    a, b = socket.socketpair()  # what the harness sends is what the server reads
-    with a, b:
-        servers.Server("probe", None, a, None, None, None).reserve(6 << 30, "cuda:1")
-        assert prepare.recv_frame(b, 0)[0] == {"op": "reserve", "nbytes": 6 << 30, "device": "cuda:1", "bytes": 0}
-
-
 def test_the_harness_leaves_the_cores_to_a_cpu_server_while_it_scores_and_then_takes_them_back():
     from sandbox import evaluate
     threads = torch.get_num_threads()
