@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     g = untrained()
-    torch, prepare, model, data = g["torch"], g["prepare"], g["model"], g["data"]
+    prepare, model, data = g["prepare"], g["model"], g["data"]
     model.eval()
     t = time.time()
     prepare.eval_rows(data.val, data.val_docs)

@@ -131,7 +131,7 @@ class Promise:
     answered: bool = False  # ... and it came
 
 
-HOUR_MS, DAY_MS, RECENT_HOURS = 3_600_000, 86_400_000, 48
+HOUR_MS, RECENT_HOURS = 3_600_000, 48
 
 
 class Node(Membership):
