@@ -13,7 +13,8 @@ def experiment(args):
     if os.path.isdir(path):
         path = os.path.join(path, "train.py")
     if not os.path.isfile(path):
-        print(f"error: no such file: {args.train_py}", file=sys.stderr)
+        print(f"error: no train.py in {args.train_py}" if os.path.isdir(args.train_py) else
+              f"error: no such file: {args.train_py}", file=sys.stderr)
         return 2
     if args.profile:
         os.environ["AUTORESEARCH_PROFILE"] = args.profile  # read when the harness is imported
@@ -21,9 +22,13 @@ def experiment(args):
     from sandbox import backend as backends, run
     try:
         data = prepare.load_data()
-        with open(path) as f:
-            backend = backends.resolve(args.backend) if args.backend else backends.of_source(f.read())
-    except (prepare.DataError, backends.BackendError, OSError, UnicodeDecodeError) as e:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        backend = backends.resolve(args.backend) if args.backend else backends.of_source(source)
+    except UnicodeDecodeError as e:
+        print(f"error: {args.train_py} is not UTF-8 text ({e.reason} at byte {e.start})", file=sys.stderr)
+        return 2
+    except (prepare.DataError, backends.BackendError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tree = tempfile.mkdtemp(prefix="autoresearch-tree-")
@@ -88,6 +93,42 @@ def _data(s):
     return prepare.load_data(), {}
 
 
+def _refused_start(s):
+    """Why join cannot start with settings `s`, found before it creates or changes anything (None if it can):
+    a --start file that is not Python, Claude without its key, a --listen address this machine cannot bind."""
+    import ast
+    import errno
+    import socket
+    if s["start"]:
+        try:
+            with open(s["start"], encoding="utf-8") as f:
+                source = f.read()
+            ast.parse(source)
+        except (OSError, SyntaxError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            return f"cannot start from {s['start']}: {e}"
+        if not source.strip():
+            return f"cannot start from {s['start']}: the file is empty"
+    if s["proposer"] == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
+        return "--proposer claude needs ANTHROPIC_API_KEY in the environment (--proposer auto uses the offline proposer without it)"
+    if s["listen"] == "off":
+        return None
+    from gossip.discovery import split_address
+    host, port = split_address(s["listen"])  # checked by config already
+    data_port = s["data_port"] if s["data_port"] is not None else port + 1 if 0 < port < 65535 else 0
+    for p, flag in ((port, "--listen HOST:PORT"), (data_port, "--data-port PORT")):
+        try:  # as the node will bind it (a race with another program stays possible: join_network says so then)
+            family, address = ((socket.AF_INET, ("0.0.0.0", p)) if host in ("", "*", "0.0.0.0") else
+                               socket.getaddrinfo(host, p, type=socket.SOCK_STREAM)[0][::4])
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as ZeroMQ binds: a closed port's TIME_WAIT is no bar
+                probe.bind(address)
+        except OSError as e:
+            why = ("it is in use (another node running?)" if getattr(e, "errno", None) == errno.EADDRINUSE
+                   else e.strerror or str(e))
+            return f"cannot listen on {host or '*'}:{p}: {why}; choose another with {flag} (port 0 for any) or --listen off"
+    return None
+
+
 def _disk_full(e):
     """What filled up, when `e` (from a store write, a journal line, git or the sandbox's temp files) is
     a full disk or quota; else None. Every write is a transaction or is rebuilt at start, so the node
@@ -114,6 +155,10 @@ def join(args):
         return 2
     from model import prepare
     from node import home as homes, loop, tasksync
+    refused = _refused_start(s)
+    if refused:  # before the home, the data and the banner: a refused start changes nothing
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     try:
         home = os.path.abspath(args.home or homes.default_home())
         os.makedirs(home, exist_ok=True)
@@ -151,7 +196,8 @@ def join(args):
         node.close()
     st = loop.status(home)
     print(f"done: {st['experiments']} experiments, {st['kept']} kept, {st['crashed']} crashed; best val_bpb "
-          f"{st['best_val_bpb']:.6f} (baseline {st['baseline_val_bpb']:.6f}, noise {st['noise']:.6f})"
+          f"{st['best_val_bpb']:.6f} (baseline {st['baseline_val_bpb']:.6f}, noise "
+          f"{'-' if st['noise'] is None else format(st['noise'], '.6f')})"
           if st["best_val_bpb"] is not None else "done", flush=True)
     return 0
 
@@ -223,7 +269,12 @@ def suggest(args):
             print(f"error: {args.patch} is not a unified diff (git diff format)", file=sys.stderr)
             return 2
         if touched != {"train.py"}:
-            print(f"error: the patch touches {', '.join(sorted(touched))}; only train.py may change", file=sys.stderr)
+            print(f"error: the patch touches {', '.join(sorted(touched))}; only train.py may change, named as the "
+                  "node's tree names it (--- a/train.py; from this repository: git diff --relative=model)", file=sys.stderr)
+            return 2
+        refused = _patch_refused(home, body)
+        if refused:
+            print(f"error: {args.patch}: {refused}", file=sys.stderr)
             return 2
         ext = ".patch"
     name = f"{time.time():.6f}-{os.getpid()}{ext}"
@@ -233,6 +284,25 @@ def suggest(args):
     os.replace(tmp, os.path.join(queue, name))
     print(f"queued {name}: it runs next" if ext == ".patch" else f"queued note {name} for the proposer")
     return 0
+
+
+def _patch_refused(home, body):
+    """Why the patch `body` cannot run on the home's best train.py (None if it can): checked when it is
+    queued, as the node checks it when it takes it (the best may move in between: the node says so then)."""
+    from node import gittree, home as homes
+    best = None
+    try:
+        store = homes.Store(os.path.join(home, "store.sqlite"))
+        try:
+            best = store.get("best_commit")
+        finally:
+            store.db.close()
+        if best:
+            gittree.apply_diff(gittree.Tree(os.path.join(home, "tree")).read(best), body)
+    except (homes.HomeError, gittree.GitError) as e:
+        why = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())  # git's lines: one line
+        return f"{why} (against the best train.py{', ' + best[:7] if best else ''})"
+    return None
 
 
 def main(argv=None):
@@ -321,7 +391,7 @@ def main(argv=None):
 
     args = ap.parse_args(argv)
     if args.command == "experiment":
-        if args.budget is not None and not args.budget > 0:
+        if args.budget is not None and not 0 < args.budget < float("inf"):
             ap.error("--budget must be a positive number of seconds")
         return experiment(args)
     if args.command == "watch":

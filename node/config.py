@@ -1,5 +1,6 @@
 """Node settings: embedded defaults, then a TOML file (--config), then command-line flags."""
 
+import math
 import os
 import tomllib
 
@@ -64,7 +65,7 @@ def load(path=None, overrides=None):
                 raw = tomllib.load(f)
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
-        except tomllib.TOMLDecodeError as e:
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"config {path} is not valid TOML: {e}") from None
         for key, value in raw.items():
             if key not in SETTINGS:
@@ -125,6 +126,8 @@ def _typed(key, value, where):
         return list(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
         raise ConfigError(f"{where}: {key} must be {kind.__name__}, not {value!r}")
+    if kind is float and not math.isfinite(value):  # TOML and argparse both take inf and nan
+        raise ConfigError(f"{where}: {key} must be a finite number, not {value!r}")
     return value
 
 

@@ -101,7 +101,6 @@ class Node:
         self.ledger = swarm.Ledger(self.records, self.task, self.identity.id)
         self.ledger.distrusted = set(json.loads(self.store.get("distrusted", "{}")))
         self.memory = memories.Memory(self.ledger, self.store.source)
-        self.store.set("task", self.task)
         self._hardware = None
         self.events = homes.Events(os.path.join(home, "events.jsonl"))
         self.results = os.path.join(home, "results.tsv")
@@ -127,6 +126,15 @@ class Node:
     # -- start and recovery -------------------------------------------------
 
     def _recover(self):
+        measured, on = self.store.get("task"), json.loads(self.store.get("task_of") or "{}")
+        if measured not in (None, self.task) and any(e["val_bpb"] is not None for e in self.store.experiments()):
+            was = f" (data {on['data'][:16]}, profile {on['profile']})" if on else ""
+            raise homes.HomeError(
+                f"{self.home} measured task {measured}{was}; this start is task {self.task} (data "
+                f"{self.data.fingerprint[:16]}, profile {self.s['profile']}): their scores cannot be compared. "
+                f"Start it with the data and profile it had, or give this task its own --home")
+        self.store.set("task", self.task)
+        self.store.set("task_of", json.dumps(dict(data=self.data.fingerprint, profile=self.s["profile"])))
         kept = self.store.get("lineage") or ("torch" if self.store.get("best_commit") else self.lineage)  # older homes: torch
         if kept != self.lineage:
             raise homes.HomeError(f"{self.home} evolves the {kept} lineage ({os.path.basename(BASELINES[kept])}), not "
@@ -147,7 +155,8 @@ class Node:
             self.store.set("best_commit", self.tree.create(first))
             self.store.set("created", time.time())
         elif start and self.tree.read(self.tree.root()) != first:
-            raise homes.HomeError(f"{self.home} started from another train.py: --start applies to a new home only")
+            raise homes.HomeError(f"{self.home} started from another train.py: --start applies to a new home only "
+                                  f"(give it a new --home, or remove {self.home} to start this one over)")
         self.store.add_source(first)
         interrupted = self.store.mark_interrupted()
         self.tree.reset(self.best())
@@ -857,7 +866,7 @@ def status(home):
                baseline_val_bpb=_first_baseline(exps), experiments=len(cands),
                kept=sum(e["status"] == "keep" for e in cands), crashed=sum(e["status"] == "crash" for e in cands),
                discarded=sum(e["status"] == "discard" for e in cands), runs=len(exps),
-               noise=noise(m, 0.0), uptime_seconds=round(time.time() - started, 1) if started else None,
+               noise=noise(m, 0.0) if pooled(m)[1] else None, uptime_seconds=round(time.time() - started, 1) if started else None,
                running=homes.lock_held(home), duty_cycle=round(trained / spent, 4) if spent else None,
                task=store.get("task"), verification=_verification(exps, store.verdicts()),
                memory=dict(skipped_claimed=int(store.get("skipped_claimed", 0)),

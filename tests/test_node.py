@@ -56,6 +56,10 @@ def test_config_files_and_overrides(tmp_path):
     with pytest.raises(config.ConfigError, match="listen must be HOST:PORT"):
         config.load(None, {"listen": "0.0.0.0:99999"})
     assert config.load(None, {"seeds": ["a.lan:7645"], "mdns": False})["seeds"] == ["a.lan:7645"]
+    for text in (b"\xc9\x93 not text", b"budget = inf\n", b"noise_floor = nan\n"):
+        bad.write_bytes(text)
+        with pytest.raises(config.ConfigError, match="not valid TOML|finite"):
+            config.load(str(bad))
 
 
 def test_a_broken_config_is_one_line_and_exit_2(env, tmp_path):
@@ -63,6 +67,31 @@ def test_a_broken_config_is_one_line_and_exit_2(env, tmp_path):
     r = node_cli("join", "--home", str(tmp_path / "home"), "--config", str(tmp_path / "c.toml"), env=env)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "unknown key 'bugdet'" in r.stderr
     assert not (tmp_path / "home" / "store.sqlite").exists()
+
+
+def test_a_start_refused_before_anything_is_made(env, tmp_path):
+    """A --start that is no Python, Claude without a key, a --listen address this machine cannot bind,
+    an infinite budget: one line, exit 2, no home made, no data prepared."""
+    import socket
+    (tmp_path / "empty.py").write_text("")
+    (tmp_path / "binary.py").write_bytes(b"\xc9\x93\x00")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for extra, message in ((["--start", str(tmp_path / "none.py")], "cannot start from"),
+                               (["--start", str(tmp_path)], "cannot start from"),
+                               (["--start", str(tmp_path / "empty.py")], "the file is empty"),
+                               (["--start", str(tmp_path / "binary.py")], "cannot start from"),
+                               (["--proposer", "claude"], "needs ANTHROPIC_API_KEY"),
+                               (["--listen", f"127.0.0.1:{port}"], "in use"),
+                               (["--listen", f"127.0.0.1:{port - 1}"], "--data-port"),
+                               (["--listen", "nosuchhost.invalid:7645"], "cannot listen on"),
+                               (["--budget", "inf"], "finite")):
+            r = node_cli("join", "--home", str(tmp_path / "home"), "--profile", "tiny", "--no-mdns", *extra,
+                         env={k: v for k, v in env.items() if k != "ANTHROPIC_API_KEY"}, timeout=60)
+            assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (extra, r.stderr)
+            assert not (tmp_path / "home").exists() and r.stdout == "", extra
 
 
 # -- the offline proposer ---------------------------------------------------
@@ -149,6 +178,11 @@ def test_join_runs_a_baseline_and_experiments(env, tmp_path):
     assert oct(os.stat(home / "identity.key").st_mode & 0o777) == "0o600"
     events = [json.loads(line) for line in open(home / "events.jsonl")]
     assert [e["event"] for e in events].count("result") == 4
+    # the same home on another profile: its scores are not comparable with the home's; refused, nothing changed
+    before = (home / "results.tsv").read_bytes(), (home / "events.jsonl").read_bytes()
+    r = node_cli("join", "--home", str(home), "--profile", "cpu", "--budget", "3", "--listen", "off", "--no-mdns", env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot be compared" in r.stderr, r.stderr
+    assert ((home / "results.tsv").read_bytes(), (home / "events.jsonl").read_bytes()) == before
 
 
 def test_a_second_node_on_one_home_is_refused(env, tmp_path, stdlib_data):
@@ -165,7 +199,7 @@ def test_a_second_node_on_one_home_is_refused(env, tmp_path, stdlib_data):
 def check_consistent(home, data):
     """Open the home as a restarting node does, and check tree, store and results.tsv agree."""
     s = config.load(os.path.join(ROOT, "configs", "cpu.toml"))
-    node = loop.Node(home, dict(s, profile="cpu", budget=2.0, listen="off"), data, out=open(os.devnull, "w"))
+    node = loop.Node(home, dict(s, profile="tiny", budget=2.0, listen="off"), data, out=open(os.devnull, "w"))
     try:
         exps = node.store.experiments()
         assert not [e for e in exps if e["status"] in ("running", "measured")]
@@ -234,6 +268,13 @@ def test_suggestions_run_next_and_bad_ones_are_refused(env, tmp_path, stdlib_dat
     other.write_text(diff.replace("train.py", "prepare.py"))
     r = node_cli("suggest", "--home", str(home), str(other), env=env)
     assert r.returncode == 2 and "only train.py" in r.stderr
+    stale = tmp_path / "stale.diff"  # a context line the best train.py does not have: refused now, not when it runs
+    stale.write_text(diff.replace(" WARMDOWN_RATIO", " WARMUP_RATIO", 1) if " WARMDOWN_RATIO" in diff else
+                     diff.replace("-WARMDOWN_RATIO", "-WARMDOWN_RATI0", 1))
+    queued = sorted(os.listdir(home / "queue"))
+    r = node_cli("suggest", "--home", str(home), str(stale), env=env)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "does not apply" in r.stderr, r.stderr
+    assert sorted(os.listdir(home / "queue")) == queued
     node = loop.Node(str(home), s, stdlib_data, out=open(os.devnull, "w"))
     try:
         node.run()

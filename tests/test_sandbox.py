@@ -474,6 +474,12 @@ def test_cli_json_and_exit_codes(stdlib_cache, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "node", "experiment", str(tmp_path / "nope.py")], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: no such file")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "binary.py").write_bytes(b"\x93\xc9 not text")
+    for path, message in (("empty", "no train.py in"), ("binary.py", "binary.py is not UTF-8 text")):
+        bad = subprocess.run([sys.executable, "-m", "node", "experiment", str(tmp_path / path)], cwd=ROOT, env=env,
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and message in bad.stderr, bad.stderr
     (tmp_path / "train.py").write_text("print('no model')\n")
     r = subprocess.run([sys.executable, "-m", "node", "experiment", str(tmp_path / "train.py"), "--budget", "2", "--json"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
