@@ -832,6 +832,10 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     m = manifest
+    least = min(p["eval_tokens"] for p in PROFILES.values())
+    if m["val_tokens"] < least:  # cycled to fill the evaluation: it measures little, but a lab may mean it
+        print(f"warning: the validation split holds {m['val_tokens']:,} tokens, fewer than the {least:,} the smallest "
+              f"profile scores: its rows repeat them, so val_bpb says little; give more text", file=sys.stderr)
     print(f"fingerprint:  {m['fingerprint']}")
     print(f"folder:       {os.path.join(cache_dir(), 'data', m['fingerprint'][:16])}")
     print(f"train:        {m['train_docs']:,} docs, {m['train_tokens']:,} tokens, {m['train_bytes'] / 1e6:.1f} MB")

@@ -103,3 +103,4 @@ def test_special_and_unreadable_files_are_skipped(tmp_path):
     r = run_prepare(tmp_path / "cache", "--source", str(src), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "3 documents" in r.stderr or "2 training and 1 validation" in r.stderr
+    assert "warning: the validation split holds" in r.stderr  # a few hundred tokens: said, not refused
