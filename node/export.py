@@ -9,7 +9,7 @@ rebuilt from records alone. `--verify` re-checks every signature and replays eve
 import json
 import os
 
-from gossip import store as records_store, wire
+from gossip import wire
 from node import gittree, home as homes, swarm
 
 END = "# --- end of provenance ---\n"
@@ -21,11 +21,10 @@ class ExportError(Exception):
 
 def _open(home):
     try:
-        store = homes.Store(homes.store_path(home))
+        records = homes.records(home)  # before anything is created, when there is no node's store here
+        return homes.Store(homes.store_path(home)), records
     except homes.HomeError as e:
         raise ExportError(str(e)) from None
-    records = records_store.Store(os.path.join(home, "gossip.sqlite"))
-    return store, records
 
 
 def provenance(home, tag=None, verify=False):
@@ -187,6 +186,10 @@ def strip_header(text):
 def main(args):
     import sys
     home = os.path.abspath(args.home or homes.default_home())
+    bad = args.output and homes.unwritable(args.output)
+    if bad:  # before anything is read: a wrong path is answered at once
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     try:
         text, prov = provenance(home, args.tag, args.verify)
     except ExportError as e:
@@ -194,10 +197,12 @@ def main(args):
         return 2
     out = json.dumps(prov, indent=2) + "\n" if args.json else header(prov) + text
     if args.output:
-        tmp = args.output + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(out)
-        os.replace(tmp, args.output)
+        try:
+            with homes.output_file(args.output) as tmp, open(tmp, "w") as f:
+                f.write(out)
+        except homes.OutputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {args.output}: {len(prov['steps'])} improvement(s)"
               + (f", val_bpb {prov['val_bpb']:.6f} on {prov['tag']}" if prov["val_bpb"] is not None else ""), file=sys.stderr)
     else:

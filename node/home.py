@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import tempfile
 import time
 
 import orjson
@@ -135,6 +136,31 @@ CREATE TABLE IF NOT EXISTS outbox (          -- signed records, written with the
 """
 
 
+NOT_A_DATABASE = ("file is not a database", "database disk image is malformed", "unable to open database file")
+
+
+@contextlib.contextmanager
+def opening(path, what):
+    """Turn SQLite's refusal to open `path` as a database into a HomeError that names the file."""
+    try:
+        yield
+    except sqlite3.DatabaseError as e:
+        if not any(m in str(e) for m in NOT_A_DATABASE):
+            raise
+        why = "it is a directory" if os.path.isdir(path) else str(e)
+        raise HomeError(f"{path} is not {what} ({why})") from None
+
+
+def records(home):
+    """The gossip records of an existing home, for the commands that read one: open its store
+    first (HomeError when there is no node here), so that nothing is created in another folder."""
+    Store(store_path(home)).db.close()
+    from gossip import store as records_store
+    path = os.path.join(home, "gossip.sqlite")
+    with opening(path, "a node's gossip store"):
+        return records_store.Store(path)
+
+
 ADDED_COLUMNS = (("usage", "TEXT"),)  # experiments' columns newer than some stores: added on open
 
 
@@ -142,12 +168,22 @@ class Store:
     """SQLite, every write a durable transaction."""
 
     def __init__(self, path):
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
-        self._migrate()
+        """HomeError naming the file when it is not a node's store (a locked or full database
+        stays an sqlite3 error: it is a node's store, busy or out of space)."""
+        with opening(path, "a node's store"):
+            self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+            try:
+                self.db.row_factory = sqlite3.Row
+                tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if tables and "experiments" not in tables:  # another program's database: leave it as it is
+                    raise HomeError(f"{path} is not a node's store (a database without an experiments table)")
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=FULL")
+                self.db.executescript(SCHEMA)
+                self._migrate()
+            except BaseException:
+                self.db.close()
+                raise
 
     def _migrate(self):
         """Columns added since a store was created (a status command may race a starting node)."""
@@ -281,6 +317,51 @@ class Events:
 
     def __call__(self, event, **fields):
         _append(self.path, orjson.dumps({"t": round(time.time(), 3), "event": event, **fields}) + b"\n")
+
+
+class OutputError(Exception):
+    pass
+
+
+def unwritable(path):
+    """Why a read command cannot write its output (export -o, plot -o) to `path`, or None."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a directory: name a file to write"
+    if not os.path.exists(parent):
+        return f"cannot write {path}: there is no folder {parent}"
+    if not os.path.isdir(parent):
+        return f"cannot write {path}: {parent} is not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"cannot write {path}: the folder {parent} is not writable"
+    return None
+
+
+@contextlib.contextmanager
+def output_file(path):
+    """Yield a temporary path beside `path` to write, then put it in place atomically; on any
+    failure the temporary is removed and `path` left as it was (OutputError when it cannot be written)."""
+    bad = unwritable(path)
+    if bad:
+        raise OutputError(bad)
+    target = os.path.abspath(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target), prefix="." + os.path.basename(target) + ".", suffix=".tmp")
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror}") from None
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, os.stat(target).st_mode & 0o7777 if os.path.exists(target) else 0o666 & ~umask)
+        os.replace(tmp, target)
+    except BaseException as e:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
 
 
 def _append(path, data):

@@ -5,13 +5,12 @@ import os
 import sys
 import time
 
-from gossip import store as records_store
 from node import home as homes, memory as memories, swarm
 
 
 def read(home, tag=None, grep=None):
+    records = homes.records(home)  # HomeError, before anything is created, when there is no node's store here
     store = homes.Store(homes.store_path(home))
-    records = records_store.Store(os.path.join(home, "gossip.sqlite"))
     try:
         ledger = swarm.Ledger(records, store.get("task"), homes.node_id(home)).refresh()
         mem = memories.Memory(ledger, store.source)

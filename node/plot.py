@@ -31,6 +31,10 @@ def points(home):
 
 def main(args):
     home = os.path.abspath(args.home or homes.default_home())
+    bad = homes.unwritable(args.output)
+    if bad:  # before anything is read: a wrong path is answered at once
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     try:
         pts = points(home)
     except homes.HomeError as e:
@@ -47,6 +51,25 @@ def main(args):
         print("error: plot needs matplotlib: pip install 'autoresearch-swarm[plot]'", file=sys.stderr)
         return 2
     fig, ax = plt.subplots(figsize=(10, 5))
+    formats = fig.canvas.get_supported_filetypes()
+    fmt = os.path.splitext(args.output)[1][1:].lower() or "png"  # no suffix: PNG, as before
+    if fmt not in formats:
+        print(f"error: plot cannot write .{fmt} files ({args.output}); name a file ending in "
+              f"{', '.join('.' + f for f in sorted(formats))}", file=sys.stderr)
+        return 2
+    _draw(ax, pts, home)
+    fig.tight_layout()
+    try:
+        with homes.output_file(args.output) as tmp:
+            fig.savefig(tmp, dpi=120, format=fmt)
+    except homes.OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.output} ({len(pts)} runs)")
+    return 0
+
+
+def _draw(ax, pts, home):
     style = dict(baseline=("s", "tab:blue", "baseline"), discarded=("o", "lightgrey", "discarded"),
                  kept=("o", "tab:green", "kept"), adopted=("*", "tab:orange", "adopted from a peer"))
     for kind, (marker, color, label) in style.items():
@@ -65,9 +88,3 @@ def main(args):
                  f"{sum(k == 'adopted' for *_, k in pts)} adopted, {sum(k == 'discarded' for *_, k in pts)} discarded")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    tmp = args.output + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, args.output)
-    print(f"wrote {args.output} ({len(pts)} runs)")
-    return 0

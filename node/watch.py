@@ -6,11 +6,11 @@ a refresh costs the rows added since the last one.
 """
 
 import json
+import math
 import os
 import time
 from collections import defaultdict
 
-from gossip import store as records_store
 from node import home as homes, loop, swarm
 
 SPARKS = "▁▂▃▄▅▆▇█"
@@ -70,8 +70,7 @@ class Watcher:
 
     def __init__(self, home):
         self.home = home
-        homes.store_path(home)  # HomeError when there is no node here
-        self.records = records_store.Store(os.path.join(home, "gossip.sqlite"))
+        self.records = homes.records(home)  # HomeError when there is no node here
         self.ledger = None
 
     def snapshot(self, now=None):
@@ -163,6 +162,12 @@ def main(args):
     import sys
     from rich.console import Console
     home = os.path.abspath(args.home or homes.default_home())
+    if args.json and not args.once:
+        print("error: --json needs --once: the live view is not JSON", file=sys.stderr)
+        return 2
+    if not (math.isfinite(args.interval) and args.interval > 0):
+        print(f"error: --interval must be a number of seconds above 0, not {args.interval:g}", file=sys.stderr)
+        return 2
     try:
         w = Watcher(home)
     except homes.HomeError as e:
@@ -183,5 +188,8 @@ def main(args):
                 live.update(render(w.snapshot()))
     except KeyboardInterrupt:
         return 0
+    except homes.HomeError as e:  # the store went bad under a running view
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         w.close()
