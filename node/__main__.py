@@ -161,6 +161,8 @@ def join(args):
         return 2
     try:
         home = os.path.abspath(args.home or homes.default_home())
+        if os.path.lexists(os.path.join(home, "store.sqlite")):  # a folder that is no node's home: refused untouched
+            homes.Store(os.path.join(home, "store.sqlite")).db.close()
         os.makedirs(home, exist_ok=True)
         data, liars = _data(s)
         node = loop.Node(home, s, data)

@@ -122,7 +122,7 @@ def render(snap):
     st = snap["node"]
     fmt = lambda v, f=".6f": format(v, f) if v is not None else "-"
     v = st["verification"]
-    head = Text(f"node {st['node_id'] or '-'} at {st['address'] or '(not running)'} | task {st['task'] or '-'} | best "
+    head = Text(f"node {st['node_id'] or '-'} at {st['address'] or ('(no network)' if st['running'] else '(not running)')} | task {st['task'] or '-'} | best "
                 f"{fmt(st['best_val_bpb'])} | {st['experiments']} experiments, {st['kept']} kept | verifying "
                 f"{100 * v['share']:.0f} % of run time, {v['adopted']} adopted, {sum(v['verdicts'].values())} verdicts")
     peers = Table(title=f"peers ({len(snap['peers'])})", expand=True)

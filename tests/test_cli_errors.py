@@ -82,7 +82,7 @@ def _foreign(path):
     db.close()
 
 
-@pytest.mark.parametrize("command", READERS, ids=lambda c: c[0])
+@pytest.mark.parametrize("command", READERS + (("join", "--listen", "off", "--no-mdns"),), ids=lambda c: c[0])
 @pytest.mark.parametrize("make,why", [(_garbage, "file is not a database"), (_directory, "it is a directory"),
                                       (_foreign, "a database without an experiments table")], ids=["garbage", "directory", "foreign"])
 def test_a_store_that_is_not_a_database_is_refused(tmp_path, command, make, why):
