@@ -128,13 +128,15 @@ class Node:
     def _recover(self):
         measured, on = self.store.get("task"), json.loads(self.store.get("task_of") or "{}")
         if measured not in (None, self.task) and any(e["val_bpb"] is not None for e in self.store.experiments()):
-            was = f" (data {on['data'][:16]}, profile {on['profile']})" if on else ""
+            was = f" (data {on['data'][:16]} from {on.get('source', '?')}, profile {on['profile']})" if on else ""
             raise homes.HomeError(
                 f"{self.home} measured task {measured}{was}; this start is task {self.task} (data "
                 f"{self.data.fingerprint[:16]}, profile {self.s['profile']}): their scores cannot be compared. "
-                f"Start it with the data and profile it had, or give this task its own --home")
+                f"Start it with the profile it had and its data current again (python -m node prepare --source SOURCE: "
+                f"instant when cached), or give this task its own --home")
         self.store.set("task", self.task)
-        self.store.set("task_of", json.dumps(dict(data=self.data.fingerprint, profile=self.s["profile"])))
+        self.store.set("task_of", json.dumps(dict(data=self.data.fingerprint, profile=self.s["profile"],
+                                                  source=self.data.manifest.get("source", "?"))))
         kept = self.store.get("lineage") or ("torch" if self.store.get("best_commit") else self.lineage)  # older homes: torch
         if kept != self.lineage:
             raise homes.HomeError(f"{self.home} evolves the {kept} lineage ({os.path.basename(BASELINES[kept])}), not "
