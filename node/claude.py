@@ -96,6 +96,7 @@ class ClaudeProposer:
         self.failures, self.fallback_until, self.repaired, self.usage = 0, float("-inf"), set(), None
         # the key and ANTHROPIC_BASE_URL come from the environment, read by the SDK
         self.client = anthropic.AsyncAnthropic(max_retries=retries, timeout=timeout)
+        self.timeout = timeout  # for a whole proposal too: its retries and a re-ask after a rejected reply
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="claude-proposer", daemon=True)
         self.thread.start()
@@ -132,20 +133,27 @@ class ClaudeProposer:
             return self._offline(ctx)
         self.usage = None
         try:
-            system = prompt.system(self._read_program(), ctx)
-            p = None
-            if ctx.crash and ctx.crash["id"] not in self.repaired:
-                self.repaired.add(ctx.crash["id"])
-                p = await self._repair(system, ctx)
-            p = p or await self._fresh(system, ctx)
-        except (self.anthropic.APIError, prompt.Invalid, OSError) as e:
-            return self._failed(ctx, f"{type(e).__name__}: {e}" if not isinstance(e, prompt.Invalid) else str(e))
+            p = await asyncio.wait_for(self._proposal(ctx), self.timeout)
+        except Exception as e:  # noqa: BLE001 -- the node never stops for the model: a reply that is no JSON,
+            # an HTML page from a proxy, a timeout, an API error all leave the slot to the offline proposer
+            permanent = isinstance(e, (self.anthropic.AuthenticationError, self.anthropic.PermissionDeniedError))
+            reason = str(e) if isinstance(e, prompt.Invalid) else (
+                f"the proposal took over {self.timeout:g} s" if isinstance(e, asyncio.TimeoutError) else f"{type(e).__name__}: {e}")
+            return self._failed(ctx, reason, permanent)
         if self.failures >= self.fail_limit:
             self.events("proposer_resumed", after_failures=self.failures)
         self.failures = 0
         self.events("proposal", hypothesis=p.description[:200], inspired_by=p.inspired_by, usage=p.usage,
                     repair_of=(p.edit or {}).get("repair_of"))
         return p
+
+    async def _proposal(self, ctx):
+        system = prompt.system(self._read_program(), ctx)
+        p = None
+        if ctx.crash and ctx.crash["id"] not in self.repaired:
+            self.repaired.add(ctx.crash["id"])
+            p = await self._repair(system, ctx)
+        return p or await self._fresh(system, ctx)
 
     def _read_program(self):
         with open(self.program) as f:
@@ -214,15 +222,19 @@ class ClaudeProposer:
 
     # -- when the model cannot help -------------------------------------------------------
 
-    def _failed(self, ctx, reason):
-        self.failures += 1
+    def _failed(self, ctx, reason, permanent=False):
+        """The offline proposer's proposal for this slot; after fail_limit failures in a row (at once for a
+        refused key), it takes every slot for fallback_s seconds. Each failure is one line on the console."""
+        self.failures = max(self.failures + 1, self.fail_limit if permanent else 0)
         reason = scrub_key(" ".join(reason.split()))[:300]
         self.events("proposer_error", error=reason, failures=self.failures)
-        if self.failures >= self.fail_limit:
+        if self.failures < self.fail_limit:
+            self.say(f"Claude proposer: this proposal failed ({reason[:160]}); the offline proposer makes it")
+        else:
             self.fallback_until = self.clock() + self.fallback_s
             self.events("proposer_fallback", failures=self.failures, seconds=self.fallback_s, error=reason)
-            self.say(f"Claude proposer: {self.failures} failed proposals in a row (last: {reason[:120]}); "
-                     f"the offline proposer takes over for {self.fallback_s / 60:g} min")
+            self.say(f"Claude proposer: {'the API refused the key' if permanent else f'{self.failures} failed proposals in a row'} "
+                     f"(last: {reason[:120]}); the offline proposer takes over for {self.fallback_s / 60:g} min")
         return self._offline(ctx)
 
     def _offline(self, ctx):

@@ -20,7 +20,7 @@ SETTINGS = {
     "max_tokens": (16000, int, "most tokens one Claude reply may use, thinking included"),
     "temperature": (None, float, "Claude's sampling temperature (default: the model's own; Sonnet 5 and later "
                                  "accept no other)"),
-    "model_timeout": (600.0, float, "seconds one Claude request may take before it counts as failed"),
+    "model_timeout": (600.0, float, "seconds one Claude proposal may take, its requests and retries together, before it counts as failed"),
     "proposer_seed": (None, int, "seed of the offline proposer (default: from the node id, so that nodes explore apart)"),
     "listen": ("0.0.0.0:7645", str, "HOST:PORT the gossip socket binds (port 0: any free one; 'off': no network)"),
     "seeds": ([], list, "HOST:PORT of peers to join through (repeat --seed); mDNS finds peers on the LAN"),

@@ -198,8 +198,10 @@ def test_timeouts_fall_back_to_the_offline_proposer_for_a_while(api_env):
         assert p.propose(context()).proposer == "offline"
         assert p.propose(context()).proposer == "offline"
         assert [c["event"] for c in calls] == ["proposer_error", "proposer_error", "proposer_fallback"]
-        assert "Timeout" in calls[0]["error"] and len(api.requests) == 4  # each with one retry of the SDK
-        assert p.propose(context()).proposer == "offline" and len(api.requests) == 4  # no request while it lasts
+        # the timeout bounds the whole proposal: the SDK's retry never starts
+        assert "Timeout" in calls[0]["error"] or "took over 0.3 s" in calls[0]["error"]
+        assert len(api.requests) == 2
+        assert p.propose(context()).proposer == "offline" and len(api.requests) == 2  # no request while it lasts
         now[0], api.delay = 601.0, 0.0
         back = p.propose(context())
         assert back.proposer == "claude" and [c["event"] for c in calls][-2:] == ["proposer_resumed", "proposal"]
@@ -207,6 +209,46 @@ def test_timeouts_fall_back_to_the_offline_proposer_for_a_while(api_env):
         p.close()
         api.close()
     assert KEY not in json.dumps(calls)
+
+
+def test_replies_that_are_no_message_and_a_refused_key_leave_the_slot_to_the_offline_proposer(api_env):
+    """A 200 with JSON cut short, an HTML page from a proxy, a 401: each proposal is the offline
+    proposer's, with one console line; a refused key hands every slot over at once."""
+    replies = iter([(200, "application/json", b'{"id": "msg_1", "content": [{"type": "te'),
+                    (200, "text/html", b"<html><body>502 Bad Gateway</body></html>"),
+                    (401, "application/json", json.dumps({"type": "error", "error": {
+                        "type": "authentication_error", "message": "invalid x-api-key"}}).encode())])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["content-length"]))
+            status, kind, body = next(replies)
+            self.send_response(status)
+            self.send_header("content-type", kind)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    class Api:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+    api_env(Api)
+    calls, lines = [], []
+    p = claude.ClaudeProposer(retries=0, fail_limit=3, events=events_of(calls), say=lines.append)
+    try:
+        got = [p.propose(context()) for _ in range(4)]  # the fourth comes while the offline proposer holds the slots
+    finally:
+        p.close()
+        server.shutdown()
+        server.server_close()
+    assert [g.proposer for g in got] == ["offline"] * 4
+    assert [c["event"] for c in calls] == ["proposer_error", "proposer_error", "proposer_error", "proposer_fallback"]
+    assert len(lines) == 3 and "the API refused the key" in lines[2] and KEY not in json.dumps(calls) + "".join(lines)
 
 
 def test_a_crash_gets_one_repair_round_and_a_declined_one_a_new_proposal(api_env):
