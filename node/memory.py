@@ -333,8 +333,9 @@ class Memory:
                                                 delta=(r.body["after"]["val_bpb"] - r.body["before"]["val_bpb"])
                                                 if r.body["after"] and r.body["before"] else None) for r in rs]))
         ideas.sort(key=lambda i: (i["median_delta"] is None, i["median_delta"] or 0.0))
+        done = {(r.author_id, r.body["idea"]) for r in self.experiments()}  # a claim with its record: finished
         claims = [dict(author=c.author_id, description=c.body["description"], idea=c.body["idea"],
                        tag=swarm.tag_name(c.body["hardware"]), expires_in_s=round(_expiry(c) - now))
-                  for c in self.ledger.claims if _expiry(c) > now
+                  for c in self.ledger.claims if _expiry(c) > now and (c.author_id, c.body["idea"]) not in done
                   and (not grep or grep.lower() in c.body["description"].lower())]
         return dict(ideas=ideas, claims=claims, experiments=sum(i["tries"] for i in ideas))

@@ -270,8 +270,10 @@ def test_a_claim_is_done_once_its_record_is_here(mem):
     now = time.time()
     add(mem, claim(BOB, BASELINE, UP, now=now, diff=True))
     assert mem.busy(HW, now) == {("MATRIX_LR", "up")}
+    assert [c["author"] for c in mem.knowledge(now)["claims"]] == [BOB.id]
     add(mem, experiment(BOB, BASELINE, UP))
     assert mem.claims(HW, now) == {} and mem.busy(HW, now) == frozenset()
+    assert mem.knowledge(now)["claims"] == []  # not shown as tried now either (python -m node knowledge)
 
 
 def test_fresh_keys_move_the_noise_estimate_no_more_than_one_peer(mem):
