@@ -740,6 +740,8 @@ class Node:
         return 0
 
     def _stop(self, signum, frame):
+        if self._signalled:  # a second signal (timeout(1) sends two) must not cut the clean-up of the first short
+            return
         self._signalled = True
         raise Stop()
 
