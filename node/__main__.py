@@ -96,18 +96,14 @@ def _data(s):
 def _refused_start(s):
     """Why join cannot start with settings `s`, found before it creates or changes anything (None if it can):
     a --start file that is not Python, Claude without its key, a --listen address this machine cannot bind."""
-    import ast
     import errno
     import socket
+    from node import home as homes, loop
     if s["start"]:
         try:
-            with open(s["start"], encoding="utf-8") as f:
-                source = f.read()
-            ast.parse(source)
-        except (OSError, SyntaxError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-            return f"cannot start from {s['start']}: {e}"
-        if not source.strip():
-            return f"cannot start from {s['start']}: the file is empty"
+            loop.read_start(s["start"])
+        except homes.HomeError as e:
+            return str(e)
     if s["proposer"] == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
         return "--proposer claude needs ANTHROPIC_API_KEY in the environment (--proposer auto uses the offline proposer without it)"
     if s["listen"] == "off":

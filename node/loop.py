@@ -84,6 +84,19 @@ def rerun_best(best, cand):
     return len(best) < len(cand)
 
 
+def read_start(path):
+    """The train.py a new home starts from (--start); HomeError when it is not Python source."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
+        ast.parse(source)
+    except (OSError, SyntaxError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise homes.HomeError(f"cannot start from {path}: {e}") from None
+    if not source.strip():
+        raise homes.HomeError(f"cannot start from {path}: the file is empty")
+    return source
+
+
 class Node:
     def __init__(self, home, settings, data, out=sys.stdout):
         self.home, self.s, self.data, self.out = home, settings, data, out
@@ -142,14 +155,7 @@ class Node:
             raise homes.HomeError(f"{self.home} evolves the {kept} lineage ({os.path.basename(BASELINES[kept])}), not "
                                   f"{self.lineage}: give --backend {self.backend} its own --home")
         start = self.s.get("start")
-        first = self.baseline_source
-        if start:
-            try:
-                with open(start) as f:
-                    first = f.read()
-                ast.parse(first)
-            except (OSError, SyntaxError, ValueError) as e:
-                raise homes.HomeError(f"cannot start from {start}: {e}") from None
+        first = read_start(start) if start else self.baseline_source
         self.store.set("lineage", self.lineage)
         if self.store.get("best_commit") is None:
             if os.path.exists(self.tree.path):
