@@ -828,6 +828,12 @@ IDLE_S = 10.0
 CLAIM_TRIES = 3    # candidates a node gives up to earlier claims before it runs the next one anyway
 
 
+def _measured_noise(measurements):
+    """The pooled sd of val_bpb, None before any commit was measured twice (no floor: what was measured)."""
+    ss, dof = pooled(measurements)
+    return math.sqrt(ss / dof) if dof else None
+
+
 def _folder_bytes(path):
     return sum(os.lstat(os.path.join(d, f)).st_size for d, _, files in os.walk(path) for f in files)
 
@@ -876,7 +882,7 @@ def status(home):
                baseline_val_bpb=_first_baseline(exps), experiments=len(cands),
                kept=sum(e["status"] == "keep" for e in cands), crashed=sum(e["status"] == "crash" for e in cands),
                discarded=sum(e["status"] == "discard" for e in cands), runs=len(exps),
-               noise=noise(m, 0.0) if pooled(m)[1] else None, uptime_seconds=round(time.time() - started, 1) if started else None,
+               noise=_measured_noise(m), uptime_seconds=round(time.time() - started, 1) if started else None,
                running=homes.lock_held(home), duty_cycle=round(trained / spent, 4) if spent else None,
                task=store.get("task"), verification=_verification(exps, store.verdicts()),
                memory=dict(skipped_claimed=int(store.get("skipped_claimed", 0)),

@@ -106,6 +106,11 @@ def _lost(claim, rivals):
     return False
 
 
+def finished(experiments):
+    """(author, idea) of each experiment record: a claim of one of them is done, no longer held."""
+    return {(r.author_id, r.body["idea"]) for r in experiments}
+
+
 def _expiry(claim):
     """When a claim stops being honoured (seconds): its own expiry, but never more than
     MAX_CLAIM_S after it was made (a claim that never expires would hold its idea for good)."""
@@ -166,7 +171,7 @@ class Memory:
     def claims(self, hardware, now, compatible=True):
         """idea -> the honoured, unexpired claims of other nodes on compatible tags (any tag with
         `compatible` false)."""
-        done = {(r.author_id, r.body["idea"]) for r in self.experiments()}
+        done = finished(self.experiments())
         by_author, by_idea = defaultdict(list), defaultdict(list)
         for c in self.ledger.claims:
             if c.author_id != self.ledger.me:
@@ -333,7 +338,7 @@ class Memory:
                                                 delta=(r.body["after"]["val_bpb"] - r.body["before"]["val_bpb"])
                                                 if r.body["after"] and r.body["before"] else None) for r in rs]))
         ideas.sort(key=lambda i: (i["median_delta"] is None, i["median_delta"] or 0.0))
-        done = {(r.author_id, r.body["idea"]) for r in self.experiments()}  # a claim with its record: finished
+        done = finished(self.experiments())
         claims = [dict(author=c.author_id, description=c.body["description"], idea=c.body["idea"],
                        tag=swarm.tag_name(c.body["hardware"]), expires_in_s=round(_expiry(c) - now))
                   for c in self.ledger.claims if _expiry(c) > now and (c.author_id, c.body["idea"]) not in done

@@ -11,7 +11,7 @@ import os
 import time
 from collections import defaultdict
 
-from node import home as homes, loop, swarm
+from node import home as homes, loop, memory as memories, swarm
 
 SPARKS = "▁▂▃▄▅▆▇█"
 SHOWN_EVENTS = {"published": "published", "verify": "verifying", "verdict": None, "gossip_member_joined": "peer joined",
@@ -103,7 +103,7 @@ class Watcher:
         peers = [dict(p, best_val_bpb=best_own.get(p["id"]), experiments_per_hour=hour.get(p["id"], 0)) for p in st["peers"]]
         tags = [dict(tag=t, best_val_bpb=min(v for _, v in xs), improvements=len(xs),
                      sparkline=sparkline([v for _, v in sorted(xs)])) for t, xs in sorted(series.items())]
-        finished = {(r.author_id, r.body["idea"]) for r in lg.experiments}  # a claim with its record is no longer in flight
+        finished = memories.finished(lg.experiments)  # a claim with its record is no longer in flight
         claims = [dict(author=c.author_id, description=c.body["description"], expires_in_s=round(c.body["expires"] / 1000 - now))
                   for c in lg.claims if c.body["expires"] / 1000 > now and (c.author_id, c.body["idea"]) not in finished]
         return dict(node=st, peers=peers, tags=tags, other_tasks=dict(lg.other_tasks), claims=claims,
