@@ -21,8 +21,7 @@ class ExportError(Exception):
 
 def _open(home):
     try:
-        records = homes.records(home)  # before anything is created, when there is no node's store here
-        return homes.Store(homes.store_path(home)), records
+        return homes.stores(home)  # before anything is created, when there is no node's store here
     except homes.HomeError as e:
         raise ExportError(str(e)) from None
 

@@ -151,14 +151,25 @@ def opening(path, what):
         raise HomeError(f"{path} is not {what} ({why})") from None
 
 
+def stores(home):
+    """(the store, the gossip records) of an existing home, for the commands that read one: the store
+    is opened first (HomeError when there is no node here), so that nothing is created in another folder."""
+    store = Store(store_path(home))
+    try:
+        from gossip import store as records_store
+        path = os.path.join(home, "gossip.sqlite")
+        with opening(path, "a node's gossip store"):
+            return store, records_store.Store(path)
+    except BaseException:
+        store.db.close()
+        raise
+
+
 def records(home):
-    """The gossip records of an existing home, for the commands that read one: open its store
-    first (HomeError when there is no node here), so that nothing is created in another folder."""
-    Store(store_path(home)).db.close()
-    from gossip import store as records_store
-    path = os.path.join(home, "gossip.sqlite")
-    with opening(path, "a node's gossip store"):
-        return records_store.Store(path)
+    """The gossip records of an existing home alone (HomeError when there is no node here)."""
+    store, held = stores(home)
+    store.db.close()
+    return held
 
 
 ADDED_COLUMNS = (("usage", "TEXT"),)  # experiments' columns newer than some stores: added on open

@@ -9,8 +9,7 @@ from node import home as homes, memory as memories, swarm
 
 
 def read(home, tag=None, grep=None):
-    records = homes.records(home)  # HomeError, before anything is created, when there is no node's store here
-    store = homes.Store(homes.store_path(home))
+    store, records = homes.stores(home)  # HomeError, before anything is created, when there is no node's store here
     try:
         ledger = swarm.Ledger(records, store.get("task"), homes.node_id(home)).refresh()
         mem = memories.Memory(ledger, store.source)
