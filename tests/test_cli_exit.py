@@ -1,12 +1,109 @@
-"""The read commands open the node's store once."""
+"""How `join` ends: a signal ends it with the shell's status for that signal (130, 143) and a line
+that says so, not "done"; and the read commands open the node's store once. Real node processes,
+the `tiny` profile, a one-second budget."""
 
+import json
 import os
+import signal
+import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from node import export, home as homes, knowledge
+from conftest import ROOT
+from node import export, gittree, home as homes, knowledge
 
+JOIN = ["join", "--profile", "tiny", "--budget", "1", "--max-reruns", "0", "--no-mdns"]
+
+
+@pytest.fixture
+def env(stdlib_cache, stdlib_data):
+    return dict(os.environ, AUTORESEARCH_CACHE=str(stdlib_cache), AUTORESEARCH_DATA=stdlib_data.fingerprint,
+                PYTHONUNBUFFERED="1")
+
+
+def _start(home, *args, env):
+    """A node in a session of its own, as at a terminal: Ctrl-C reaches it and every process it started."""
+    return subprocess.Popen([sys.executable, "-m", "node", *JOIN, "--home", str(home), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+class Console:
+    """The node's console lines as they come (a thread reads them, so that waiting never blocks on a read)."""
+
+    def __init__(self, p):
+        self.lines = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(iter(p.stdout.readline, "")), daemon=True)
+        self.thread.start()
+
+    def text(self):
+        self.thread.join(60)
+        return "".join(self.lines)
+
+
+def _wait(p, console, done, deadline):
+    while not done():
+        assert p.poll() is None, "the node ended:\n" + console.text()[-4000:]
+        assert time.time() < deadline, "".join(console.lines)[-4000:]
+        time.sleep(0.2)
+
+
+def _decided(home):
+    """The runs decided after the two baselines (rows of results.tsv)."""
+    try:
+        return len(open(home / "results.tsv").read().splitlines()) - 3
+    except FileNotFoundError:
+        return -3
+
+
+def _check_nothing_lost(home):
+    """The stopped line counts what the store holds; the tree is clean at the best commit; results.tsv has a
+    row for every decided run, and no run is left running."""
+    st = json.loads(subprocess.run([sys.executable, "-m", "node", "status", "--home", str(home), "--json"], cwd=ROOT,
+                                   capture_output=True, text=True, timeout=60).stdout)
+    store = homes.Store(str(home / "store.sqlite"))
+    try:
+        exps = store.experiments()
+    finally:
+        store.db.close()
+    assert not [e for e in exps if e["status"] in ("running", "measured")]
+    decided = [e for e in exps if e["status"] in ("keep", "discard", "crash")]
+    assert len(open(home / "results.tsv").read().splitlines()) == 1 + len(decided)
+    tree = gittree.Tree(str(home / "tree"))
+    assert tree.is_clean() and tree.head() == st["best_commit"]
+    return st
+
+
+def test_ctrl_c_says_stopped_exits_130_and_loses_nothing(env, tmp_path):
+    home = tmp_path / "home"
+    t0 = time.time()
+    p = _start(home, "--listen", "off", env=env)
+    console = Console(p)
+    try:
+        _wait(p, console, lambda: _decided(home) >= 1, t0 + 240)
+        seen = len(console.lines)  # then the next run's training, cut short
+        _wait(p, console, lambda: any(": training" in l for l in console.lines[seen:]), t0 + 300)
+        os.killpg(p.pid, signal.SIGINT)  # to the node and the candidate it runs, as Ctrl-C at a terminal
+        p.wait(60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    out = console.text()
+    assert p.returncode == 130, out
+    assert "Traceback" not in out
+    st = _check_nothing_lost(home)
+    assert out.splitlines()[-1].startswith(f"stopped by SIGINT after {st['experiments']} experiments"), out
+    # a restart carries on from there: one more run, and --max-experiments (this start's) ends it with exit 0, "done"
+    r = subprocess.run([sys.executable, "-m", "node", *JOIN, "--home", str(home), "--listen", "off",
+                        "--max-experiments", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[-1].startswith(f"done: {st['experiments'] + 1} experiments"), r.stdout
+
+
+# -- the read commands open the node's store once ----------------------------------------------
 
 @pytest.fixture
 def store_opens():

@@ -489,7 +489,7 @@ def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data
                 p.kill()
     if failure:  # with what each node printed: a swarm's failure is rarely clear from one side
         raise AssertionError(f"{failure}\n" + "\n".join(f"--- node {n} ---\n{o[-6000:]}" for n, o in outs.items()))
-    assert all(p.returncode == 0 for p in procs.values()), outs
+    assert all(p.returncode == 143 for p in procs.values()), outs  # stopped by SIGTERM
     print("\n" + "\n".join(l for l in outs["a"].splitlines() if ": training" not in l and ": evaluating" not in l
                             and ("baseline" in l or "restore-the-lrs" in l)))  # what A measured (pytest -s)
     for n in "abc":
