@@ -26,7 +26,8 @@ stdout, one JSON object per line:
   status      with --status-every: peers, rejected reasons, banned connections, record count
   stopped     on exit: the same counts
   and the protocol's events: member_joined, member_suspect, member_dead, member_left,
-  peer_banned, refuted, mdns_found, mdns_unavailable, error
+  peer_banned, refuted, seeds_silent (once, when no seed answered), mdns_found,
+  mdns_unavailable, error
 
 The default port is {DEFAULT_PORT}; port 0 takes any free port (see the listening line).
 The node stops cleanly on end of input, SIGTERM or SIGINT (with --no-stdin: on a signal).

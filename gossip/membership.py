@@ -43,7 +43,7 @@ from gossip.identity import node_id
 
 @dataclass(frozen=True)
 class Event:
-    kind: str        # member_joined | member_suspect | member_dead | member_left | peer_banned | refuted
+    kind: str        # member_joined | member_suspect | member_dead | member_left | peer_banned | refuted | seeds_silent
     detail: dict
 
 
@@ -109,6 +109,7 @@ class Membership:
         self._worst = None                  # (view size, time, the member a better-ranked newcomer evicts)
         self.next_probe = now + self.config.ping_interval_s
         self.next_rejoin = now + self.config.rejoin_interval_s
+        self.silent_due = now + self.config.seeds_silent_s  # then, still alone, say once that no seed answered
 
     def _membership_tick(self, now):
         out, c = [], self.config
@@ -126,6 +127,9 @@ class Membership:
         if now >= self.next_probe:
             self.next_probe = now + c.ping_interval_s
             out += self._probe_start(now)
+        if self.silent_due is not None and now >= self.silent_due:
+            self.silent_due = None
+            out += self._seeds_silent(now)
         if now >= self.next_rejoin:
             self.next_rejoin = now + c.rejoin_interval_s
             join = {"hello": self.hello}
@@ -137,6 +141,15 @@ class Membership:
             elif self.seeds and self.rng.random() < 0.25:  # islands of a partial view find the rest
                 out.append(self._message(self.rng.choice(self.seeds), "join", join, now))
         return out
+
+    def _seeds_silent(self, now):
+        """Once, `seeds_silent_s` after start: if no member was ever heard though seeds were given, an
+        event naming them (the node goes on alone and keeps joining through them every rejoin interval)."""
+        seeds = [a for a in self.seeds if a != self.address]
+        if not seeds or self.members or self.dead:
+            return []
+        return [Event("seeds_silent", {"seeds": ", ".join(seeds), "after_s": self.config.seeds_silent_s,
+                                       "retry_s": self.config.rejoin_interval_s})]
 
     def _hello(self, now):
         payload = {"address": self.address, "incarnation": self.incarnation, "meta": self.meta}

@@ -68,6 +68,7 @@ class Config:
     checks_per_teller: int = 4     # ... of which one teller's
     ae_interval_s: float = 2.0     # anti-entropy period
     rejoin_interval_s: float = 4.0 # seeds (while alone) and recently dead members
+    seeds_silent_s: float = 12.0   # alone this long after start with seeds given: say so, once (seeds_silent)
     max_view: int = 256            # members known at once
     max_dead: int = 1024           # dead members remembered (so their old hellos stay dead)
     news_s: float = 10.0           # a hello said within this is news we spread; peer exchange names

@@ -47,6 +47,10 @@ class Network:
             who = event.detail.get("id", "")
             where = event.detail.get("address", "")
             self.say(f"gossip: {event.kind.replace('_', ' ')} {who} {where}".rstrip())
+        elif event.kind == "seeds_silent":  # once; a seed that answers later shows as a member joined
+            d = event.detail
+            self.say(f"gossip: no answer from {d['seeds']} within {d['after_s']:g} s: going on alone, "
+                     f"trying again every {d['retry_s']:g} s")
 
     def _record(self, record):
         self.events("gossip_record", id=record.id.hex(), type=record.type, author=record.author_id)

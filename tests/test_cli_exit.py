@@ -1,10 +1,12 @@
-"""How `join` ends: a signal ends it with the shell's status for that signal (130, 143) and a line
-that says so, not "done"; and the read commands open the node's store once. Real node processes,
-the `tiny` profile, a one-second budget."""
+"""How `join` ends and what its console says on the way: seeds that never answer are named once,
+a signal ends it with the shell's status for that signal (130, 143) and a line that says so, not
+"done"; and the read commands open the node's store once. Real node processes on loopback, the
+`tiny` profile, a one-second budget."""
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +24,13 @@ JOIN = ["join", "--profile", "tiny", "--budget", "1", "--max-reruns", "0", "--no
 def env(stdlib_cache, stdlib_data):
     return dict(os.environ, AUTORESEARCH_CACHE=str(stdlib_cache), AUTORESEARCH_DATA=stdlib_data.fingerprint,
                 PYTHONUNBUFFERED="1")
+
+
+def _closed_port():
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _start(home, *args, env):
@@ -75,6 +84,32 @@ def _check_nothing_lost(home):
     tree = gittree.Tree(str(home / "tree"))
     assert tree.is_clean() and tree.head() == st["best_commit"]
     return st
+
+
+def test_seeds_that_never_answer_are_named_once_and_sigterm_exits_143(env, tmp_path):
+    seed = f"127.0.0.1:{_closed_port()}"
+    home = tmp_path / "home"
+    t0 = time.time()
+    p = _start(home, "--listen", "127.0.0.1:0", "--seed", seed, env=env)
+    console = Console(p)
+    try:
+        _wait(p, console, lambda: any("no answer from" in l for l in console.lines), t0 + 60)
+        assert time.time() - t0 < 40  # 12 s after gossip started (a few seconds after the process)
+        warned = time.time()  # then a decided run, and a few of the node's retries of its seed
+        _wait(p, console, lambda: _decided(home) >= 1 and time.time() - warned > 10, t0 + 240)
+        p.send_signal(signal.SIGTERM)
+        p.wait(60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    out = console.text()
+    silent = [l for l in out.splitlines() if "no answer from" in l]
+    assert silent == [f"gossip: no answer from {seed} within 12 s: going on alone, trying again every 4 s"], out
+    assert p.returncode == 143, out
+    st = _check_nothing_lost(home)
+    stopped = out.splitlines()[-1]
+    assert stopped.startswith(f"stopped by SIGTERM after {st['experiments']} experiments, {st['kept']} kept, "), out
+    assert "nothing lost" in stopped and st["experiments"] >= 1
 
 
 def test_ctrl_c_says_stopped_exits_130_and_loses_nothing(env, tmp_path):

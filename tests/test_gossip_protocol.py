@@ -115,6 +115,42 @@ def test_lone_node_keeps_asking_its_seed():
     assert net.nodes["n0"].id in late.members and late.id in net.nodes["n0"].members
 
 
+def seeds_silent(net):
+    return [(a, e.detail["seeds"]) for _, a, e in net.events if e.kind == "seeds_silent"]
+
+
+def test_a_node_no_seed_answers_says_so_once():
+    """Alone `seeds_silent_s` after start: one event naming its seeds, none again while it keeps
+    asking them, nor once one answers (that shows as a member joined)."""
+    net = Sim(seed=13)
+    net.add()
+    net.down.add("n0")
+    lone = net.add(seeds=["n0", "n9"])  # n9: no node there at all
+    net.run(CFG.seeds_silent_s - 0.5)
+    assert seeds_silent(net) == []
+    net.run(1)
+    assert seeds_silent(net) == [("n1", "n0, n9")]
+    net.run(5 * CFG.rejoin_interval_s)
+    assert seeds_silent(net) == [("n1", "n0, n9")] and not lone.members
+    net.down.discard("n0")
+    net.run(2 * CFG.rejoin_interval_s + 1)
+    assert net.nodes["n0"].id in lone.members
+    assert seeds_silent(net) == [("n1", "n0, n9")]  # and none from n0, which was given no seeds
+
+
+def test_a_node_whose_seed_answered_says_nothing_of_silence():
+    """Joined, or joined and then left alone by a seed that died: its seeds did answer."""
+    net = Sim(seed=14)
+    net.add()
+    net.add(seeds=["n0"])
+    joined = net.add(seeds=["n0"])
+    net.run(2)
+    assert len(joined.members) == 2
+    net.down.update({"n0", "n1"})
+    net.run(2 * CFG.seeds_silent_s)
+    assert not joined.members and seeds_silent(net) == []
+
+
 # --- dissemination -------------------------------------------------------------------------------
 
 def test_record_reaches_every_live_node_exactly_once():
