@@ -179,16 +179,8 @@ def join(args):
     if kind != "view":
         print(f"WARNING: this machine allows no private filesystem view for candidates (isolation: {', '.join(names)}): "
               "they can read what this user can read, the validation split included. Results record it.", flush=True)
-    signals = []  # the signal that stopped the run, if one did (loop.Node ignores any after the first)
-    stop = node._stop  # the handler run() installs for SIGINT and SIGTERM; noted here to answer with its exit status
-
-    def noted(signum, frame):
-        if not signals:
-            signals.append(signum)
-        stop(signum, frame)
-    node._stop = noted
     try:
-        node.run()
+        signum = node.run()
     except homes.HomeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -205,10 +197,10 @@ def join(args):
     summary = f"{st['experiments']} experiments, {st['kept']} kept, {st['crashed']} crashed" + (
         f"; best val_bpb {st['best_val_bpb']:.6f} (baseline {st['baseline_val_bpb']:.6f}, noise "
         f"{'-' if st['noise'] is None else format(st['noise'], '.6f')})" if st["best_val_bpb"] is not None else "")
-    if signals:  # the run under way is recorded as interrupted; every decided run is in the store already
-        print(f"stopped by {signal.Signals(signals[0]).name} after {summary}; nothing lost: what was decided is in "
+    if signum:  # the run under way is recorded as interrupted; every decided run is in the store already
+        print(f"stopped by {signal.Signals(signum).name} after {summary}; nothing lost: what was decided is in "
               f"{home}, and join carries on from there", flush=True)
-        return 128 + signals[0]  # as a shell reports a process a signal ended: 130 for SIGINT, 143 for SIGTERM
+        return 128 + signum  # as a shell reports a process a signal ended: 130 for SIGINT, 143 for SIGTERM
     print(f"done: {summary}", flush=True)
     return 0
 

@@ -129,7 +129,7 @@ class Node:
         self._running = None   # the candidate under way: source, description
         self._forms = {}       # commit -> normal form of its train.py, for the commits we measured
         self._next = None      # the proposal being prepared: (context, skipped, future)
-        self._signalled = False  # set by SIGINT/SIGTERM; checked again where a swallowed Stop would be lost
+        self._signalled = 0  # the number of the SIGINT/SIGTERM that came; checked again where a swallowed Stop would be lost
         try:
             self._recover()
         except BaseException:
@@ -706,7 +706,8 @@ class Node:
         self.decide([exp], "keep" if r.status == "ok" else "crash")
 
     def run(self):
-        """The loop; returns when max_experiments are done, the proposer is exhausted, or on a signal."""
+        """The loop; returns when max_experiments are done or the proposer is exhausted (0), or on a
+        signal (its number: the first one, a second is ignored)."""
         previous = {sig: signal.signal(sig, self._stop) for sig in (signal.SIGINT, signal.SIGTERM)}
         from sandbox import run as sandbox
         removed = sandbox.sweep()
@@ -743,12 +744,12 @@ class Node:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-        return 0
+        return self._signalled
 
     def _stop(self, signum, frame):
         if self._signalled:  # a second signal (timeout(1) sends two) must not cut the clean-up of the first short
             return
-        self._signalled = True
+        self._signalled = signum
         raise Stop()
 
     def _check_stop(self):
