@@ -8,7 +8,7 @@ OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 for v in base "$@"; do
   f=model/train.py
   if [ "$v" != base ]; then
-    f=/tmp/train_$v.py
+    f=model/train_$v.py; trap "rm -f model/train_*x*.py" EXIT
     sed -e "0,/    DEPTH = [0-9]*/s//    DEPTH = ${v#*x}/" -e "0,/    MODEL_DIM = [0-9]*/s//    MODEL_DIM = ${v%x*}/" model/train.py > "$f"
   fi
   AUTORESEARCH_TIME_BUDGET=${BUDGET:-25} timeout 240 python3 "$f" > "$OUT/mfu_$v.log" 2>&1
