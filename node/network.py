@@ -43,7 +43,9 @@ class Network:
 
     def _event(self, event):
         self.events("gossip_" + event.kind, **{k: v for k, v in event.detail.items() if isinstance(v, (str, int, float))})
-        if event.kind in ("member_joined", "member_dead", "member_left", "peer_banned", "mdns_unavailable"):
+        if event.kind == "mdns_unavailable":  # once, with why (loopback, no multicast route, ...)
+            self.say(f"gossip: {event.detail.get('reason', 'mDNS unavailable')}")
+        elif event.kind in ("member_joined", "member_dead", "member_left", "peer_banned"):
             who = event.detail.get("id", "")
             where = event.detail.get("address", "")
             self.say(f"gossip: {event.kind.replace('_', ' ')} {who} {where}".rstrip())
