@@ -4,6 +4,7 @@
 # under the same budget and evaluation settings and print one table.
 #
 #   RUNS=2 BUDGET=300 bash bench/h100_baseline.sh      # on the GPU machine
+#   SHAPE=1024x6 RUNS=1 bash bench/h100_baseline.sh     # the baseline at another MODEL_DIM x DEPTH
 #
 # Logs go to $OUT (or ./bench-out). The inductor cache lives under AUTORESEARCH_CACHE,
 # so the second run of a call starts warm.
@@ -14,8 +15,13 @@ OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export AUTORESEARCH_TIME_BUDGET=${BUDGET:-300}
 source bench/h100_corpus.sh
+f=model/train.py
+if [ -n "${SHAPE:-}" ]; then  # beside train.py, which imports prepare from its own folder
+  f=model/train_$SHAPE.py; trap 'rm -f "$f"' EXIT
+  sed -e "0,/    DEPTH = [0-9]*/s//    DEPTH = ${SHAPE#*x}/" -e "0,/    MODEL_DIM = [0-9]*/s//    MODEL_DIM = ${SHAPE%x*}/" model/train.py > "$f"
+fi
 for i in $(seq "$RUNS"); do
-  python3 model/train.py > "$OUT/run$i.log" 2>&1 || { tail -30 "$OUT/run$i.log"; exit 1; }
+  python3 "$f" > "$OUT/run$i.log" 2>&1 || { tail -30 "$OUT/run$i.log"; exit 1; }
   grep -A20 '^---' "$OUT/run$i.log"
 done
 python3 bench/summarize.py "$OUT"/run*.log
