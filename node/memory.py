@@ -111,6 +111,19 @@ def finished(experiments):
     return {(r.author_id, r.body["idea"]) for r in experiments}
 
 
+def in_flight(claims, experiments, now):
+    """The claims that stand for work under way at `now` (what knowledge and watch show): unexpired,
+    their experiment record not here, and not lost to an earlier claim of the same idea (its author
+    chose again and runs something else)."""
+    done, by_idea = finished(experiments), defaultdict(list)
+    for c in claims:
+        by_idea[c.body["idea"]].append(c)
+    for cs in by_idea.values():
+        cs.sort(key=lambda c: (c.ts, c.author_id))
+    return [c for c in claims if _expiry(c) > now and (c.author_id, c.body["idea"]) not in done
+            and not _lost(c, by_idea[c.body["idea"]])]
+
+
 def _expiry(claim):
     """When a claim stops being honoured (seconds): its own expiry, but never more than
     MAX_CLAIM_S after it was made (a claim that never expires would hold its idea for good)."""
@@ -338,9 +351,8 @@ class Memory:
                                                 delta=(r.body["after"]["val_bpb"] - r.body["before"]["val_bpb"])
                                                 if r.body["after"] and r.body["before"] else None) for r in rs]))
         ideas.sort(key=lambda i: (i["median_delta"] is None, i["median_delta"] or 0.0))
-        done = finished(self.experiments())
         claims = [dict(author=c.author_id, description=c.body["description"], idea=c.body["idea"],
                        tag=swarm.tag_name(c.body["hardware"]), expires_in_s=round(_expiry(c) - now))
-                  for c in self.ledger.claims if _expiry(c) > now and (c.author_id, c.body["idea"]) not in done
-                  and (not grep or grep.lower() in c.body["description"].lower())]
+                  for c in in_flight(self.ledger.claims, self.experiments(), now)
+                  if not grep or grep.lower() in c.body["description"].lower()]
         return dict(ideas=ideas, claims=claims, experiments=sum(i["tries"] for i in ideas))

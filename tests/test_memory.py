@@ -276,6 +276,23 @@ def test_a_claim_is_done_once_its_record_is_here(mem):
     assert mem.knowledge(now)["claims"] == []  # not shown as tried now either (python -m node knowledge)
 
 
+def test_a_claim_that_lost_the_race_is_not_shown_as_tried_now(mem):
+    """Two nodes claimed one idea; the later chose again (loop.Node.lost_race) and ran something else.
+    knowledge and watch showed its claim as "being tried now" until it expired (seen with two nodes on
+    loopback: the winner's own watch listed the loser trying the very change the winner had just kept)."""
+    now = time.time()
+    won, lost = claim(MALLORY, BASELINE, UP, now=now - 3), claim(BOB, BASELINE, UP, now=now - 2)
+    add(mem, won, lost)
+    assert [c["author"] for c in mem.knowledge(now)["claims"]] == [MALLORY.id]
+    assert memory.in_flight(mem.ledger.claims, mem.experiments(), now) == [won]  # what watch shows
+    add(mem, experiment(MALLORY, BASELINE, UP, status="keep"))
+    assert mem.knowledge(now)["claims"] == [] and memory.in_flight(mem.ledger.claims, mem.experiments(), now) == []
+    # a claim of the same idea on another kind of hardware raced nobody: it stands
+    other = claim(BOB, BASELINE, UP, now=now - 1, hardware=dict(HW, backend="cuda", accelerator="H100"))
+    add(mem, other)
+    assert memory.in_flight(mem.ledger.claims, mem.experiments(), now) == [other]
+
+
 def test_fresh_keys_move_the_noise_estimate_no_more_than_one_peer(mem):
     keys = [Identity.from_seed(b"sybil%d" % i) for i in range(20)]
     quiet = dict(val_bpb=3.0, runs=9, spread=0.0)
