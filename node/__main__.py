@@ -413,4 +413,10 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        code = main()
+        sys.stdout.flush()  # here, where a reader that left (| head) can be answered
+    except BrokenPipeError:  # the reader of our output left: no traceback, as other command-line tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's own flush at exit is quiet
+        code = 1
+    sys.exit(code)

@@ -175,3 +175,21 @@ def test_watch_refuses_bad_arguments(tmp_path, args, why):
     before = files(home)
     assert why in refused(cli(tmp_path, "watch", "--home", home, *args))
     assert files(home) == before
+
+
+# -- a reader that leaves: python -m node status | head -1 ---------------------------------------
+
+@pytest.mark.parametrize("command", (("status",), ("status", "--json"), ("knowledge",)), ids=" ".join)
+def test_a_reader_that_leaves_gets_no_traceback(tmp_path, command):
+    """`python -m node knowledge | head -5` on a node of two answered with a BrokenPipeError traceback."""
+    home = scored_home(tmp_path / "home")
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", XDG_CACHE_HOME=CACHE)
+    p = subprocess.Popen([sys.executable, "-m", "node", *command, "--home", str(home)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # the reader is gone before anything is written
+    try:
+        err = p.communicate(timeout=60)[1]
+    finally:
+        p.kill()
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    assert p.returncode == 1
