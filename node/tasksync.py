@@ -125,7 +125,7 @@ def _serving(service):
             and isinstance(p["meta"].get("data_port"), int)]
 
 
-def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0):
+def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0, settle_s=SETTLE_S):
     """No prepared data and seeds given: join gossip under a throwaway identity, learn which tasks the
     peers run (their meta), take --task, else the seed's, else the one most peers run, and fetch it.
     Returns the fetched folder's fingerprint and {node id: reason} of the peers that served wrong bytes;
@@ -155,7 +155,7 @@ def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0):
                 raise TaskError(f"no peer runs task {settings['task']} after {wait_s:g} s" if settings["task"] else
                                 f"no peer announced a task after {wait_s:g} s (are the seeds running nodes?)")
             time.sleep(0.2)
-        settle = time.time() + SETTLE_S  # the other seeds too, so that the fetch draws on every peer it can
+        settle = time.time() + settle_s  # the other seeds too, so that the fetch draws on every peer it can
         while time.time() < settle and not seeds <= {p["address"] for p in service.peers() if p["state"] == "alive"}:
             time.sleep(0.1)
         running = _serving(service)

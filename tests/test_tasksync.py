@@ -317,7 +317,9 @@ def test_a_joiner_names_the_peer_that_lied_and_its_node_distrusts_it(tmp_path, s
                         task=task.task)
         os.environ["AUTORESEARCH_CACHE"] = str(tmp_path / "joiner")
         try:
-            fingerprint, liars = tasksync.join_task(settings, say=lambda line: None)
+            # both seeds heard before the fetch (on a loaded machine the second can answer after the
+            # default 2 s, and the fetch then never asks the liar): the wait ends once they are
+            fingerprint, liars = tasksync.join_task(settings, say=lambda line: None, settle_s=30.0)
         finally:
             os.environ.pop("AUTORESEARCH_CACHE")
     finally:
