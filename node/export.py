@@ -174,6 +174,8 @@ def header(prov):
                          f"claimed {o['delta']:+.4f})" if o["author"] else f"#     adopted from record {o['record'][:16]}")
         if s["confirmed_by"]:
             lines.append(f"#     confirmed by {', '.join(s['confirmed_by'])}")
+    lines.append("# run it as it is: python -m node experiment THIS_FILE (sandboxed, scored by the harness); "
+                 "python THIS_FILE works only as model/train.py of this repository, beside prepare.py")
     return "\n".join(lines) + "\n" + END
 
 
@@ -203,7 +205,8 @@ def main(args):
             print(f"error: {e}", file=sys.stderr)
             return 2
         print(f"wrote {args.output}: {len(prov['steps'])} improvement(s)"
-              + (f", val_bpb {prov['val_bpb']:.6f} on {prov['tag']}" if prov["val_bpb"] is not None else ""), file=sys.stderr)
+              + (f", val_bpb {prov['val_bpb']:.6f} on {prov['tag']}" if prov["val_bpb"] is not None else "")
+              + ("" if args.json else f"; run it with python -m node experiment {args.output}"), file=sys.stderr)
     else:
         sys.stdout.write(out)
     return 0
