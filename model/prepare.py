@@ -12,6 +12,7 @@ tokenizer and every token of the training and validation shards.
 
 import argparse
 import bisect
+import collections
 import hashlib
 import json
 import math
@@ -795,7 +796,7 @@ def main(argv=None):
             train, val = sources.climbmix_docs(os.path.join(cache_dir(), "climbmix"), args.num_shards, log=log)
             desc = f"climbmix:{args.num_shards}"
         else:
-            docs = []
+            docs, skipped = [], collections.Counter()
             for s in srcs:
                 if s == "stdlib":
                     found = sources.stdlib_docs()
@@ -804,7 +805,9 @@ def main(argv=None):
                     docs += found
                 else:
                     exts = tuple(e if e.startswith(".") else "." + e for e in args.ext) if args.ext else None
-                    docs += sources.local_docs([s], exts)
+                    docs += sources.local_docs([s], exts, skipped=skipped)
+            if skipped:
+                log(f"skipped {sources.describe_skipped(skipped)}")
             if args.max_mb is not None:
                 docs = sources.cap_docs(docs, int(args.max_mb * 1e6))
             train, val = sources.split_by_hash(docs)

@@ -3,6 +3,7 @@ climbmix web-text shards. Every source yields the same thing: (train, val) lists
 document strings, de-duplicated and in a deterministic order, so that the same input
 always prepares the same data fingerprint."""
 
+import collections
 import hashlib
 import json
 import os
@@ -34,7 +35,8 @@ def split_by_hash(docs):
     Both sides are ordered by hash, so file names and walk order never matter."""
     by_hash = {doc_hash(d): d for d in docs}
     if len(by_hash) < 2:
-        raise SourceError(f"need at least 2 distinct documents, found {len(by_hash)}")
+        raise SourceError(f"need at least 2 distinct documents, found {len(by_hash)} (a .txt .md .rst .py file is one "
+                          "document, as is each .jsonl line and .parquet row: give a folder of files or more lines)")
     hashes = sorted(by_hash)
     val = [h for h in hashes if int(h[:8], 16) % 1000 < VAL_PER_MILLE]
     if not val:  # tiny corpora: still pin one validation document
@@ -43,37 +45,62 @@ def split_by_hash(docs):
     return [by_hash[h] for h in hashes if h not in val_set], [by_hash[h] for h in val]
 
 
-def _keep(text):
+def _keep(text, skipped=None):
     n = len(text.encode("utf-8"))
-    return MIN_DOC_BYTES <= n <= MAX_DOC_BYTES and text.strip()
+    why = (f"under {MIN_DOC_BYTES} B" if n < MIN_DOC_BYTES else f"over {MAX_DOC_BYTES // 10**6} MB" if n > MAX_DOC_BYTES
+           else None if text.strip() else "blank")
+    if why and skipped is not None:
+        skipped[why] += 1
+    return not why
 
 
-def _read_text(path):
+def _read_text(path, skipped):
     try:
         with open(path, "rb") as f:
             raw = f.read(MAX_DOC_BYTES + 1)
+    except OSError:
+        skipped["unreadable"] += 1
+        return None
+    if len(raw) > MAX_DOC_BYTES:  # before decoding: the cut may fall inside a character
+        skipped[f"over {MAX_DOC_BYTES // 10**6} MB"] += 1
+        return None
+    try:
         return raw.decode("utf-8")
-    except (UnicodeDecodeError, OSError):
+    except UnicodeDecodeError:
+        skipped["not UTF-8"] += 1
         return None
 
 
-def _docs_from_file(path, exts):
+def _docs_from_file(path, exts, skipped=None):
+    """The documents of one file; what it drops, and why, is counted in `skipped` (a Counter)."""
+    skipped = collections.Counter() if skipped is None else skipped
     ext = os.path.splitext(path)[1].lower()
     if ext not in exts:
+        skipped["of another extension"] += 1
         return
     if ext == ".jsonl":
         try:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                lines = f.readlines()
+            f = open(path, "rb")
         except OSError:
+            skipped["unreadable"] += 1
             return
-        for line in lines:
-            try:
-                text = json.loads(line).get("text") if line.strip() else None
-            except (json.JSONDecodeError, AttributeError):
-                text = None
-            if isinstance(text, str) and _keep(text):
-                yield text
+        with f:
+            for line in f:  # one line at a time: a file may be larger than memory
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    skipped["lines not UTF-8"] += 1
+                    continue
+                except json.JSONDecodeError:
+                    skipped["lines not JSON"] += 1
+                    continue
+                text = record.get("text") if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    skipped["lines without a text field"] += 1
+                elif _keep(text, skipped):
+                    yield text
     elif ext == ".parquet":
         import pyarrow.parquet as pq
         try:
@@ -81,6 +108,7 @@ def _docs_from_file(path, exts):
         except Exception as e:  # pyarrow raises several types for a bad file
             raise SourceError(f"{path}: not a readable parquet file ({e})") from None
         if "text" not in pf.schema_arrow.names:
+            skipped["parquet without a text column"] += 1
             return
         for i in range(pf.num_row_groups):
             try:
@@ -88,11 +116,11 @@ def _docs_from_file(path, exts):
             except Exception as e:  # corrupt pages: pyarrow raises several types
                 raise SourceError(f"{path}: unreadable parquet data ({e})") from None
             for text in texts:
-                if isinstance(text, str) and _keep(text):
+                if isinstance(text, str) and _keep(text, skipped):
                     yield text
     else:
-        text = _read_text(path)
-        if text is not None and _keep(text):
+        text = _read_text(path, skipped)
+        if text is not None and _keep(text, skipped):
             yield text
 
 
@@ -109,10 +137,17 @@ def _walk(root, skip=()):
                 yield path
 
 
-def local_docs(paths, exts=None, progress=None):
+def describe_skipped(skipped):
+    """'3 not UTF-8, 1 over 2 MB': what a source dropped, most first."""
+    return ", ".join(f"{n} {why}" for why, n in skipped.most_common())
+
+
+def local_docs(paths, exts=None, progress=None, skipped=None):
     """Documents from files and folders: .txt .md .rst .py (one per file), .jsonl
-    (a `text` field per line), .parquet (a `text` column)."""
+    (a `text` field per line), .parquet (a `text` column). What is dropped, and why, is
+    counted in `skipped` (a Counter) when one is given."""
     exts = tuple(exts) if exts else TEXT_EXTS + (".jsonl", ".parquet")
+    skipped = collections.Counter() if skipped is None else skipped
     for p in paths:
         if not os.path.exists(p):
             raise SourceError(f"source path does not exist: {p}")
@@ -120,12 +155,14 @@ def local_docs(paths, exts=None, progress=None):
     for p in paths:
         for path in _walk(p, skip=SKIP_DIRS):
             seen_files += 1
-            docs.extend(_docs_from_file(path, exts))
+            docs.extend(_docs_from_file(path, exts, skipped))
             if progress:
                 progress(seen_files, len(docs))
     if not docs:
-        what = "no files" if seen_files == 0 else f"{seen_files} files but no usable text"
-        raise SourceError(f"{', '.join(paths)}: {what} ({'/'.join(exts)}, {MIN_DOC_BYTES} B to {MAX_DOC_BYTES // 10**6} MB each)")
+        what = "no files" if seen_files == 0 else \
+            f"{seen_files} file{'s' * (seen_files != 1)} but no usable text ({describe_skipped(skipped)})"
+        raise SourceError(f"{', '.join(paths)}: {what}; documents are UTF-8 {'/'.join(exts)} of "
+                          f"{MIN_DOC_BYTES} B to {MAX_DOC_BYTES // 10**6} MB each")
     return docs
 
 

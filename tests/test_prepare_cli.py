@@ -104,3 +104,14 @@ def test_special_and_unreadable_files_are_skipped(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "3 documents" in r.stderr or "2 training and 1 validation" in r.stderr
     assert "warning: the validation split holds" in r.stderr  # a few hundred tokens: said, not refused
+
+
+def test_what_prepare_skips_is_said(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"doc{i}.txt").write_text(f"document {i} " * 60)
+        (src / f"latin{i}.txt").write_bytes(f"café {i} ".encode("latin-1") * 60)
+    r = run_prepare(tmp_path / "cache", "--source", str(src), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "skipped 3 not UTF-8" in r.stderr.splitlines()

@@ -67,3 +67,35 @@ def test_cap_is_a_deterministic_subset():
     capped = sources.cap_docs(docs, 20_000)
     assert capped == sources.cap_docs(list(reversed(docs)), 20_000)
     assert 10_000 < sum(len(d) for d in capped) <= 20_000
+
+
+def test_a_source_with_no_usable_text_says_why(tmp_path):
+    """A user who gives Latin-1 files, a .jsonl without `text` or one file that is too big learns why
+    nothing was kept, not only that nothing was."""
+    cases = {
+        "latin1": ({f"l{i}.txt": ("café " + doc(i)).encode("latin-1") for i in range(3)}, "3 not UTF-8"),
+        "jsonl": ({"a.jsonl": "\n".join(json.dumps({"body": doc(i)}) for i in range(4)).encode()},
+                  "4 lines without a text field"),
+        "big": ({"big.txt": ("é" * 1_000_001).encode()}, "1 over 2 MB"),  # cut inside a character at 2 MB
+        "csv": ({"a.csv": doc(1).encode()}, "1 of another extension"),
+    }
+    for name, (files, why) in cases.items():
+        (tmp_path / name).mkdir()
+        for fname, data in files.items():
+            (tmp_path / name / fname).write_bytes(data)
+        with pytest.raises(sources.SourceError, match=f"no usable text \\({why}\\)"):
+            sources.local_docs([str(tmp_path / name)])
+
+
+def test_jsonl_lines_that_are_not_utf8_are_skipped_not_mangled(tmp_path):
+    good = [json.dumps({"text": doc(i)}).encode() for i in range(2)]
+    bad = b'{"text": "caf\xe9 ' + doc(9).encode() + b'"}'
+    (tmp_path / "a.jsonl").write_bytes(b"\n".join([good[0], bad, good[1]]))
+    skipped = __import__("collections").Counter()
+    assert sorted(sources.local_docs([str(tmp_path)], skipped=skipped)) == sorted([doc(0), doc(1)])
+    assert skipped == {"lines not UTF-8": 1}
+
+
+def test_one_document_is_refused_with_what_to_give_instead():
+    with pytest.raises(sources.SourceError, match="found 1 .*give a folder of files"):
+        sources.split_by_hash([doc(1)])
