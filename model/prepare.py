@@ -272,7 +272,8 @@ class _Progress:
     """One-line progress on a terminal; a plain line every 10 s otherwise."""
 
     def __init__(self, what, total, log):
-        self.what, self.total, self.log, self.t0, self.last = what, max(total, 1), log, time.time(), 0.0
+        self.what, self.total, self.log, self.t0 = what, max(total, 1), log, time.time()
+        self.last = self.t0  # the first line after a pause: a step that ends at once prints only done()
         self.tty = sys.stderr.isatty()
 
     def update(self, n, final=False):

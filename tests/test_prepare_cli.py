@@ -115,3 +115,14 @@ def test_what_prepare_skips_is_said(tmp_path):
     r = run_prepare(tmp_path / "cache", "--source", str(src), timeout=120)
     assert r.returncode == 0, r.stderr
     assert "skipped 3 not UTF-8" in r.stderr.splitlines()
+
+
+def test_each_tokenizing_step_is_logged_once_when_it_is_quick(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"doc{i}.txt").write_text(f"document {i} " * 60)
+    r = run_prepare(tmp_path / "cache", "--source", str(src), timeout=120)
+    assert r.returncode == 0, r.stderr
+    progress = [line for line in r.stderr.splitlines() if line.startswith("tokenizing")]
+    assert len(progress) == len(set(progress)) == 2, r.stderr  # train and val, once each
