@@ -1,6 +1,7 @@
 """python -m node: the node's command line."""
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -90,7 +91,7 @@ def _data(s):
     source = s["data"]
     print(f"no prepared data yet: preparing --source {source} (once; cached in {prepare.cache_dir()})", flush=True)
     if prepare.main(["--source", source]) != 0:
-        raise prepare.DataError(f"could not prepare --source {source}")
+        return None, {}  # prepare said why, in one line
     return prepare.load_data(), {}
 
 
@@ -156,20 +157,28 @@ def join(args):
     if refused:  # before the home, the data and the banner: a refused start changes nothing
         print(f"error: {refused}", file=sys.stderr)
         return 2
+    made = False
     try:
         home = os.path.abspath(args.home or homes.default_home())
         if os.path.lexists(os.path.join(home, "store.sqlite")):  # a folder that is no node's home: refused untouched
             homes.Store(os.path.join(home, "store.sqlite")).db.close()
+        made = not os.path.isdir(home)
         os.makedirs(home, exist_ok=True)
         data, liars = _data(s)
-        node = loop.Node(home, s, data)
-        node.distrust(liars)
+        if data is not None:
+            node = loop.Node(home, s, data)
+            node.distrust(liars)
     except (prepare.DataError, homes.HomeError, tasksync.TaskError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        data = None
     except KeyboardInterrupt:  # while data is prepared or fetched: both resume on the next start
         print("interrupted before the node started", file=sys.stderr)
         return 130
+    if data is None:  # a home made for this start goes again while still empty
+        if made:
+            with contextlib.suppress(OSError):
+                os.rmdir(home)
+        return 2
     print(f"node home {home} | backend {s['backend']} (lineage {node.lineage}) | profile {s['profile']} | "
           f"budget {s['budget']:g}s | proposer {node.proposer.name} "
           f"({node.proposer.why}{', model ' + s['model'] if node.proposer.name == 'claude' else ''}) | "
@@ -267,9 +276,15 @@ def suggest(args):
         except (OSError, UnicodeDecodeError) as e:
             print(f"error: cannot read {args.patch}: {e}", file=sys.stderr)
             return 2
-        touched = {line[6:].split("\t")[0] for line in body.splitlines() if line.startswith("+++ b/") or line.startswith("--- a/")}
-        if not touched:
+        named = [line[4:].split("\t")[0] for line in body.splitlines() if line.startswith(("--- ", "+++ "))]
+        touched = {n[2:] for n in named if n.startswith(("a/", "b/"))}
+        if not named:
             print(f"error: {args.patch} is not a unified diff (git diff format)", file=sys.stderr)
+            return 2
+        if not touched:  # a plain diff -u: its names are paths of this machine, which the node's tree does not have
+            print(f"error: {args.patch} names its files {' and '.join(dict.fromkeys(named))}; the node's tree names "
+                  "it train.py (--- a/train.py, +++ b/train.py): from this repository, git diff --relative=model; "
+                  "else diff -u --label a/train.py --label b/train.py OLD NEW", file=sys.stderr)
             return 2
         if touched != {"train.py"}:
             print(f"error: the patch touches {', '.join(sorted(touched))}; only train.py may change, named as the "
