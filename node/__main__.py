@@ -300,7 +300,8 @@ def suggest(args):
     with open(tmp, "w") as f:
         f.write(body)
     os.replace(tmp, os.path.join(queue, name))
-    print(f"queued {name}: it runs next" if ext == ".patch" else f"queued note {name} for the proposer")
+    print(f"queued {name}: it runs next" if ext == ".patch" else
+          f"queued note {name} for the Claude proposer (the offline proposer reads no notes)")
     return 0
 
 
@@ -369,7 +370,7 @@ def main(argv=None):
     sg.add_argument("--home", help="node folder (default: ~/.cache/autoresearch-swarm/node)")
     what = sg.add_mutually_exclusive_group(required=True)
     what.add_argument("patch", nargs="?", metavar="PATCH_FILE", help="a git-style diff touching only train.py")
-    what.add_argument("--note", help="a note for the proposer")
+    what.add_argument("--note", help="a note for the Claude proposer (the offline proposer reads none)")
 
     wt = sub.add_parser("watch", help="a live view of the swarm: peers, verification queue, events, best per tag",
                         description="A live terminal view of the swarm as this node sees it (Ctrl-C leaves).")

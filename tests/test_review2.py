@@ -50,3 +50,15 @@ def test_a_plain_diff_is_refused_with_the_names_it_needs(tmp_path, stdlib_data, 
     r = suggest("--label", "a/train.py", "--label", "b/train.py")
     assert r.returncode == 0 and "it runs next" in r.stdout, r.stderr
     assert len(os.listdir(home / "queue")) == 1
+
+
+def test_a_note_says_which_proposer_reads_it(tmp_path):
+    """suggest --note answered "queued note ... for the proposer" on a node running the offline proposer,
+    which never reads notes: the person believed the hint steered the runs."""
+    (tmp_path / "home" / "queue").mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-m", "node", "suggest", "--home", str(tmp_path / "home"), "--note", "go deeper"],
+                       cwd=ROOT, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "for the Claude proposer (the offline proposer reads no notes)" in r.stdout, r.stderr
+    [name] = os.listdir(tmp_path / "home" / "queue")
+    assert (tmp_path / "home" / "queue" / name).read_text() == "go deeper\n"
