@@ -339,7 +339,17 @@ def load_data(fingerprint=None):
     if os.environ.get(HARNESS_ENV):  # a candidate: the harness verified these files and shows it the training split only
         with open(os.path.join(folder, "manifest.json")) as f:
             return Data(folder, json.load(f), validation=False)
-    return Data(folder, verify(folder))
+    try:
+        manifest = verify(folder)
+    except DataError as e:
+        try:
+            with open(os.path.join(folder, "manifest.json")) as f:
+                made_from = f" (source {json.load(f)['source']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            made_from = ""
+        raise DataError(f"{e}: rerun `python -m model.prepare` with the arguments that made it{made_from} to rebuild "
+                        f"it, or delete {folder} and join --seed a peer to fetch it again") from None
+    return Data(folder, manifest)
 
 
 # ---------------------------------------------------------------------------

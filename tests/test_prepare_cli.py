@@ -72,7 +72,8 @@ def test_corrupt_cache_is_refused_then_rebuilt(stdlib_cache, tmp_path, monkeypat
     raw = bytearray(open(path, "rb").read())
     raw[len(raw) // 2] ^= 0x01
     open(path, "wb").write(bytes(raw))
-    with pytest.raises(prepare.DataError, match=victim):
+    with pytest.raises(prepare.DataError, match=f"{victim}.*: rerun `python -m model.prepare` with the arguments "
+                                                 "that made it .source stdlib:.* to rebuild it"):
         prepare.load_data()
     r = run_prepare(cache, "--source", "stdlib", "--max-mb", "3")
     assert r.returncode == 0 and "rebuilding" in r.stderr, r.stderr
