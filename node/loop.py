@@ -307,10 +307,14 @@ class Node:
         """Tell the swarm we run this candidate now (not durable: it only matters while we run). It
         lasts twice the wall time of the candidate with all its re-runs, at the pace this node has
         been finishing runs (a 30-minute run of three nodes taking turns on one CPU saw a claim
-        expire during re-runs, and one duplicate)."""
+        expire during re-runs, and one duplicate); before two runs have ended, at the budget plus the
+        profile's start-up allowance (the budget alone gave a first claim 60 s on a 15 s budget, and it
+        expired while the run, after 30 s waiting for the shared device, was still going)."""
+        from sandbox.run import LIMITS
         ends = sorted(e["finished"] for e in self.store.experiments() if e["finished"])[-11:]
         gaps = sorted(b - a for a, b in zip(ends, ends[1:]))
-        cadence = gaps[len(gaps) // 2] if gaps else 0.0  # median run to run, waits for the device included
+        # median run to run, waits for the device included
+        cadence = gaps[len(gaps) // 2] if gaps else self.s["budget"] + LIMITS[self.s["profile"]]["startup"]
         expires = time.time() + 2 * max(self.s["budget"], cadence) * (1 + self.s["max_reruns"])
         record = self.sign("claim", dict(task=self.task, parent=swarm.content_hash(self.tree.read(parent)),
                                          child=swarm.content_hash(self.tree.read(commit)), idea=idea,

@@ -162,6 +162,12 @@ def test_a_node_skips_what_a_peer_claimed_and_counts_it(tmp_path, stdlib_data):
         assert any(r.type == "claim" and r.author_id == node.identity.id and r.body["diff"] == "-A = 1\n+A = 2\n"
                    for _, r in node.records.since())
         assert not node.lost_race(node.records.since()[-1][1])  # no network, no peers: nothing to wait for
+        # no run has ended yet: the claim lasts twice the budget and the start-up allowance, each
+        # run (a first claim that lasted twice the budget expired while its run waited for the device)
+        from sandbox.run import LIMITS
+        mine = node.records.since()[-1][1]
+        run_s = s["budget"] + LIMITS[s["profile"]]["startup"]
+        assert mine.body["expires"] >= mine.ts + 2 * run_s * (1 + s["max_reruns"]) * 1000 - 1000
     finally:
         node.close()
 
