@@ -542,8 +542,20 @@ class Node:
             self.events("published", record=records[-1].id.hex(), commit=commit, description=description[:200])
             self.say(f"kept {commit[:7]}: {sum(m) / len(m):.6f} over {len(m)} run(s); published")
         else:
+            if status == "discard":
+                self.say(self._discarded(commit))
             self.tree.reset(self.best())
         return True
+
+    def _discarded(self, commit):
+        """The console's line for a discard: by how much, against what noise."""
+        m = self.measurements()
+        c, b = m[commit], m[self.best()]
+        gain = sum(b) / len(b) - sum(c) / len(c)
+        why = (f"better by {gain:.6f}, within the noise ({self.noise():.6f})" if gain > 0 else
+               f"worse by {-gain:.6f}")
+        return (f"discarded {commit[:7]}: {sum(c) / len(c):.6f} over {len(c)} run(s) against the best's "
+                f"{sum(b) / len(b):.6f}: {why}")
 
     def lost_race(self, claim):
         """Whether a peer claimed the same idea before us. It waits claim_settle seconds first (about

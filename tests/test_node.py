@@ -174,6 +174,11 @@ def test_join_runs_a_baseline_and_experiments(env, tmp_path):
     assert set(table.status) <= {"keep", "discard", "crash"}
     st = json.loads(node_cli("status", "--home", str(home), "--json", env=env).stdout)
     assert st["experiments"] == 2 and st["kept"] + st["crashed"] + st["discarded"] == 2 and st["best_val_bpb"] > 0
+    # every decision has its console line: a keep, a discard (by how much, against what), a crash
+    said = [l for l in r.stdout.splitlines() if l.startswith(("kept ", "discarded "))]
+    assert len(said) == st["kept"] + st["discarded"], r.stdout
+    assert all(" against the best's " in l and ("within the noise" in l or "worse by" in l)
+               for l in said if l.startswith("discarded "))
     tree = gittree.Tree(str(home / "tree"))
     assert tree.is_clean() and tree.head() == st["best_commit"]
     assert oct(os.stat(home / "identity.key").st_mode & 0o777) == "0o600"
