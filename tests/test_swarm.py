@@ -417,6 +417,31 @@ def test_export_of_a_node_without_experiments_is_one_line_and_exit_2(tmp_path, s
     assert r.returncode == 2 and "no node home" in r.stderr
 
 
+def test_export_of_a_node_that_kept_nothing_shows_its_baseline_score(tmp_path, stdlib_data, stdlib_cache, monkeypatch):
+    """A review exported a node whose candidates were all discarded: the header had no score and
+    --json said val_bpb null, though the baseline it hands out was measured twice."""
+    import json, subprocess, sys
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(stdlib_cache))
+    node = make_node(tmp_path / "n", stdlib_data)
+    try:
+        base = node.best()
+        up = node.tree.commit(node.tree.read(base).replace("\nMATRIX_LR = 0.04", "\nMATRIX_LR = 0.05", 1), "up")
+        for kind, commit, bpb, status in (("baseline", base, 2.50, "keep"), ("baseline", base, 2.52, "keep"),
+                                          ("experiment", up, 2.60, "discard")):
+            exp = node.store.start(kind, base, commit, kind, "-")
+            node.store.finish(exp, "measured", bpb)
+            node.decide([exp], status)
+        node.tree.reset(base)
+    finally:
+        node.close()
+    r = subprocess.run([sys.executable, "-m", "node", "export", "--home", str(tmp_path / "n"), "--json"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and json.loads(r.stdout)["val_bpb"] == pytest.approx(2.51), r.stderr
+    r = subprocess.run([sys.executable, "-m", "node", "export", "--home", str(tmp_path / "n")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "val_bpb 2.510000" in r.stdout.split("\n", 3)[1], r.stdout[:300]
+
+
 # -- three real nodes on loopback ---------------------------------------------------------------
 
 def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data, stdlib_cache, slow_start):
