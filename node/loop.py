@@ -898,7 +898,8 @@ def status(home):
     out = dict(best_val_bpb=sum(m[best]) / len(m[best]) if m.get(best) else None, best_commit=best,
                baseline_val_bpb=_first_baseline(exps), experiments=len(cands),
                kept=sum(e["status"] == "keep" for e in cands), crashed=sum(e["status"] == "crash" for e in cands),
-               discarded=sum(e["status"] == "discard" for e in cands), runs=len(exps),
+               discarded=sum(e["status"] == "discard" for e in cands),
+               runs=sum(e["status"] in ("keep", "discard", "crash") for e in exps),  # decided: results.tsv's rows
                noise=_measured_noise(m), uptime_seconds=round(time.time() - started, 1) if started else None,
                running=homes.lock_held(home), duty_cycle=round(trained / spent, 4) if spent else None,
                task=store.get("task"), verification=_verification(exps, store.verdicts()),
