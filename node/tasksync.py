@@ -152,8 +152,11 @@ def join_task(settings, say=print, wait_s=60.0, seed_wait_s=5.0, settle_s=SETTLE
             if task:
                 break
             if waited > wait_s:
-                raise TaskError(f"no peer runs task {settings['task']} after {wait_s:g} s" if settings["task"] else
-                                f"no peer announced a task after {wait_s:g} s (are the seeds running nodes?)")
+                if not settings["task"]:
+                    raise TaskError(f"no peer announced a task after {wait_s:g} s (are the seeds running nodes?)")
+                others = ", ".join(f"{t} ({n} peer{'s' * (n != 1)})" for t, n in tasks.most_common())
+                raise TaskError(f"no peer runs task {settings['task']} after {wait_s:g} s"
+                                + (f"; the peers run {others}" if others else ""))
             time.sleep(0.2)
         settle = time.time() + settle_s  # the other seeds too, so that the fetch draws on every peer it can
         while time.time() < settle and not seeds <= {p["address"] for p in service.peers() if p["state"] == "alive"}:

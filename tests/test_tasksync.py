@@ -295,7 +295,8 @@ def test_two_tasks_side_by_side_a_joiner_takes_the_one_it_is_told(tmp_path, stdl
             assert sum(servers[0].requests.values()) == asked_first
             assert sum(s.requests[p] for s in servers[1:] for p in s.requests) == chunk_count(other)
             assert any("run by 2 of 2 peers" in line or "run by 2 of" in line for line in lines), lines
-            with pytest.raises(TaskError, match="no peer runs task 00000000"):
+            with pytest.raises(TaskError, match=f"no peer runs task 00000000 after 1 s; the peers run "
+                                                f"{other.task} .2 peers., {task.task} .1 peer.$"):
                 tasksync.join_task(dict(settings, task="00000000"), say=lines.append, wait_s=1)
         finally:
             os.environ.pop("AUTORESEARCH_CACHE")
