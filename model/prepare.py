@@ -335,7 +335,7 @@ def load_data(fingerprint=None):
             raise NoDataError(f"no prepared data in {cache_dir()}: run `python -m model.prepare --source stdlib` first") from None
     folder = os.path.join(cache_dir(), "data", fp[:16])
     if not os.path.isdir(folder):
-        raise DataError(f"no prepared data with fingerprint {fp[:16]} in {cache_dir()}")
+        raise NoDataError(f"no prepared data with fingerprint {fp[:16]} in {cache_dir()}")  # gone: prepared or fetched anew
     if os.environ.get(HARNESS_ENV):  # a candidate: the harness verified these files and shows it the training split only
         with open(os.path.join(folder, "manifest.json")) as f:
             return Data(folder, json.load(f), validation=False)

@@ -345,7 +345,12 @@ def test_a_joiner_names_the_peer_that_lied_and_its_node_distrusts_it(tmp_path, s
 
 # --- a node that joins with nothing but --seed -------------------------------------------------
 
-def test_a_node_with_an_empty_cache_fetches_the_seeds_task_and_runs_its_baseline(tmp_path, stdlib_cache, stdlib_data):
+@pytest.mark.parametrize("cache", ["empty", "folder_deleted"])
+def test_a_node_with_an_empty_cache_fetches_the_seeds_task_and_runs_its_baseline(tmp_path, stdlib_cache, stdlib_data,
+                                                                                 cache):
+    if cache == "folder_deleted":  # a corrupt dataset removed by hand, as its refusal says: `current` still names it
+        (tmp_path / "empty" / "data").mkdir(parents=True)
+        (tmp_path / "empty" / "current").write_text(stdlib_data.fingerprint + "\n")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
