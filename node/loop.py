@@ -84,6 +84,16 @@ def rerun_best(best, cand):
     return len(best) < len(cand)
 
 
+def failure(r):
+    """A failed run of a tree that should run, in words: its status, the checks it failed, and what
+    to do where the machine, not the code, is the likely cause (a loaded or slow machine)."""
+    why = r.status + (f": {', '.join(r.violations)}" if r.violations else "")
+    if r.status == "timeout" or "over_budget" in r.violations:
+        why += ("; the machine may be too slow or too busy for this budget (another node training beside it?): "
+                "give a longer --budget, or run fewer nodes on it at once")
+    return why
+
+
 def read_start(path):
     """The train.py a new home starts from (--start); HomeError when it is not Python source."""
     try:
@@ -356,7 +366,7 @@ class Node:
             exp, r = self.measure("baseline", self.best(), "baseline" if not done else f"baseline (repeat {done}, noise)")
             self.decide([exp], "keep" if r.status == "ok" else "crash")
             if r.status != "ok":
-                raise homes.HomeError(f"the baseline train.py did not run in the sandbox ({r.status}); its log ends:\n"
+                raise homes.HomeError(f"the baseline train.py did not run in the sandbox ({failure(r)}); its log ends:\n"
                                       + "\n".join(r.log_tail.splitlines()[-15:]))
 
     def history(self):
@@ -607,7 +617,7 @@ class Node:
             exp, r = self.measure(kind, self.best(), f"{kind} (repeat, noise)")
             self.decide([exp], "keep" if r.status == "ok" else "crash")
             if r.status != "ok":  # the tree ran before: this machine fails, as when a baseline crashes
-                raise homes.HomeError(f"the best {self.best()[:7]} did not run again in the sandbox ({r.status}); "
+                raise homes.HomeError(f"the best {self.best()[:7]} did not run again in the sandbox ({failure(r)}); "
                                       "its log ends:\n" + "\n".join(r.log_tail.splitlines()[-15:]))
 
     # -- verification -------------------------------------------------------

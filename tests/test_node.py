@@ -158,6 +158,20 @@ def test_noise_and_verdicts():
     assert loop.verdict(best, [3.05], 0.01, 2.0, 1) == "discard"
 
 
+def test_a_failed_run_of_the_best_says_what_failed_and_what_to_try():
+    """A baseline that ran over its budget on a loaded machine ended 'did not run in the sandbox
+    (violation)': neither the check that failed nor that the machine, not the code, was the cause."""
+    from sandbox.result import HardwareTag, Result
+    hw = HardwareTag.detect(15.0, "cpu", "f" * 16, "cpu")
+    run = lambda status, violations=(): Result(status, None, 30.0, 31.0, None, 100.0, None, None, violations, None, hw,
+                                               (), "")
+    over = loop.failure(run("violation", ("over_budget",)))
+    assert over.startswith("violation: over_budget; ") and "longer --budget" in over and "fewer nodes" in over
+    assert "longer --budget" in loop.failure(run("timeout"))
+    assert loop.failure(run("crash")) == "crash"
+    assert loop.failure(run("violation", ("non_causal",))) == "violation: non_causal"
+
+
 # -- the real loop ----------------------------------------------------------
 
 def test_join_runs_a_baseline_and_experiments(env, tmp_path):
