@@ -115,13 +115,19 @@ def in_flight(claims, experiments, now):
     """The claims that stand for work under way at `now` (what knowledge and watch show): unexpired,
     their experiment record not here, and not lost to an earlier claim of the same idea (its author
     chose again and runs something else)."""
-    done, by_idea = finished(experiments), defaultdict(list)
+    done, by_idea = finished(experiments), _by_idea(claims)
+    return [c for c in claims if _expiry(c) > now and (c.author_id, c.body["idea"]) not in done
+            and not _lost(c, by_idea[c.body["idea"]])]
+
+
+def _by_idea(claims):
+    """idea -> its claims, oldest first (the rivals _lost compares)."""
+    by_idea = defaultdict(list)
     for c in claims:
         by_idea[c.body["idea"]].append(c)
     for cs in by_idea.values():
         cs.sort(key=lambda c: (c.ts, c.author_id))
-    return [c for c in claims if _expiry(c) > now and (c.author_id, c.body["idea"]) not in done
-            and not _lost(c, by_idea[c.body["idea"]])]
+    return by_idea
 
 
 def _expiry(claim):
@@ -185,17 +191,13 @@ class Memory:
         """idea -> the honoured, unexpired claims of other nodes on compatible tags (any tag with
         `compatible` false)."""
         done = finished(self.experiments())
-        by_author, by_idea = defaultdict(list), defaultdict(list)
+        by_author, by_idea = defaultdict(list), _by_idea(self.ledger.claims)
         for c in self.ledger.claims:
             if c.author_id != self.ledger.me:
                 by_author[c.author_id].append(c)
         for author, cs in by_author.items():
             cs.sort(key=lambda c: -c.ts)
             del cs[CLAIMS_PER_AUTHOR:]
-        for c in self.ledger.claims:
-            by_idea[c.body["idea"]].append(c)
-        for cs in by_idea.values():
-            cs.sort(key=lambda c: (c.ts, c.author_id))
         self.ignored = defaultdict(int)
         out = defaultdict(list)
         for author, cs in by_author.items():
