@@ -15,10 +15,10 @@ OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
 export AUTORESEARCH_TIME_BUDGET=${BUDGET:-300}
 source bench/h100_corpus.sh
+source bench/shape.sh
 f=model/train.py
-if [ -n "${SHAPE:-}" ]; then  # beside train.py, which imports prepare from its own folder
-  f=model/train_$SHAPE.py; trap 'rm -f "$f"' EXIT
-  sed -e "0,/    DEPTH = [0-9]*/s//    DEPTH = ${SHAPE#*x}/" -e "0,/    MODEL_DIM = [0-9]*/s//    MODEL_DIM = ${SHAPE%x*}/" model/train.py > "$f"
+if [ -n "${SHAPE:-}" ]; then
+  shape "$SHAPE"
 fi
 for i in $(seq "$RUNS"); do
   python3 "$f" > "$OUT/run$i.log" 2>&1 || { tail -30 "$OUT/run$i.log"; exit 1; }

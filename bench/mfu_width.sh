@@ -4,12 +4,12 @@
 #   BUDGET=25 bash bench/mfu_width.sh 768x8 640x8     # prints one line per variant
 set -uo pipefail
 cd "$(dirname "$0")/.."
+source bench/shape.sh
 OUT=${OUT:-bench-out}; mkdir -p "$OUT"
 for v in base "$@"; do
   f=model/train.py
   if [ "$v" != base ]; then
-    f=model/train_$v.py; trap "rm -f model/train_*x*.py" EXIT
-    sed -e "0,/    DEPTH = [0-9]*/s//    DEPTH = ${v#*x}/" -e "0,/    MODEL_DIM = [0-9]*/s//    MODEL_DIM = ${v%x*}/" model/train.py > "$f"
+    shape "$v"
   fi
   AUTORESEARCH_TIME_BUDGET=${BUDGET:-25} timeout 240 python3 "$f" > "$OUT/mfu_$v.log" 2>&1
   echo "$v: $(grep -E '^(val_bpb|mfu_percent|num_steps|num_params_M|peak_vram_mb|startup_seconds)' "$OUT/mfu_$v.log" | tr -s ' ' | tr '\n' ' ')"
