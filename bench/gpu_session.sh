@@ -3,9 +3,9 @@
 # same for an earlier tree in the same call (bench/RESULTS.md has the figures):
 #   git archive REV | (mkdir -p .old && tar -x -C .old)   # here, before the call: the tree to compare with
 #   bash bench/gpu_session.sh measure                     # on the device, carrying .old and the wheels
-#       startup_diag.py ADE on this tree (A: train.py in process, its own eval_seconds; D: the sandbox's
+#       startup_diag.py ADE (or $CASES) on this tree (A: train.py in process, its own eval_seconds; D: the sandbox's
 #       first, compiling run; E: a warm one, the harness's phases), then E on .old, same compile cache;
-#       FIRST_USE=1 adds serve_first_use.py's reserve and profile variants (a fresh server's first forward)
+#       FIRST_USE=1 adds serve_first_use.py: a fresh server's load and first forwards, weights from a device buffer or the file
 #   bash bench/gpu_session.sh duty [BUDGET]               # a node run: two baseline runs and one candidate
 # The node needs its packages: .whl holds them as cp312 wheels (the device tool's README).
 set -uo pipefail
@@ -20,10 +20,10 @@ python3 -m model.prepare --source stdlib > /tmp/prepare.log 2>&1 || { tail /tmp/
 case "${1:-measure}" in
   measure)
     if [ -n "${FIRST_USE:-}" ]; then
-      python3 bench/serve_first_use.py --variants reserve,profile 2>&1 | grep -v Warning > "$OUT/first_use.txt"
+      python3 bench/serve_first_use.py --variants default,file,default,file 2>&1 | grep -v Warning > "$OUT/first_use.txt"
       grep -v "^ \|^-\|^Name\|^Self" "$OUT/first_use.txt" | head -40
     fi
-    python3 bench/startup_diag.py --budget 5 --deadline 400 --cases ADE | grep -v "^diag"
+    python3 bench/startup_diag.py --budget 5 --deadline 400 --cases "${CASES:-ADE}" | grep -v "^diag"
     for f in "$OUT"/*.log; do grep -H "^harness:\|^eval_seconds:" "$f"; done
     if [ -d .old ]; then
       (cd .old && OUT=/tmp/old-out python3 bench/startup_diag.py --budget 5 --deadline 400 --cases E | grep -v "^diag")

@@ -4,7 +4,10 @@ fresh processes like the sandbox's scoring and probe servers (unconfined), each 
 warm-up, its load and its first forwards at the evaluation's batch size, under variants of
 the environment; beside it, the plain in-process evaluation.
 
-    python3 bench/serve_first_use.py [--variants default,eager,nowarm,profile]  (default: default,nowarm,profile)
+    python3 bench/serve_first_use.py [--variants default,file,eager,nowarm,profile]  (default: default,file,nowarm,profile)
+
+`file`: the model's weights read from the frozen file, as on the CPU, instead of a device buffer
+(CUDA IPC, as the sandbox hands over a CUDA model).
 
 Needs CUDA and prepared data (AUTORESEARCH_CACHE, AUTORESEARCH_PROFILE=gpu).
 """
@@ -19,11 +22,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-VARIANTS = {  # name: (environment, warm-up, profile the first forward)
-    "default": ({}, True, False),
-    "eager": ({"CUDA_MODULE_LOADING": "EAGER"}, True, False),
-    "nowarm": ({}, False, False),
-    "profile": ({}, True, True),
+VARIANTS = {  # name: (environment, warm-up, profile the first forward, weights through the file)
+    "default": ({}, True, False, False),
+    "file": ({}, True, False, True),
+    "eager": ({"CUDA_MODULE_LOADING": "EAGER"}, True, False, False),
+    "nowarm": ({}, False, False, False),
+    "profile": ({}, True, True, False),
 }
 
 
@@ -33,7 +37,7 @@ def child(args):
     import serve
     import torch
     from model import prepare
-    env, warm, profile = VARIANTS[args.child]
+    env, warm, profile, _ = VARIANTS[args.child]
     if warm:
         serve.warm("torch")
     else:
@@ -43,7 +47,7 @@ def child(args):
     out = {"variant": args.child, "warm": time.time() - t0}
     time.sleep(2)  # as when the candidate trains: the load comes later
     t = time.time()
-    payload = serve.thaw(args.fd, args.size)
+    payload = serve.thaw_loaded(json.loads(args.load))
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.no_grad())
         serve.apply_ambient(payload["ambient"], stack)
@@ -73,9 +77,9 @@ def child(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--variants", default="default,nowarm,profile")
+    ap.add_argument("--variants", default="default,file,nowarm,profile")
     ap.add_argument("--forwards", type=int, default=4)
-    ap.add_argument("--child"), ap.add_argument("--fd", type=int), ap.add_argument("--size", type=int)
+    ap.add_argument("--child"), ap.add_argument("--load")
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
     if args.child:
@@ -94,30 +98,33 @@ def main():
             prepare.evaluate_bpb(model, data, g["DEVICE_BATCH_SIZE"], g["DEVICE"])
         g["sync"]()
         print(f"in-process evaluation {i + 1}: {time.time() - t:.2f} s", flush=True)
-    from torch.utils.serialization import config
-    serve._no_checksums = contextlib.nullcontext  # each variant's setting below, not serve.freeze's own
-    for crc, pinned in ((True, False), (False, False), (False, True), (False, False)):
+    frozen = {}  # weights through the file or not: (fd, "load" request)
+    for file in (True, False, True, False):
         source = servers.freeze_file(4 << 30)
         t = time.time()
-        config.save.compute_crc32, config.save.use_pinned_memory_for_d2h = crc, pinned
         with g["autocast"]:
             payload = dict(framework="torch", fn=model, device="cuda:0", ambient=serve.ambient())
-            size = serve.freeze(payload, source, "torch")
+            size, weights = serve.freeze(payload, source, "torch", device_weights=not file)
         t_save = time.time() - t
         assert servers.seal(source, size)
-        print(f"frozen: {size / 1e6:.1f} MB, saved in {t_save:.3f} s (crc32 {crc}, pinned {pinned}), "
-              f"sealed in {time.time() - t - t_save:.3f} s", flush=True)
-    frozen = source
+        print(f"frozen: {size / 1e6:.1f} MB in the file, {weights['bytes'] / 1e6 if weights else 0:.1f} MB in a device "
+              f"buffer, in {t_save:.3f} s; sealed in {time.time() - t - t_save:.3f} s", flush=True)
+        load = {"op": "load", "size": size}
+        if weights:  # served straight from the candidate's buffer here: no harness copy in this benchmark
+            load["weights"] = dict(prepare.cuda_ipc_export(weights["address"]), bytes=weights["bytes"], device="cuda:0")
+        frozen[file] = (source, load)
     del model
     torch.cuda.empty_cache()
     rows = []
     for name in args.variants.split(","):
         # as the sandbox's servers: without train.py's allocator setting, whose expandable segments
         # cannot be shared in place (the parent imported train.py, which sets it)
-        env = dict({k: v for k, v in os.environ.items() if k != "PYTORCH_ALLOC_CONF"}, **VARIANTS[name][0])
-        p = subprocess.run([sys.executable, __file__, "--child", name, "--fd", str(frozen), "--size", str(size),
+        fd, load = frozen[VARIANTS[name][3]]
+        env = dict({k: v for k, v in os.environ.items() if k != "PYTORCH_ALLOC_CONF"}, **VARIANTS[name][0],
+                   **{serve.MODEL_ENV: str(fd)})
+        p = subprocess.run([sys.executable, __file__, "--child", name, "--load", json.dumps(load),
                             "--forwards", str(args.forwards), "--batch", str(args.batch)],
-                           pass_fds=[frozen], env=env, capture_output=True, text=True)
+                           pass_fds=[fd], env=env, capture_output=True, text=True)
         if p.returncode:
             print(f"{name}: exit {p.returncode}\n{p.stderr[-3000:]}")
             continue

@@ -601,6 +601,7 @@ def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_
 HARNESS_ENV = "AUTORESEARCH_HARNESS_FD"  # set by the sandbox: the socket's file descriptor
 FREEZE_ENV = "AUTORESEARCH_HARNESS_FREEZE"  # set by the sandbox: the file to freeze the model into (its size: the limit)
 SHARED_ENV = "AUTORESEARCH_HARNESS_SHM"  # "fd:bytes" of a sealed shared-memory file for CPU logits (the servers')
+WEIGHTS_ENV = "AUTORESEARCH_HARNESS_WEIGHTS"  # set by the sandbox where it takes a CUDA model's weights over CUDA IPC
 MAX_HEADER = 4096
 
 
@@ -667,7 +668,8 @@ def hand_over(logits_fn, batch_size, device, data=None):
     logits_fn = getattr(logits_fn, "_torchdynamo_orig_callable", logits_fn)  # a compiled function
     serve = _serve_module()
     payload = dict(framework="torch", fn=logits_fn, device=str(device), ambient=serve.ambient())
-    _hand_over_frozen(int(fd), batch_size, str(device), lambda out: serve.freeze(payload, out, "torch"))
+    ipc = device.type == "cuda" and os.environ.get(WEIGHTS_ENV) == "1"
+    _hand_over_frozen(int(fd), batch_size, str(device), lambda out: serve.freeze(payload, out, "torch", ipc))
     if device.type == "cuda":
         torch.cuda.empty_cache()  # what training cached goes back now, for the servers, before this process exits
     return float("nan")
@@ -698,12 +700,24 @@ def hand_over_mlx(model, batch_size, data=None):
 
 
 def _hand_over_frozen(fd, batch_size, device, freeze):
-    """The sandbox's side of a hand-over: ready (the clock stops), the frozen model, done."""
+    """The sandbox's side of a hand-over: ready (the clock stops), the frozen model, done. A
+    device buffer of its weights lives until the harness says it has copied it."""
     import socket
     sock = socket.socket(fileno=fd)
     send_frame(sock, {"op": "ready", "batch_size": batch_size, "device": device})
-    size = freeze(int(os.environ[FREEZE_ENV]))
-    send_frame(sock, {"op": "model", "size": size})
+    size, weights = freeze(int(os.environ[FREEZE_ENV]))
+    if weights is None:
+        send_frame(sock, {"op": "model", "size": size})
+    else:
+        try:
+            send_frame(sock, {"op": "model", "size": size, "weights": dict(
+                cuda_ipc_export(weights["address"]), bytes=weights["bytes"])})
+            sock.settimeout(60)
+            recv_frame(sock, 0)  # copied (or the harness gave up)
+        except (OSError, EOFError, ValueError):
+            pass
+        finally:
+            cuda_free(weights["address"])
     sock.close()
 
 
@@ -727,10 +741,10 @@ def _cuda_check(rc, what):
 
 
 class CudaArray:
-    """float32 memory at a device address, for torch.as_tensor (zero copy)."""
+    """Memory at a device address (float32 unless `typestr` says otherwise), for torch.as_tensor (zero copy)."""
 
-    def __init__(self, address, shape):
-        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": "<f4", "data": (address, False), "version": 3}
+    def __init__(self, address, shape, typestr="<f4"):
+        self.__cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (address, False), "version": 3}
 
 
 def cuda_alloc(numel, device):

@@ -90,21 +90,28 @@ def apply_ambient(state, stack):
 # Freezing (in the candidate)
 # ---------------------------------------------------------------------------
 
-def freeze(payload, fd, framework):
+MAGIC = b"ARFROZEN"  # a torch payload: this, the pickle's length (8 bytes), the pickle, then raw storages
+ALIGN = 256  # each storage's offset, in the file and in the device buffer
+
+
+def freeze(payload, fd, framework, device_weights=False):
     """Write `payload` (a dict holding the model as "fn") into the file `fd`; its size is the
-    limit. torch: torch.save's zip of raw storages with cloudpickle for the rest; mlx: cloudpickle.
-    Returns the number of bytes written; HandOverError says what cannot be pickled."""
+    limit. torch: the payload pickled by cloudpickle (train.py's code by value) with each storage
+    as a reference, the storages' raw bytes after it; with `device_weights`, those on the
+    payload's CUDA device go instead into one fresh device buffer that the harness copies over
+    CUDA IPC, never through the host. mlx: cloudpickle. Returns (bytes written, None or that
+    buffer as {"address", "bytes"}, which the caller frees once the harness has its copy);
+    HandOverError says what cannot be pickled."""
     import cloudpickle
     out = _Bounded(fd)
     try:
         if framework == "torch":
-            import torch
-            with _no_checksums():  # the harness's seal guards these bytes; a CRC32 of each record only costs time
-                torch.save(payload, out, pickle_module=cloudpickle, pickle_protocol=5)
-        else:
-            cloudpickle.dump(payload, out, protocol=5)
+            weights = _freeze_torch(payload, out, device_weights)
+            return out.written, weights
+        cloudpickle.dump(payload, out, protocol=5)
+        return out.written, None
     except Exception as e:  # noqa: BLE001 -- pickling fails in many ways; say where
-        if out.full:  # torch's zip writer turns the refused write into a riddle
+        if out.full:
             raise HandOverError(f"the frozen model is larger than the hand-over limit ({out.limit:,} bytes)") from None
         where, err = _unpicklable(payload["fn"], framework) or ("model", e)
         raise HandOverError(
@@ -112,23 +119,67 @@ def freeze(payload, fd, framework):
             f"from fresh processes, so its code and everything its forward reaches must pickle: no open files, "
             f"sockets, threads, locks, generators or data loaders (cloudpickle pickles train.py's own classes "
             f"and functions by value)") from None
-    return out.written
 
 
-@contextlib.contextmanager
-def _no_checksums():
-    """torch.save without its CRC32 of every record, where this torch can skip it."""
+def _aligned(n):
+    return -(-n // ALIGN) * ALIGN
+
+
+def _freeze_torch(payload, out, device_weights):
+    import cloudpickle
+    import torch
+    on_device = torch.device(payload["device"]) if device_weights else None
+    placed = {}  # each storage once, however many tensors view it: (storage, where, offset)
+    ends = {"file": 0, "device": 0}
+
+    class Freezer(cloudpickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, torch.storage.TypedStorage):
+                storage, dtype = obj._untyped_storage, obj.dtype
+            elif isinstance(obj, torch.UntypedStorage):
+                storage, dtype = obj, None
+            else:
+                return None
+            if storage._cdata not in placed:
+                where = "device" if storage.device == on_device else "file"
+                placed[storage._cdata] = (storage, where, ends[where])
+                ends[where] = _aligned(ends[where] + storage.nbytes())
+            _, where, offset = placed[storage._cdata]
+            return ("storage", where, offset, storage.nbytes(), str(storage.device), dtype)
+
+    pickled = io.BytesIO()
+    Freezer(pickled, protocol=5).dump(payload)
+    out.write(MAGIC + len(pickled.getbuffer()).to_bytes(8, "little"))
+    out.write(pickled.getbuffer())
+    start = _aligned(out.written)
+    for storage, where, offset in placed.values():
+        if where == "file" and storage.nbytes():
+            out.pad(start + offset)
+            out.write(_bytes(storage.cpu()).numpy())
+    if not ends["device"]:
+        return None
+    address, _ = prepare.cuda_alloc(ends["device"] // 4, on_device)
     try:
-        from torch.utils.serialization import config
-        before = config.save.compute_crc32
-    except (ImportError, AttributeError):
-        yield
-        return
-    config.save.compute_crc32 = False
-    try:
-        yield
-    finally:
-        config.save.compute_crc32 = before
+        for storage, where, offset in placed.values():
+            if where == "device" and storage.nbytes():
+                device_bytes(address + offset, storage.nbytes(), on_device).copy_(_bytes(storage))
+        torch.cuda.synchronize(on_device)
+    except BaseException:
+        prepare.cuda_free(address)
+        raise
+    return {"address": address, "bytes": ends["device"]}
+
+
+def _bytes(storage):
+    """A storage as a flat uint8 tensor over the same memory."""
+    import torch
+    return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
+
+
+def device_bytes(address, nbytes, device):
+    """A uint8 tensor over `nbytes` of device memory at `address` (zero copy)."""
+    import torch
+    return torch.as_tensor(prepare.CudaArray(address, (nbytes,), "|u1"), device=device)
 
 
 class _Bounded(io.RawIOBase):
@@ -153,6 +204,11 @@ class _Bounded(io.RawIOBase):
 
     def tell(self):
         return self.written
+
+    def pad(self, offset):
+        """Zeros up to `offset`."""
+        while self.written < offset:
+            self.write(bytes(min(offset - self.written, 1 << 20)))
 
 
 class _Discard:
@@ -210,19 +266,44 @@ def _parts(obj):
 # Serving (in the scoring and probe servers)
 # ---------------------------------------------------------------------------
 
-def thaw(fd, size):
-    """The payload freeze wrote, from the harness's sealed file. A file that is not sealed against
-    writes is refused: both servers must load the very same bytes."""
+def thaw(fd, size, weights=None):
+    """The payload freeze wrote, from the harness's sealed file; `weights`, (address, bytes) of
+    the harness's copy of its device buffer mapped here, holds the storages freeze put there,
+    each copied into this process's own memory. A file that is not sealed against writes is
+    refused: both servers must load the very same bytes."""
     need = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
     if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & need != need or not 0 < size <= os.fstat(fd).st_size:
         raise RuntimeError("the frozen model's file is not sealed at its size")
-    if os.pread(fd, 4, 0) == b"PK\x03\x04":  # torch.save's zip, else a plain pickle (pread: the offset is shared)
-        import torch
-        # mapped, not read: a CPU model's weights stay in the sealed file's pages (copied on write),
-        # a CUDA model's go straight to the device
-        return torch.load(f"/proc/self/fd/{fd}", mmap=True, weights_only=False)
-    with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
-        return pickle.loads(m)
+    head = os.pread(fd, len(MAGIC) + 8, 0)  # pread: the file's offset is shared
+    if not head.startswith(MAGIC):  # an MLX model: a plain pickle
+        with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
+            return pickle.loads(m)
+    import torch
+    # mapped, not read: a CPU model's weights stay in the sealed file's pages (copied on write)
+    m = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    n = int.from_bytes(head[len(MAGIC):], "little")
+    body = len(head) + n
+    start = _aligned(body)
+
+    class Thawer(pickle.Unpickler):
+        def persistent_load(self, pid):
+            _, where, offset, nbytes, device, dtype = pid
+            device = torch.device(device)
+            if not nbytes:
+                data = torch.empty(0, dtype=torch.uint8, device=device)
+            elif where == "device":
+                if weights is None or offset + nbytes > weights[1]:
+                    raise RuntimeError("a storage lies outside the model's device buffer")
+                data = torch.empty(nbytes, dtype=torch.uint8, device=device)
+                data.copy_(device_bytes(weights[0] + offset, nbytes, device))
+            else:
+                data = torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start + offset).to(device)
+            storage = data.untyped_storage()
+            return storage if dtype is None else torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
+    payload = Thawer(io.BytesIO(m[len(head):body])).load()
+    if weights is not None:
+        torch.cuda.synchronize()  # copied: the harness's buffer may go
+    return payload
 
 
 def serve(sock, forward, host):
@@ -316,6 +397,20 @@ def _warm_cuda(torch, F):
     torch.cuda.synchronize()
 
 
+def thaw_loaded(header):
+    """The payload a "load" request names: the sealed file, and the harness's copy of the model's
+    device buffer where the request carries one (mapped only while its storages are copied)."""
+    weights = header.get("weights")
+    if not weights:
+        return thaw(int(os.environ[MODEL_ENV]), header["size"])
+    address, size = prepare.cuda_ipc_open(bytes.fromhex(weights["handle"]), weights["device"])
+    try:
+        offset = weights["offset"]
+        return thaw(int(os.environ[MODEL_ENV]), header["size"], (address + offset, min(size - offset, weights["bytes"])))
+    finally:
+        prepare.cuda_ipc_close(address)
+
+
 def main():
     framework = sys.argv[1]
     sock = socket.socket(fileno=int(os.environ[SOCKET_ENV]))
@@ -323,7 +418,7 @@ def main():
     header, _ = prepare.recv_frame(sock, 0)
     if header.get("op") != "load":
         return 0
-    payload = thaw(int(os.environ[MODEL_ENV]), header["size"])
+    payload = thaw_loaded(header)
     host = None
     if os.environ.get(prepare.SHARED_ENV):
         shm_fd, size = map(int, os.environ[prepare.SHARED_ENV].split(":"))

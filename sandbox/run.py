@@ -388,11 +388,12 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
     deadline = budget + limits["startup"]  # for the hand-over
     hard_limit = deadline + limits["grace"] + limits["evaluation"]
     status, violations, val_bpb, handover, ready, size, evaluated, rss = None, [], None, None, None, None, None, 0.0
+    takes_weights, weights = hardware.backend == "cuda", None  # a CUDA model's weights come over CUDA IPC
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(command, cwd=scratch, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 pass_fds=[theirs.fileno(), model_fd], env=dict(
                                     _scrubbed_env(scratch, theirs.fileno(), data, profile, budget, compiled, hardware.backend),
-                                    **{prepare.FREEZE_ENV: str(model_fd)}),
+                                    **{prepare.FREEZE_ENV: str(model_fd)}, **({prepare.WEIGHTS_ENV: "1"} if takes_weights else {})),
                                 preexec_fn=_confine(limits))
     theirs.close()
     pair, timings = [], {}
@@ -426,6 +427,11 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                     size = header.get("size")
                     if type(size) is not int or not 0 < size <= os.fstat(model_fd).st_size:
                         status, violations = "violation", ["bad_handover"]
+                    elif "weights" in header:
+                        t = time.time()
+                        weights, status, violations = _take_weights(header["weights"] if takes_weights else None, ready, limits, ours)
+                        if weights is not None:
+                            timings[f"weights of {weights.nbytes / 1e6:.2f} MB copied"] = time.time() - t
                 else:  # a closed or garbled channel: it exited, or it broke the protocol
                     try:
                         proc.wait(timeout=2)
@@ -448,7 +454,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                 timings[f"model of {size / 1e6:.2f} MB sealed"] = time.time() - t
                 batch = _eval_batch(ready, profile, data)
                 val_bpb = servers.evaluate_frozen(
-                    *pair, size, rows, data.token_bytes, batch, np.random.default_rng(seed),
+                    *pair, size, weights, rows, data.token_bytes, batch, np.random.default_rng(seed),
                     -(-limits["probe_rows"] // batch) if probes is None else probes, t0 + hard_limit,
                     lambda: _kill(proc), _kill, stats, limits["probe_tolerance"], timings)
                 status, evaluated = "ok", time.time() - t0
@@ -472,6 +478,8 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                 server.stop(_kill)
             except RuntimeError:  # unmapping a dead server's buffer
                 pass
+        if weights is not None:
+            weights.free()
         ours.close()
         os.close(model_fd)
         with open(log_path, "rb") as f:
@@ -545,6 +553,26 @@ def _eval_batch(ready, profile, data):
     """Rows per evaluation call: what the candidate evaluates in-process with, within the cap."""
     asked = ready.get("batch_size") if type(ready.get("batch_size")) is int else 1 << 30
     return max(1, min(asked, _batch_size(profile, data, bool(servers.cuda_device(ready.get("device"))))))
+
+
+def _take_weights(offer, ready, limits, sock):
+    """(DeviceWeights, status, violations) for the device buffer of weights a candidate offers
+    with its frozen model, then tell it that it may free its own: (None, "violation",
+    ["bad_handover"]) for one that is malformed or was not asked for (`offer` None)."""
+    weights, status, violations = None, None, []
+    try:
+        if offer is None:
+            raise evaluate.ModelError("bad_handover")
+        weights = servers.DeviceWeights(offer, ready.get("device"), limits["model_bytes"])
+    except evaluate.ModelError:
+        status, violations = "violation", ["bad_handover"]
+    except RuntimeError:  # CUDA could not allocate the copies
+        status, violations = "crash", ["evaluation_error"]
+    try:
+        prepare.send_frame(sock, {"op": "copied"})
+    except OSError:
+        pass
+    return weights, status, violations
 
 
 def _kill(proc, patience=10.0):

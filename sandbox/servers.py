@@ -60,6 +60,58 @@ def seal(fd, size):
     return os.fstat(fd).st_size == size
 
 
+class DeviceWeights:
+    """The harness's copies of the device buffer a CUDA candidate froze its weights into
+    (serve.freeze): one per server, the probe server's made from the scoring server's, so both
+    load the very same bytes and nothing the scoring server writes into the copy it maps
+    reaches the probe server. Taken while the candidate waits, which may then free its own."""
+
+    def __init__(self, offer, device, limit):
+        self.copies = []
+        try:
+            handle, offset, self.nbytes = bytes.fromhex(offer["handle"]), offer["offset"], offer["bytes"]
+        except (TypeError, KeyError, ValueError, AttributeError):
+            raise evaluate.ModelError("bad_handover") from None
+        self.device = cuda_device(device)
+        if (self.device is None or len(handle) != 64 or type(offset) is not int or type(self.nbytes) is not int
+                or offset < 0 or not 0 < self.nbytes <= limit or self.nbytes % 4):
+            raise evaluate.ModelError("bad_handover")
+        try:
+            source, size = prepare.cuda_ipc_open(handle, self.device)
+        except RuntimeError:
+            raise evaluate.ModelError("bad_handover") from None
+        try:
+            if offset + self.nbytes > size:
+                raise evaluate.ModelError("bad_handover")
+            copies = []
+            for _ in range(2):
+                address, copy = prepare.cuda_alloc(self.nbytes // 4, self.device)
+                self.copies.append(address)
+                copies.append(copy)
+            copies[0].copy_(_device_floats(source + offset, self.nbytes, self.device))
+            copies[1].copy_(copies[0])  # not from the candidate's again: it may have changed it since
+            import torch
+            torch.cuda.synchronize(self.device)
+        except BaseException:
+            self.free()
+            raise
+        finally:
+            prepare.cuda_ipc_close(source)
+
+    def offer(self, i):
+        """What server i (0: scoring, 1: probe) maps: its own copy."""
+        return dict(prepare.cuda_ipc_export(self.copies[i]), bytes=self.nbytes, device=self.device)
+
+    def free(self):
+        while self.copies:
+            prepare.cuda_free(self.copies.pop())
+
+
+def _device_floats(address, nbytes, device):
+    import torch
+    return torch.as_tensor(prepare.CudaArray(address, (nbytes // 4,)), device=device)
+
+
 class Server:
     """One server process (started by run.py) and the harness's end of it."""
 
@@ -67,11 +119,12 @@ class Server:
         self.role, self.proc, self.sock, self.shm, self.log_path, self.paths = role, proc, sock, shm, log_path, paths
         self.remote = None
 
-    def load(self, size, deadline):
-        """Tell it to load the frozen model; its device once it is ready."""
+    def load(self, size, deadline, weights=None):
+        """Tell it to load the frozen model (and its copy of the weights' device buffer, given as
+        DeviceWeights.offer); its device once it is ready."""
         self.sock.settimeout(max(0.001, deadline - time.time()))
         try:
-            prepare.send_frame(self.sock, {"op": "load", "size": size})
+            prepare.send_frame(self.sock, {"op": "load", "size": size, **({"weights": weights} if weights else {})})
             header, _ = prepare.recv_frame(self.sock, 0)
         except ValueError:
             raise evaluate.ModelError("bad_handover") from None
@@ -109,14 +162,15 @@ class Server:
         return f"--- {self.role} server ---\n{text}\n" if text else ""
 
 
-def evaluate_frozen(scorer, prober, size, rows, token_bytes, batch_size, rng, probes, deadline, between, kill,
+def evaluate_frozen(scorer, prober, size, weights, rows, token_bytes, batch_size, rng, probes, deadline, between, kill,
                     stats, tolerance, timings):
-    """val_bpb of the frozen model: scored by `scorer`, then, once it and the candidate are
-    gone (`between()`), its probes checked by `prober`. `timings` gets each phase's seconds."""
+    """val_bpb of the frozen model (its file's `size` bytes, and DeviceWeights or None): scored by
+    `scorer`, then, once it and the candidate are gone (`between()`), its probes checked by
+    `prober`. `timings` gets each phase's seconds."""
     V = len(token_bytes)
     plan = evaluate.plan_probes(rows, batch_size, rng, probes, V)
     t = time.time()
-    served = scorer.load(size, deadline)
+    served = scorer.load(size, deadline, weights and weights.offer(0))
     model, device = scorer.model(V, served, deadline)
     timings["scoring server loaded"] = time.time() - t
     with evaluate.beside_server(served):
@@ -128,7 +182,7 @@ def evaluate_frozen(scorer, prober, size, rows, token_bytes, batch_size, rng, pr
     between()
     timings["scoring server and candidate gone"] = time.time() - t
     t = time.time()
-    model, _ = prober.model(V, prober.load(size, deadline), deadline)
+    model, _ = prober.model(V, prober.load(size, deadline, weights and weights.offer(1)), deadline)
     timings["probe server loaded"] = time.time() - t
     t = time.time()
     evaluate.check_probes(model, plan, kept, stats, tolerance)

@@ -53,7 +53,8 @@ def test_honest_model_is_scored_by_the_harness(run_candidate, stdlib_data):
     assert r.status == "ok" and r.violations == () and r.probe_max_diff == 0.0
     assert r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-6)  # float32 reductions may sum in another order
     assert {"network-namespace", "pid-namespace", "ipc-namespace", "frozen-model"} <= set(r.isolation)
-    assert r.hardware.backend == "cpu" and r.hardware.data_fingerprint == stdlib_data.fingerprint
+    assert r.hardware.backend == ("cuda" if torch.cuda.is_available() else "cpu")  # the machine's, whatever the model ran on
+    assert r.hardware.data_fingerprint == stdlib_data.fingerprint
 
 
 @pytest.mark.parametrize("batch", [7, 3])
@@ -145,7 +146,7 @@ def test_both_servers_load_the_same_sealed_bytes():
     from sandbox import servers
     source = servers.freeze_file(1 << 20)
     try:
-        size = serve.freeze(dict(framework="torch", fn=torch.nn.Linear(4, 2), device="cpu", ambient=serve.ambient()),
+        size, _ = serve.freeze(dict(framework="torch", fn=torch.nn.Linear(4, 2), device="cpu", ambient=serve.ambient()),
                             source, "torch")
         with pytest.raises(RuntimeError, match="not sealed"):
             serve.thaw(source, size)
@@ -160,7 +161,7 @@ def test_both_servers_load_the_same_sealed_bytes():
     for hold in ("mapping", "cut"):
         source = servers.freeze_file(1 << 20)
         try:
-            size = serve.freeze(dict(framework="torch", fn=torch.nn.Linear(4, 2), device="cpu", ambient=serve.ambient()),
+            size, _ = serve.freeze(dict(framework="torch", fn=torch.nn.Linear(4, 2), device="cpu", ambient=serve.ambient()),
                                 source, "torch")
             if hold == "mapping":
                 with mmap.mmap(source, 4096):  # writable and shared, as the candidate could keep it
@@ -383,6 +384,41 @@ def test_a_broken_hand_over_frame_is_a_violation_not_a_hang(run_candidate, frame
         time.sleep(60)
     """)
     assert (r.status, r.violations) == ("violation", ("bad_handover",)) and r.total_seconds < 20
+
+
+@pytest.mark.parametrize("weights", [{"handle": "00" * 64, "offset": 0, "bytes": 256}, {"handle": "zz"}, "all of them"])
+def test_weights_offered_on_the_device_that_cannot_be_taken_are_a_violation(run_candidate, weights):
+    """A model's weights come in a device buffer only where the harness asked for them (a CUDA
+    run), in a well-formed offer of memory that maps; anything else is a broken hand-over."""
+    r = run_candidate(f"""
+        sock = socket.socket(fileno=int(os.environ[prepare.HARNESS_ENV]))
+        prepare.send_frame(sock, {{"op": "ready", "batch_size": 8, "device": "cuda:0"}})
+        size, _ = prepare._serve_module().freeze(dict(framework="torch", fn=unigram, device="cpu", ambient={{}}),
+                                                int(os.environ[prepare.FREEZE_ENV]), "torch")
+        prepare.send_frame(sock, {{"op": "model", "size": size, "weights": {weights!r}}})
+        time.sleep(60)
+    """)
+    assert (r.status, r.violations) == ("violation", ("bad_handover",)) and r.total_seconds < 20
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_model_hands_its_weights_over_on_the_device(run_candidate, stdlib_data):
+    """On CUDA the weights never pass through the host: the candidate copies them into one device
+    buffer, the harness takes two copies of it over CUDA IPC (one per server) and the candidate
+    frees its own; the score is the model's, as in process."""
+    r = run_candidate("""
+        class Unigram(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.logp = torch.nn.Parameter(logp.cuda())
+                self.tied = self.logp  # one storage, however many names
+            def forward(self, x):
+                return (self.logp + 0 * self.tied).expand(*x.shape, -1).float().contiguous()
+        prepare.hand_over(Unigram(), 8, 'cuda')
+    """)
+    assert r.status == "ok" and r.probe_max_diff == 0.0, r.log_tail
+    assert " MB copied" in r.log_tail
+    assert r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-5)
 
 
 def test_too_many_processes(run_candidate):
