@@ -5,6 +5,7 @@
 #
 #   RUNS=2 BUDGET=300 bash bench/h100_baseline.sh      # on the GPU machine
 #   SHAPE=1024x6 RUNS=1 bash bench/h100_baseline.sh     # the baseline at another MODEL_DIM x DEPTH
+#   SHAPE=1024x6b16 RUNS=1 bash bench/h100_baseline.sh  # ... and TOTAL_BATCH_SIZE 2**16
 #
 # Logs go to $OUT (or ./bench-out). The inductor cache lives under AUTORESEARCH_CACHE,
 # so the second run of a call starts warm.
