@@ -3,10 +3,11 @@
 Under the sandbox, train.py's hand_over (prepare.py) no longer serves its model: it freezes it
 (`freeze`) into a file the harness made and is done. The callable is pickled with its code
 (cloudpickle pickles what train.py defines, its classes and functions and the globals they use,
-by value), its weights go as torch.save's raw storages, and the ambient state its forward depends
-on goes with it (autocast, float32 matmul precision, ...: train.py hands over inside `with
-autocast:`). The harness seals that file against writes once the candidate is done and starts
-this file twice, each process fresh and in its own confinement:
+by value), its weights go as raw storages after the pickle, or, for a CUDA model, in one device
+buffer that the harness copies over CUDA IPC (one copy per server), and the ambient state its
+forward depends on goes with it (autocast, float32 matmul precision, ...: train.py hands over
+inside `with autocast:`). The harness seals that file against writes once the candidate is done
+and starts this file twice, each process fresh and in its own confinement:
 
     python serve.py torch|mlx    (the sandbox's scoring server and probe server)
 
