@@ -309,13 +309,14 @@ def _patch_refused(home, body):
     """Why the patch `body` cannot run on the home's best train.py (None if it can): checked when it is
     queued, as the node checks it when it takes it (the best may move in between: the node says so then)."""
     from node import gittree, home as homes
-    best = None
+    best, path = None, os.path.join(home, "store.sqlite")
     try:
-        store = homes.Store(os.path.join(home, "store.sqlite"))
-        try:
-            best = store.get("best_commit")
-        finally:
-            store.db.close()
+        if os.path.exists(path):  # else no run yet, so no best to check against: opening would create a store
+            store = homes.Store(path)
+            try:
+                best = store.get("best_commit")
+            finally:
+                store.db.close()
         if best:
             gittree.apply_diff(gittree.Tree(os.path.join(home, "tree")).read(best), body)
     except (homes.HomeError, gittree.GitError) as e:

@@ -306,6 +306,17 @@ def test_suggestions_run_next_and_bad_ones_are_refused(env, tmp_path, stdlib_dat
         node.close()
 
 
+def test_a_suggestion_to_a_home_that_never_ran_checks_nothing_and_creates_no_store(env, tmp_path):
+    home = tmp_path / "home"
+    (home / "queue").mkdir(parents=True)  # a home made, its node not yet started: no store, no best
+    new = re.sub(r"^WARMDOWN_RATIO = [0-9.]+", "WARMDOWN_RATIO = 0.61", BASELINE, flags=re.M)
+    patch = tmp_path / "p.diff"
+    patch.write_text("".join(difflib.unified_diff(BASELINE.splitlines(True), new.splitlines(True), "a/train.py", "b/train.py")))
+    r = node_cli("suggest", "--home", str(home), str(patch), env=env)
+    assert r.returncode == 0 and "it runs next" in r.stdout, r.stderr
+    assert sorted(os.listdir(home)) == ["queue"]
+
+
 def _free_port():
     import socket
     with socket.socket() as s:
