@@ -100,7 +100,7 @@ def _lost(claim, rivals):
     for r in rivals:
         if (r.ts, r.author_id) >= (claim.ts, claim.author_id):
             return False
-        if (r.author_id != claim.author_id and _expiry(r) > claim.ts / 1000
+        if (r.author_id != claim.author_id and expiry(r) > claim.ts / 1000
                 and swarm.closeness(r.body["hardware"], claim.body["hardware"]) >= COMPATIBLE):
             return True
     return False
@@ -116,7 +116,7 @@ def in_flight(claims, experiments, now):
     their experiment record not here, and not lost to an earlier claim of the same idea (its author
     chose again and runs something else)."""
     done, by_idea = finished(experiments), _by_idea(claims)
-    return [c for c in claims if _expiry(c) > now and (c.author_id, c.body["idea"]) not in done
+    return [c for c in claims if expiry(c) > now and (c.author_id, c.body["idea"]) not in done
             and not _lost(c, by_idea[c.body["idea"]])]
 
 
@@ -130,7 +130,7 @@ def _by_idea(claims):
     return by_idea
 
 
-def _expiry(claim):
+def expiry(claim):
     """When a claim stops being honoured (seconds): its own expiry, but never more than
     MAX_CLAIM_S after it was made (a claim that never expires would hold its idea for good)."""
     return min(claim.body["expires"], claim.ts + MAX_CLAIM_S * 1000) / 1000
@@ -201,11 +201,11 @@ class Memory:
         self.ignored = defaultdict(int)
         out = defaultdict(list)
         for author, cs in by_author.items():
-            expired = [c for c in cs if _expiry(c) <= now]
+            expired = [c for c in cs if expiry(c) <= now]
             unfulfilled = sum((author, c.body["idea"]) not in done and not _lost(c, by_idea[c.body["idea"]])
                               for c in expired)
             # a claim whose experiment record is here is done: it no longer holds its idea
-            active = [c for c in cs if _expiry(c) > now and (author, c.body["idea"]) not in done]
+            active = [c for c in cs if expiry(c) > now and (author, c.body["idea"]) not in done]
             if unfulfilled >= UNFULFILLED_LIMIT and unfulfilled * 2 > len(expired):
                 self.ignored["unfulfilled"] += len(active)
                 continue
@@ -354,7 +354,7 @@ class Memory:
                                                 if r.body["after"] and r.body["before"] else None) for r in rs]))
         ideas.sort(key=lambda i: (i["median_delta"] is None, i["median_delta"] or 0.0))
         claims = [dict(author=c.author_id, description=c.body["description"], idea=c.body["idea"],
-                       tag=swarm.tag_name(c.body["hardware"]), expires_in_s=round(_expiry(c) - now))
+                       tag=swarm.tag_name(c.body["hardware"]), expires_in_s=round(expiry(c) - now))
                   for c in in_flight(self.ledger.claims, self.experiments(), now)
                   if not grep or grep.lower() in c.body["description"].lower()]
         return dict(ideas=ideas, claims=claims, experiments=sum(i["tries"] for i in ideas))

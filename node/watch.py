@@ -103,7 +103,7 @@ class Watcher:
         peers = [dict(p, best_val_bpb=best_own.get(p["id"]), experiments_per_hour=hour.get(p["id"], 0)) for p in st["peers"]]
         tags = [dict(tag=t, best_val_bpb=min(v for _, v in xs), improvements=len(xs),
                      sparkline=sparkline([v for _, v in sorted(xs)])) for t, xs in sorted(series.items())]
-        claims = [dict(author=c.author_id, description=c.body["description"], expires_in_s=round(c.body["expires"] / 1000 - now))
+        claims = [dict(author=c.author_id, description=c.body["description"], expires_in_s=round(memories.expiry(c) - now))
                   for c in memories.in_flight(lg.claims, lg.experiments, now)]
         return dict(node=st, peers=peers, tags=tags, other_tasks=dict(lg.other_tasks), claims=claims,
                     queue=[dict(record=e.record.id.hex(), author=e.record.author_id, gain=e.gain, p_hold=e.p_hold,

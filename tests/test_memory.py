@@ -95,6 +95,14 @@ def test_claims_honoured_expired_flooded_and_unfulfilled(mem):
     assert memory.idea_key(BASELINE, UP) in mem.claims(HW, now) and memory.idea_key(BASELINE, a) in mem.measured(HW)
 
 
+def test_a_claim_that_says_it_lasts_a_year_is_honoured_and_shown_for_a_day_at_most(mem):
+    now = time.time()
+    c = claim(MALLORY, BASELINE, UP, expires_in=365 * 86400, now=now)
+    add(mem, c)
+    assert memory.expiry(c) == pytest.approx(now + memory.MAX_CLAIM_S)
+    assert not mem.claims(HW, now + memory.MAX_CLAIM_S + 1)  # knowledge and watch show this expiry too
+
+
 def test_claims_lost_in_a_race_are_not_held_against_their_author(mem):
     """A node that claimed an idea a peer had claimed a moment earlier chooses again (loop.Node.lost_race):
     that its claim never becomes a record does not make its later claims count for nothing."""
