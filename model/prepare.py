@@ -73,9 +73,18 @@ def _detect_profile():
     return name
 
 
-PROFILE = _detect_profile()
-MAX_SEQ_LEN = PROFILES[PROFILE]["max_seq_len"]
-EVAL_TOKENS = PROFILES[PROFILE]["eval_tokens"]
+def __getattr__(name):
+    """PROFILE, MAX_SEQ_LEN and EVAL_TOKENS, detected when first asked for: without
+    AUTORESEARCH_PROFILE that imports torch (1-2 s), which preparing data does not need."""
+    if name not in ("PROFILE", "MAX_SEQ_LEN", "EVAL_TOKENS"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    profile = _detect_profile()
+    globals().update(PROFILE=profile, MAX_SEQ_LEN=PROFILES[profile]["max_seq_len"], EVAL_TOKENS=PROFILES[profile]["eval_tokens"])
+    return globals()[name]
+
+
+def _profile(key):
+    return PROFILES[__getattr__("PROFILE")][key]
 
 
 def cache_dir():
@@ -506,10 +515,13 @@ class TrainLoader:
 # Evaluation protocol (the metric)
 # ---------------------------------------------------------------------------
 
-def eval_rows(val_tokens, val_offsets, seq_len=MAX_SEQ_LEN, eval_tokens=EVAL_TOKENS):
+def eval_rows(val_tokens, val_offsets, seq_len=None, eval_tokens=None):
     """The pinned validation rows: eval_tokens // seq_len rows of seq_len + 1 tokens.
     Documents (BOS first) are taken in order, cycling, and packed best-fit into
-    each row; when none fits, the shortest is cropped (autoresearch's protocol)."""
+    each row; when none fits, the shortest is cropped (autoresearch's protocol). By default
+    the profile's sequence length and evaluation tokens."""
+    seq_len = _profile("max_seq_len") if seq_len is None else seq_len
+    eval_tokens = _profile("eval_tokens") if eval_tokens is None else eval_tokens
     row_len, n_rows = seq_len + 1, max(1, eval_tokens // seq_len)
     n_docs = len(val_offsets) - 1
     rows = np.empty((n_rows, row_len), dtype=np.int64)
@@ -567,10 +579,11 @@ def eval_batches(rows, batch_size):
         yield np.concatenate([batch, np.repeat(batch[:1], batch_size - len(batch), 0)]), len(batch)
 
 
-def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=MAX_SEQ_LEN, eval_tokens=EVAL_TOKENS):
+def evaluate_bpb(logits_fn, data, batch_size, device, seq_len=None, eval_tokens=None):
     """Bits per byte of `logits_fn` (inputs (B, T) -> logits (B, T, V)) on the pinned
-    validation rows. One call returns at most 2^30 logits (4 GiB of float32)."""
+    validation rows (eval_rows). One call returns at most 2^30 logits (4 GiB of float32)."""
     import torch
+    seq_len = _profile("max_seq_len") if seq_len is None else seq_len
     batch_size = max(1, min(batch_size, 2**30 // (seq_len * len(data.token_bytes))))
     rows = eval_rows(data.val, data.val_docs, seq_len, eval_tokens)
     token_bytes = torch.from_numpy(data.token_bytes).to(device)
