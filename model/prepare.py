@@ -259,8 +259,8 @@ def build(train_docs, val_docs, source_desc, log=print):
             try:
                 verify(final)
                 return manifest  # already there and intact
-            except DataError as e:
-                log(f"replacing corrupt data: {e}")
+            except DataError:  # its reason was said when it was found (main's "rebuilding: ...")
+                log(f"replacing the corrupt copy at {final}")
                 shutil.rmtree(final)
         os.rename(tmp, final)
         tmp = None
