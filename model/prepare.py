@@ -767,7 +767,11 @@ def cuda_alloc(numel, device):
     with torch.cuda.device(device):
         ptr = ctypes.c_uint64()
         _cuda_check(_libcuda().cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(numel * 4)), "cuMemAlloc")
-        return ptr.value, torch.as_tensor(CudaArray(ptr.value, (numel,)), device=device)
+        try:
+            return ptr.value, torch.as_tensor(CudaArray(ptr.value, (numel,)), device=device)
+        except BaseException:
+            cuda_free(ptr.value)
+            raise
 
 
 def cuda_free(address):
@@ -798,7 +802,11 @@ def cuda_ipc_open(handle, device):
         h = cu.IpcHandle.from_buffer_copy(handle)
         ptr, base, size = ctypes.c_uint64(), ctypes.c_uint64(), ctypes.c_size_t()
         _cuda_check(cu.cuIpcOpenMemHandle_v2(ctypes.byref(ptr), h, ctypes.c_uint(1)), "cuIpcOpenMemHandle")
-        _cuda_check(cu.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
+        try:
+            _cuda_check(cu.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), ptr), "cuMemGetAddressRange")
+        except RuntimeError:
+            cuda_ipc_close(ptr.value)
+            raise
     return ptr.value, size.value
 
 

@@ -111,6 +111,8 @@ def freeze(payload, fd, framework, device_weights=False):
             return out.written, weights
         cloudpickle.dump(payload, out, protocol=5)
         return out.written, None
+    except HandOverError:
+        raise
     except Exception as e:  # noqa: BLE001 -- pickling fails in many ways; say where
         if out.full:
             raise HandOverError(f"the frozen model is larger than the hand-over limit ({out.limit:,} bytes)") from None
@@ -150,25 +152,34 @@ def _freeze_torch(payload, out, device_weights):
 
     pickled = io.BytesIO()
     Freezer(pickled, protocol=5).dump(payload)
-    out.write(MAGIC + len(pickled.getbuffer()).to_bytes(8, "little"))
-    out.write(pickled.getbuffer())
-    start = _aligned(out.written)
-    for storage, where, offset in placed.values():
-        if where == "file" and storage.nbytes():
-            out.pad(start + offset)
-            out.write(_bytes(storage.cpu()).numpy())
-    if not ends["device"]:
-        return None
-    address, _ = prepare.cuda_alloc(ends["device"] // 4, on_device)
+    head = MAGIC + len(pickled.getbuffer()).to_bytes(8, "little")
+    if _aligned(len(head) + len(pickled.getbuffer())) + ends["file"] + ends["device"] > out.limit:
+        out.full = True
+        raise OSError("past the hand-over limit")
+    address = None
+    if ends["device"]:
+        torch.cuda.empty_cache()  # what training cached: the buffer is allocated outside torch's allocator
+        try:
+            address, _ = prepare.cuda_alloc(ends["device"] // 4, on_device)
+        except RuntimeError:  # no room for a second copy of the weights: they go through the file
+            return _freeze_torch(payload, out, False)
     try:
+        out.write(head)
+        out.write(pickled.getbuffer())
+        start = _aligned(out.written)
         for storage, where, offset in placed.values():
-            if where == "device" and storage.nbytes():
+            if where == "file" and storage.nbytes():
+                out.pad(start + offset)
+                out.write(_bytes(storage.cpu()).numpy())
+            elif where == "device" and storage.nbytes():
                 device_bytes(address + offset, storage.nbytes(), on_device).copy_(_bytes(storage))
-        torch.cuda.synchronize(on_device)
+        if address is not None:
+            torch.cuda.synchronize(on_device)
     except BaseException:
-        prepare.cuda_free(address)
+        if address is not None:
+            prepare.cuda_free(address)
         raise
-    return {"address": address, "bytes": ends["device"]}
+    return None if address is None else {"address": address, "bytes": ends["device"]}
 
 
 def _bytes(storage):
@@ -286,25 +297,34 @@ def thaw(fd, size, weights=None):
     body = len(head) + n
     start = _aligned(body)
 
+    loaded = {}  # (where, offset) -> storage: tensors that shared a storage share it again
+
     class Thawer(pickle.Unpickler):
         def persistent_load(self, pid):
             _, where, offset, nbytes, device, dtype = pid
-            device = torch.device(device)
-            if not nbytes:
-                data = torch.empty(0, dtype=torch.uint8, device=device)
-            elif where == "device":
-                if weights is None or offset + nbytes > weights[1]:
-                    raise RuntimeError("a storage lies outside the model's device buffer")
-                data = torch.empty(nbytes, dtype=torch.uint8, device=device)
-                data.copy_(device_bytes(weights[0] + offset, nbytes, device))
-            else:
-                data = torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start + offset).to(device)
-            storage = data.untyped_storage()
+            if (where, offset) not in loaded:
+                loaded[where, offset] = _thawed_storage(m, start, weights, where, offset, nbytes, torch.device(device))
+            storage = loaded[where, offset]
             return storage if dtype is None else torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
     payload = Thawer(io.BytesIO(m[len(head):body])).load()
-    if weights is not None:
-        torch.cuda.synchronize()  # copied: the harness's buffer may go
+    for storage in loaded.values():
+        if storage.device.type == "cuda":
+            torch.cuda.synchronize(storage.device)  # copied: the harness's buffer may go
     return payload
+
+
+def _thawed_storage(m, start, weights, where, offset, nbytes, device):
+    import torch
+    if not nbytes:
+        data = torch.empty(0, dtype=torch.uint8, device=device)
+    elif where == "device":
+        if weights is None or offset < 0 or offset + nbytes > weights[1]:
+            raise RuntimeError("a storage lies outside the model's device buffer")
+        data = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        data.copy_(device_bytes(weights[0] + offset, nbytes, device))
+    else:
+        data = torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=start + offset).to(device)
+    return data.untyped_storage()
 
 
 def serve(sock, forward, host):

@@ -429,7 +429,8 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                         status, violations = "violation", ["bad_handover"]
                     elif "weights" in header:
                         t = time.time()
-                        weights, status, violations = _take_weights(header["weights"] if takes_weights else None, ready, limits, ours)
+                        weights, status, violations = _take_weights(header["weights"] if takes_weights else None, ready,
+                                                                    min(limits["model_bytes"], limits["file_bytes"]) - size, ours)
                         if weights is not None:
                             timings[f"weights of {weights.nbytes / 1e6:.2f} MB copied"] = time.time() - t
                 else:  # a closed or garbled channel: it exited, or it broke the protocol
@@ -479,7 +480,10 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
             except RuntimeError:  # unmapping a dead server's buffer
                 pass
         if weights is not None:
-            weights.free()
+            try:
+                weights.free()
+            except RuntimeError:  # a CUDA context gone bad: what it held goes with it
+                pass
         ours.close()
         os.close(model_fd)
         with open(log_path, "rb") as f:
@@ -555,19 +559,20 @@ def _eval_batch(ready, profile, data):
     return max(1, min(asked, _batch_size(profile, data, bool(servers.cuda_device(ready.get("device"))))))
 
 
-def _take_weights(offer, ready, limits, sock):
+def _take_weights(offer, ready, limit, sock):
     """(DeviceWeights, status, violations) for the device buffer of weights a candidate offers
-    with its frozen model, then tell it that it may free its own: (None, "violation",
-    ["bad_handover"]) for one that is malformed or was not asked for (`offer` None)."""
+    with its frozen model (at most `limit` bytes: what its file left of the hand-over limit),
+    then tell it that it may free its own. A malformed offer, or one not asked for (`offer`
+    None), is a broken hand-over; one that CUDA cannot map or copy here is a crash."""
     weights, status, violations = None, None, []
     try:
         if offer is None:
             raise evaluate.ModelError("bad_handover")
-        weights = servers.DeviceWeights(offer, ready.get("device"), limits["model_bytes"])
+        weights = servers.DeviceWeights(offer, ready.get("device"), limit)
     except evaluate.ModelError:
         status, violations = "violation", ["bad_handover"]
-    except RuntimeError:  # CUDA could not allocate the copies
-        status, violations = "crash", ["evaluation_error"]
+    except RuntimeError as e:
+        status, violations = "crash", [f"weights_not_taken: {e}"[:200]]
     try:
         prepare.send_frame(sock, {"op": "copied"})
     except OSError:

@@ -62,12 +62,14 @@ def seal(fd, size):
 
 class DeviceWeights:
     """The harness's copies of the device buffer a CUDA candidate froze its weights into
-    (serve.freeze): one per server, the probe server's made from the scoring server's, so both
-    load the very same bytes and nothing the scoring server writes into the copy it maps
-    reaches the probe server. Taken while the candidate waits, which may then free its own."""
+    (serve.freeze), taken while the candidate waits (it may then free its own): one in device
+    memory for the scoring server, and the probe server's in this process's host memory until
+    the scoring server and the candidate are gone (`for_probe`), so that nothing either can
+    reach, through a handle guessed or passed in the model, ever leads to the probe server's
+    bytes. Both are copies of one read of the candidate's buffer: the very same bytes."""
 
     def __init__(self, offer, device, limit):
-        self.copies = []
+        self.address = None
         try:
             handle, offset, self.nbytes = bytes.fromhex(offer["handle"]), offer["offset"], offer["bytes"]
         except (TypeError, KeyError, ValueError, AttributeError):
@@ -76,35 +78,40 @@ class DeviceWeights:
         if (self.device is None or len(handle) != 64 or type(offset) is not int or type(self.nbytes) is not int
                 or offset < 0 or not 0 < self.nbytes <= limit or self.nbytes % 4):
             raise evaluate.ModelError("bad_handover")
-        try:
-            source, size = prepare.cuda_ipc_open(handle, self.device)
-        except RuntimeError:
-            raise evaluate.ModelError("bad_handover") from None
+        import torch
+        source, size = prepare.cuda_ipc_open(handle, self.device)  # RuntimeError: it does not map here
         try:
             if offset + self.nbytes > size:
                 raise evaluate.ModelError("bad_handover")
-            copies = []
-            for _ in range(2):
-                address, copy = prepare.cuda_alloc(self.nbytes // 4, self.device)
-                self.copies.append(address)
-                copies.append(copy)
-            copies[0].copy_(_device_floats(source + offset, self.nbytes, self.device))
-            copies[1].copy_(copies[0])  # not from the candidate's again: it may have changed it since
-            import torch
-            torch.cuda.synchronize(self.device)
+            self.address, copy = prepare.cuda_alloc(self.nbytes // 4, self.device)
+            copy.copy_(_device_floats(source + offset, self.nbytes, self.device))
+            self.probe = copy.cpu()  # before the scoring server may write into `copy`
         except BaseException:
             self.free()
             raise
         finally:
             prepare.cuda_ipc_close(source)
+        torch.cuda.synchronize(self.device)
 
-    def offer(self, i):
-        """What server i (0: scoring, 1: probe) maps: its own copy."""
-        return dict(prepare.cuda_ipc_export(self.copies[i]), bytes=self.nbytes, device=self.device)
+    def offer(self):
+        """What the scoring server maps: the device copy."""
+        return dict(prepare.cuda_ipc_export(self.address), bytes=self.nbytes, device=self.device)
+
+    def for_probe(self):
+        """What the probe server maps, once the scoring server and the candidate are gone: the
+        device copy freed, a fresh one made from the host copy."""
+        self.free()
+        self.address, copy = prepare.cuda_alloc(self.nbytes // 4, self.device)
+        copy.copy_(self.probe)
+        import torch
+        torch.cuda.synchronize(self.device)
+        return self.offer()
 
     def free(self):
-        while self.copies:
-            prepare.cuda_free(self.copies.pop())
+        """Give the device copy back (the host copy goes with this object)."""
+        address, self.address = self.address, None
+        if address is not None:
+            prepare.cuda_free(address)
 
 
 def _device_floats(address, nbytes, device):
@@ -170,7 +177,7 @@ def evaluate_frozen(scorer, prober, size, weights, rows, token_bytes, batch_size
     V = len(token_bytes)
     plan = evaluate.plan_probes(rows, batch_size, rng, probes, V)
     t = time.time()
-    served = scorer.load(size, deadline, weights and weights.offer(0))
+    served = scorer.load(size, deadline, weights and weights.offer())
     model, device = scorer.model(V, served, deadline)
     timings["scoring server loaded"] = time.time() - t
     with evaluate.beside_server(served):
@@ -182,7 +189,7 @@ def evaluate_frozen(scorer, prober, size, weights, rows, token_bytes, batch_size
     between()
     timings["scoring server and candidate gone"] = time.time() - t
     t = time.time()
-    model, _ = prober.model(V, prober.load(size, deadline, weights and weights.offer(1)), deadline)
+    model, _ = prober.model(V, prober.load(size, deadline, weights and weights.for_probe()), deadline)
     timings["probe server loaded"] = time.time() - t
     t = time.time()
     evaluate.check_probes(model, plan, kept, stats, tolerance)

@@ -173,6 +173,28 @@ def test_both_servers_load_the_same_sealed_bytes():
             os.close(source)
 
 
+def test_tensors_that_shared_a_storage_share_it_once_thawed():
+    """Tied weights and views of one storage are one storage again in the server (each its own
+    copy would cost memory, and in-place updates through a view would reach nothing)."""
+    from model import serve
+    from sandbox import servers
+    w = torch.randn(6, 4)
+    payload = dict(framework="torch", fn=dict(w=w, t=w.t(), row=w[1], raw=w.view(torch.uint8), other=torch.zeros(3)),
+                   device="cpu", ambient=serve.ambient())
+    fd = servers.freeze_file(1 << 20)
+    try:
+        size, _ = serve.freeze(payload, fd, "torch")
+        assert servers.seal(fd, size)
+        got = serve.thaw(fd, size)["fn"]
+    finally:
+        os.close(fd)
+    storages = {k: v.untyped_storage()._cdata for k, v in got.items()}
+    assert storages["w"] == storages["t"] == storages["row"] == storages["raw"] != storages["other"]
+    assert torch.equal(got["t"], w.t()) and torch.equal(got["row"], w[1]) and got["raw"].dtype == torch.uint8
+    got["w"][1, 0] = 42.0
+    assert got["row"][0] == 42.0 and got["t"][0, 1] == 42.0
+
+
 def test_the_ambient_state_of_the_hand_over_goes_with_the_model():
     """train.py hands over inside `with autocast:`; the servers must evaluate as it would have."""
     import contextlib
@@ -398,7 +420,11 @@ def test_weights_offered_on_the_device_that_cannot_be_taken_are_a_violation(run_
         prepare.send_frame(sock, {{"op": "model", "size": size, "weights": {weights!r}}})
         time.sleep(60)
     """)
-    assert (r.status, r.violations) == ("violation", ("bad_handover",)) and r.total_seconds < 20
+    if torch.cuda.is_available() and isinstance(weights, dict) and "offset" in weights:  # asked for, well formed
+        assert r.status == "crash" and r.violations[0].startswith("weights_not_taken: cuIpcOpenMemHandle failed")
+    else:
+        assert (r.status, r.violations) == ("violation", ("bad_handover",))
+    assert r.total_seconds < 20
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
