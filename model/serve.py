@@ -132,7 +132,7 @@ def _freeze_torch(payload, out, device_weights):
     import cloudpickle
     import torch
     on_device = torch.device(payload["device"]) if device_weights else None
-    placed = {}  # each storage once, however many tensors view it: (storage, where, offset)
+    placed = {}  # each storage once, however many tensors view it: (storage, where, offset, key)
     ends = {"file": 0, "device": 0}
 
     class Freezer(cloudpickle.Pickler):
@@ -145,10 +145,10 @@ def _freeze_torch(payload, out, device_weights):
                 return None
             if storage._cdata not in placed:
                 where = "device" if storage.device == on_device else "file"
-                placed[storage._cdata] = (storage, where, ends[where])
+                placed[storage._cdata] = (storage, where, ends[where], len(placed))  # the key: empty ones share offsets
                 ends[where] = _aligned(ends[where] + storage.nbytes())
-            _, where, offset = placed[storage._cdata]
-            return ("storage", where, offset, storage.nbytes(), str(storage.device), dtype)
+            _, where, offset, key = placed[storage._cdata]
+            return ("storage", key, where, offset, storage.nbytes(), str(storage.device), dtype)
 
     pickled = io.BytesIO()
     Freezer(pickled, protocol=5).dump(payload)
@@ -167,7 +167,7 @@ def _freeze_torch(payload, out, device_weights):
         out.write(head)
         out.write(pickled.getbuffer())
         start = _aligned(out.written)
-        for storage, where, offset in placed.values():
+        for storage, where, offset, _ in placed.values():
             if where == "file" and storage.nbytes():
                 out.pad(start + offset)
                 out.write(_bytes(storage.cpu()).numpy())
@@ -175,6 +175,10 @@ def _freeze_torch(payload, out, device_weights):
                 device_bytes(address + offset, storage.nbytes(), on_device).copy_(_bytes(storage))
         if address is not None:
             torch.cuda.synchronize(on_device)
+    except RuntimeError as e:
+        if address is not None:
+            prepare.cuda_free(address)
+        raise HandOverError(f"the model's weights could not be copied for the hand-over: {e}") from None
     except BaseException:
         if address is not None:
             prepare.cuda_free(address)
@@ -297,14 +301,14 @@ def thaw(fd, size, weights=None):
     body = len(head) + n
     start = _aligned(body)
 
-    loaded = {}  # (where, offset) -> storage: tensors that shared a storage share it again
+    loaded = {}  # freeze's key -> storage: tensors that shared a storage share it again
 
     class Thawer(pickle.Unpickler):
         def persistent_load(self, pid):
-            _, where, offset, nbytes, device, dtype = pid
-            if (where, offset) not in loaded:
-                loaded[where, offset] = _thawed_storage(m, start, weights, where, offset, nbytes, torch.device(device))
-            storage = loaded[where, offset]
+            _, key, where, offset, nbytes, device, dtype = pid
+            if key not in loaded:
+                loaded[key] = _thawed_storage(m, start, weights, where, offset, nbytes, torch.device(device))
+            storage = loaded[key]
             return storage if dtype is None else torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
     payload = Thawer(io.BytesIO(m[len(head):body])).load()
     for storage in loaded.values():
@@ -429,6 +433,8 @@ def thaw_loaded(header):
         offset = weights["offset"]
         return thaw(int(os.environ[MODEL_ENV]), header["size"], (address + offset, min(size - offset, weights["bytes"])))
     finally:
+        import torch
+        torch.cuda.synchronize(weights["device"])  # no copy from the mapping still queued
         prepare.cuda_ipc_close(address)
 
 

@@ -62,8 +62,9 @@ def seal(fd, size):
 
 class DeviceWeights:
     """The harness's copies of the device buffer a CUDA candidate froze its weights into
-    (serve.freeze), taken while the candidate waits (it may then free its own): one in device
-    memory for the scoring server, and the probe server's in this process's host memory until
+    (serve.freeze), read once while the candidate waits (it may then free its own): a host
+    copy, and from it a device copy for each server in turn. The scoring server's goes as soon
+    as that server has loaded (it keeps a copy of its own); the probe server's is made only once
     the scoring server and the candidate are gone (`for_probe`), so that nothing either can
     reach, through a handle guessed or passed in the model, ever leads to the probe server's
     bytes. Both are copies of one read of the candidate's buffer: the very same bytes."""
@@ -78,34 +79,54 @@ class DeviceWeights:
         if (self.device is None or len(handle) != 64 or type(offset) is not int or type(self.nbytes) is not int
                 or offset < 0 or not 0 < self.nbytes <= limit or self.nbytes % 4):
             raise evaluate.ModelError("bad_handover")
-        import torch
         source, size = prepare.cuda_ipc_open(handle, self.device)  # RuntimeError: it does not map here
         try:
             if offset + self.nbytes > size:
                 raise evaluate.ModelError("bad_handover")
-            self.address, copy = prepare.cuda_alloc(self.nbytes // 4, self.device)
-            copy.copy_(_device_floats(source + offset, self.nbytes, self.device))
-            self.probe = copy.cpu()  # before the scoring server may write into `copy`
+            self._read(source + offset)
         except BaseException:
             self.free()
+            try:
+                prepare.cuda_ipc_close(source)
+            except RuntimeError:
+                pass  # the first fault is the one to report
             raise
-        finally:
+        try:
             prepare.cuda_ipc_close(source)
+        except RuntimeError:
+            self.free()
+            raise
+
+    def _read(self, address):
+        """The host copy; the scoring server's device copy too, made on the device, where there is room."""
+        import torch
+        source = _device_floats(address, self.nbytes, self.device)
+        try:
+            self.address, copy = prepare.cuda_alloc(self.nbytes // 4, self.device)
+        except RuntimeError:  # no room beside the candidate: made from the host copy once it is gone
+            copy = source
+        else:
+            copy.copy_(source)
+        self.probe = copy.cpu()  # before any server may write into `copy`
         torch.cuda.synchronize(self.device)
 
     def offer(self):
-        """What the scoring server maps: the device copy."""
+        """What the scoring server maps: its device copy."""
+        if self.address is None:
+            self._upload()
         return dict(prepare.cuda_ipc_export(self.address), bytes=self.nbytes, device=self.device)
 
     def for_probe(self):
-        """What the probe server maps, once the scoring server and the candidate are gone: the
-        device copy freed, a fresh one made from the host copy."""
+        """What the probe server maps, once the scoring server and the candidate are gone: a
+        fresh device copy of the host copy."""
         self.free()
+        return self.offer()
+
+    def _upload(self):
+        import torch
         self.address, copy = prepare.cuda_alloc(self.nbytes // 4, self.device)
         copy.copy_(self.probe)
-        import torch
         torch.cuda.synchronize(self.device)
-        return self.offer()
 
     def free(self):
         """Give the device copy back (the host copy goes with this object)."""
@@ -178,6 +199,8 @@ def evaluate_frozen(scorer, prober, size, weights, rows, token_bytes, batch_size
     plan = evaluate.plan_probes(rows, batch_size, rng, probes, V)
     t = time.time()
     served = scorer.load(size, deadline, weights and weights.offer())
+    if weights:
+        weights.free()  # the server holds its own copy now
     model, device = scorer.model(V, served, deadline)
     timings["scoring server loaded"] = time.time() - t
     with evaluate.beside_server(served):
@@ -189,7 +212,10 @@ def evaluate_frozen(scorer, prober, size, weights, rows, token_bytes, batch_size
     between()
     timings["scoring server and candidate gone"] = time.time() - t
     t = time.time()
-    model, _ = prober.model(V, prober.load(size, deadline, weights and weights.for_probe()), deadline)
+    offer = weights and weights.for_probe()
+    if weights:
+        timings["probe copy uploaded"], t = time.time() - t, time.time()
+    model, _ = prober.model(V, prober.load(size, deadline, offer), deadline)
     timings["probe server loaded"] = time.time() - t
     t = time.time()
     evaluate.check_probes(model, plan, kept, stats, tolerance)

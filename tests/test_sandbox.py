@@ -179,7 +179,8 @@ def test_tensors_that_shared_a_storage_share_it_once_thawed():
     from model import serve
     from sandbox import servers
     w = torch.randn(6, 4)
-    payload = dict(framework="torch", fn=dict(w=w, t=w.t(), row=w[1], raw=w.view(torch.uint8), other=torch.zeros(3)),
+    payload = dict(framework="torch", fn=dict(empty=torch.empty(0), w=w, t=w.t(), row=w[1], raw=w.view(torch.uint8),
+                                              other=torch.zeros(3)),  # an empty storage takes no room: w is at its offset
                    device="cpu", ambient=serve.ambient())
     fd = servers.freeze_file(1 << 20)
     try:
@@ -189,7 +190,7 @@ def test_tensors_that_shared_a_storage_share_it_once_thawed():
     finally:
         os.close(fd)
     storages = {k: v.untyped_storage()._cdata for k, v in got.items()}
-    assert storages["w"] == storages["t"] == storages["row"] == storages["raw"] != storages["other"]
+    assert storages["w"] == storages["t"] == storages["row"] == storages["raw"] != storages["other"] != storages["empty"]
     assert torch.equal(got["t"], w.t()) and torch.equal(got["row"], w[1]) and got["raw"].dtype == torch.uint8
     got["w"][1, 0] = 42.0
     assert got["row"][0] == 42.0 and got["t"][0, 1] == 42.0
