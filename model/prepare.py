@@ -79,12 +79,16 @@ def __getattr__(name):
     if name not in ("PROFILE", "MAX_SEQ_LEN", "EVAL_TOKENS"):
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     profile = _detect_profile()
-    globals().update(PROFILE=profile, MAX_SEQ_LEN=PROFILES[profile]["max_seq_len"], EVAL_TOKENS=PROFILES[profile]["eval_tokens"])
+    defined = _AS_DEFINED[profile]
+    globals().update(PROFILE=profile, MAX_SEQ_LEN=defined["max_seq_len"], EVAL_TOKENS=defined["eval_tokens"])
     return globals()[name]
 
 
+_AS_DEFINED = {name: dict(p) for name, p in PROFILES.items()}  # what these constants follow, whatever changes PROFILES later
+
+
 def _profile(key):
-    return PROFILES[__getattr__("PROFILE")][key]
+    return _AS_DEFINED[__getattr__("PROFILE")][key]
 
 
 def cache_dir():
