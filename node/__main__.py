@@ -75,24 +75,39 @@ def _settings(args):
     return s
 
 
-def _data(s):
-    """(the prepared data, {node id: reason} of peers that lied); when there is none, the seeds' task
-    fetched from peers, or without seeds the `data` source prepared here."""
+def _data(s, home, explicit):
+    """(the prepared data, {node id: reason} of peers that lied): the `data` source when the command
+    line named it (prepared here: instant when cached); else the data this home's scores were
+    measured on, while it is in the cache; else the data prepared last; when there is none, the
+    seeds' task fetched from peers, or without seeds the `data` source prepared here."""
     from model import prepare
+    from node import home as homes
+    if explicit:
+        return _prepared(s["data"]), {}
+    own = None if os.environ.get("AUTORESEARCH_DATA") else homes.measured_data(home)
     try:
-        return prepare.load_data(), {}
+        return prepare.load_data(own), {}
     except prepare.NoDataError:
-        pass
+        if own:  # its data left the cache: as for a new home (the node then says whether the task changed)
+            try:
+                return prepare.load_data(), {}
+            except prepare.NoDataError:
+                pass
     if s["seeds"]:
         from node import tasksync
         fingerprint, liars = tasksync.join_task(s, say=lambda line: print(line, flush=True))
         prepare._set_current(fingerprint)
         return prepare.load_data(fingerprint), liars
-    source = s["data"]
-    print(f"no prepared data yet: preparing --source {source} (once; cached in {prepare.cache_dir()})", flush=True)
+    print(f"no prepared data yet: preparing --source {s['data']} (once; cached in {prepare.cache_dir()})", flush=True)
+    return _prepared(s["data"]), {}
+
+
+def _prepared(source):
+    """The data of `source`, prepared (or found prepared) by model.prepare; None when it cannot be (it said why)."""
+    from model import prepare
     if prepare.main(["--source", source]) != 0:
-        return None, {}  # prepare said why, in one line
-    return prepare.load_data(), {}
+        return None
+    return prepare.load_data()
 
 
 def _refused_start(s):
@@ -164,7 +179,7 @@ def join(args):
             homes.Store(os.path.join(home, "store.sqlite")).db.close()
         made = not os.path.isdir(home)
         os.makedirs(home, exist_ok=True)
-        data, liars = _data(s)
+        data, liars = _data(s, home, explicit=args.data is not None)
         if data is not None:
             node = loop.Node(home, s, data)
             node.distrust(liars)

@@ -14,7 +14,9 @@ SETTINGS = {
     "profile": (None, str, "evaluation profile: gpu, cpu or tiny (slow CPUs: a quarter of cpu's evaluation; default: gpu with CUDA, else cpu)"),
     "backend": ("auto", str, "auto, cuda, mps, cpu or mlx (auto: CUDA, else MLX on Apple Silicon, else MPS, else CPU); "
                              "mlx evolves model/train_mlx.py, the others model/train.py"),
-    "data": ("stdlib", str, "data source prepared on first start when no data is ready (see python -m node prepare)"),
+    "data": ("stdlib", str, "data source (as python -m node prepare --source): given here, prepared (instant when cached) "
+                            "and used; else a home keeps the data it measured, a new home takes the data prepared "
+                            "last, and this is prepared when there is none"),
     "proposer": ("auto", str, "offline, claude, or auto (claude when ANTHROPIC_API_KEY is set, else offline)"),
     "model": ("claude-sonnet-5-5", str, "the Claude proposer's model"),
     "max_tokens": (16000, int, "most tokens one Claude reply may use, thinking included"),

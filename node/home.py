@@ -76,6 +76,21 @@ def store_path(home):
     return path
 
 
+def measured_data(home):
+    """The fingerprint of the data a home's scores were measured on, or None (no store yet, or
+    nothing measured)."""
+    path = os.path.join(home, "store.sqlite")
+    if not os.path.isfile(path):
+        return None
+    store = Store(path)
+    try:
+        on = json.loads(store.get("task_of") or "{}")
+        measured = any(e["val_bpb"] is not None for e in store.experiments())
+    finally:
+        store.db.close()
+    return on.get("data") if measured else None
+
+
 def node_id(home):
     """The id of the node that lives here, or None before its first start (reading creates no key)."""
     key = os.path.join(home, "identity.key")

@@ -430,3 +430,39 @@ def test_a_signal_swallowed_by_a_finalizer_still_stops_the_node(tmp_path, stdlib
         assert [e["status"] for e in node.store.experiments()] == ["interrupted"]
     finally:
         node.close()
+
+
+def test_a_home_keeps_the_data_it_measured_and_data_named_on_the_command_line_wins(tmp_path, monkeypatch, capsys):
+    """join took the data prepared last, whatever its home had measured (a home started on stdlib
+    refused to start once a lab had prepared its own folder), and --data only when nothing was prepared."""
+    import json
+    import shutil
+    from conftest import run_prepare
+    from node import home as homes
+    from node.__main__ import _data
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AUTORESEARCH_CACHE", str(cache))
+    monkeypatch.delenv("AUTORESEARCH_DATA", raising=False)
+    fps = []
+    for name in ("a", "b"):
+        src = tmp_path / name
+        src.mkdir()
+        for i in range(6):
+            (src / f"doc{i}.txt").write_text(f"{name} document {i} " * 40)
+        assert run_prepare(cache, "--source", str(src), timeout=120).returncode == 0
+        fps.append((cache / "current").read_text().strip())
+    a, b = fps  # b was prepared last
+    home = tmp_path / "home"
+    home.mkdir()
+    store = homes.Store(str(home / "store.sqlite"))
+    store.set("task_of", json.dumps(dict(data=a, profile="cpu", source=str(tmp_path / "a"))))
+    store.finish(store.start("baseline", "c" * 40, "c" * 40, "baseline", "offline"), "measured", val_bpb=3.0)
+    store.db.close()
+    s = dict(data="stdlib", seeds=[])
+    assert _data(s, str(home), explicit=False)[0].fingerprint == a  # its own, not the last prepared
+    assert _data(s, str(tmp_path / "new"), explicit=False)[0].fingerprint == b  # a new home: the last prepared
+    shutil.rmtree(cache / "data" / a[:16])  # its data left the cache: as a new home (the node says the task changed)
+    assert _data(s, str(home), explicit=False)[0].fingerprint == b
+    assert _data(dict(s, data=str(tmp_path / "a")), str(tmp_path / "new"), explicit=True)[0].fingerprint == a
+    assert _data(dict(s, data=str(tmp_path / "nowhere")), str(home), explicit=True)[0] is None  # said why, in one line
+    assert "error:" in capsys.readouterr().err
