@@ -229,7 +229,7 @@ def build(train_docs, val_docs, source_desc, log=print):
     root = os.path.join(cache_dir(), "data")
     os.makedirs(root, exist_ok=True)
     t0 = time.time()
-    log(f"training tokenizer (vocab {VOCAB_SIZE}) on {len(train_docs):,} documents")
+    log(f"training tokenizer (vocab up to {VOCAB_SIZE}: fewer where the text has fewer merges) on {len(train_docs):,} documents")
     tok = train_tokenizer(train_docs)
     log(f"tokenizer trained in {time.time() - t0:.1f}s")
     for old in os.listdir(root):  # left by a build that was killed a day or more ago
@@ -823,8 +823,8 @@ def cuda_ipc_close(address):
 # Command line
 # ---------------------------------------------------------------------------
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m model.prepare", description=(
+def main(argv=None, prog="python -m model.prepare"):
+    ap = argparse.ArgumentParser(prog=prog, description=(
         "Prepare the training and validation data and the tokenizer for train.py. "
         "Prints the data fingerprint; rerunning on the same input is instant."))
     ap.add_argument("--source", action="append", required=True, metavar="stdlib|climbmix|PATH",

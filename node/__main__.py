@@ -37,6 +37,9 @@ def experiment(args):
     try:
         shutil.copy(path, os.path.join(tree, "train.py"))
         result = run.run(tree, budget=args.budget, profile=args.profile, data=data, backend=backend)
+    except KeyboardInterrupt:  # the sandbox has killed the candidate and its servers on the way out
+        print("interrupted: no result", file=sys.stderr)
+        return 130
     finally:
         shutil.rmtree(tree, ignore_errors=True)
     if args.json:
@@ -124,7 +127,7 @@ def _refused_start(s):
     if s["proposer"] == "claude" and not os.environ.get("ANTHROPIC_API_KEY"):
         return "--proposer claude needs ANTHROPIC_API_KEY in the environment (--proposer auto uses the offline proposer without it)"
     if s["listen"] == "off":
-        return None
+        return "--seed needs the network, which --listen off turns off" if s["seeds"] else None
     from gossip.discovery import split_address
     host, port = split_address(s["listen"])  # checked by config already
     data_port = s["data_port"] if s["data_port"] is not None else port + 1 if 0 < port < 65535 else 0
@@ -310,6 +313,16 @@ def suggest(args):
             print(f"error: {args.patch}: {refused}", file=sys.stderr)
             return 2
         ext = ".patch"
+    for queued in sorted(os.listdir(queue)):
+        if queued.endswith(ext) and not queued.startswith("."):
+            try:
+                with open(os.path.join(queue, queued)) as f:
+                    same = f.read() == body
+            except OSError:  # taken by the node meanwhile
+                same = False
+            if same:
+                print(f"already queued as {queued}: not queued again")
+                return 0
     name = f"{time.time():.6f}-{os.getpid()}{ext}"
     tmp = os.path.join(queue, "." + name)
     with open(tmp, "w") as f:
@@ -345,7 +358,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["prepare"]:  # everything after it belongs to model.prepare, --help included
         from model import prepare
-        return prepare.main(argv[1:])
+        return prepare.main(argv[1:], prog="python -m node prepare")
     ap = argparse.ArgumentParser(prog="python -m node", description=(
         "An autoresearch-swarm node: evolves train.py by experiments in a sandbox, keeping only what beats "
         "the measured noise."))
@@ -427,7 +440,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.command == "experiment":
         if args.budget is not None and not 0 < args.budget < float("inf"):
-            ap.error("--budget must be a positive number of seconds")
+            ex.error("--budget must be a positive number of seconds")
         return experiment(args)
     if args.command == "watch":
         from node import watch

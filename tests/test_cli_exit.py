@@ -169,3 +169,14 @@ def test_knowledge_and_export_open_the_store_once(tmp_path, store_opens):
     with pytest.raises(export.ExportError, match="no experiments yet"):  # said once both stores are read
         export.provenance(home)
     assert store_opens == ["store.sqlite", "gossip.sqlite"] * 2
+
+
+def test_ctrl_c_during_an_experiment_is_one_line_and_exit_130(env, tmp_path):
+    p = subprocess.Popen([sys.executable, "-m", "node", "experiment", os.path.join(ROOT, "model", "train.py"),
+                          "--profile", "tiny", "--budget", "30"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(6)  # the candidate is training
+    os.killpg(p.pid, signal.SIGINT)  # as Ctrl-C at a terminal: the whole group
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip().splitlines() == ["interrupted: no result"], err

@@ -71,7 +71,7 @@ def test_a_broken_config_is_one_line_and_exit_2(env, tmp_path):
 
 def test_a_start_refused_before_anything_is_made(env, tmp_path):
     """A --start that is no Python, Claude without a key, a --listen address this machine cannot bind,
-    an infinite budget: one line, exit 2, no home made, no data prepared."""
+    an infinite budget, seeds without the network: one line, exit 2, no home made, no data prepared."""
     import socket
     (tmp_path / "empty.py").write_text("")
     (tmp_path / "binary.py").write_bytes(b"\xc9\x93\x00")
@@ -87,7 +87,8 @@ def test_a_start_refused_before_anything_is_made(env, tmp_path):
                                (["--listen", f"127.0.0.1:{port}"], "in use"),
                                (["--listen", f"127.0.0.1:{port - 1}"], "--data-port"),
                                (["--listen", "nosuchhost.invalid:7645"], "cannot listen on"),
-                               (["--budget", "inf"], "finite")):
+                               (["--budget", "inf"], "finite"),
+                               (["--listen", "off", "--seed", "127.0.0.1:7645"], "--seed needs the network")):
             r = node_cli("join", "--home", str(tmp_path / "home"), "--profile", "tiny", "--no-mdns", *extra,
                          env={k: v for k, v in env.items() if k != "ANTHROPIC_API_KEY"}, timeout=60)
             assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (extra, r.stderr)
@@ -284,6 +285,8 @@ def test_suggestions_run_next_and_bad_ones_are_refused(env, tmp_path, stdlib_dat
     diff = "".join(difflib.unified_diff(BASELINE.splitlines(True), new.splitlines(True), "a/train.py", "b/train.py"))
     patch.write_text(diff)
     assert node_cli("suggest", "--home", str(home), str(patch), env=env).returncode == 0
+    r = node_cli("suggest", "--home", str(home), str(patch), env=env)  # the same patch again: it would run twice
+    assert r.returncode == 0 and "already queued as" in r.stdout and len(os.listdir(home / "queue")) == 1
     assert node_cli("suggest", "--home", str(home), "--note", "deeper might pay off", env=env).returncode == 0
     other = tmp_path / "other.diff"
     other.write_text(diff.replace("train.py", "prepare.py"))
