@@ -292,7 +292,8 @@ class SimNode:
         share = self.verify_minutes / self.minutes if self.minutes else 0.0
         entries = self.ledger.rank(self.hw, self.noise(), RUN_MIN, self.sim.now * 60, self.done, SETTINGS["keep_sigmas"])
         limit = 1 if self.batch_failed == self.best else SETTINGS["verify_batch"]
-        b = swarm.batch(self.ledger, swarm.due(entries, share, SETTINGS["verify_share"]), self.best, self.known, limit)
+        b = swarm.batch(self.ledger, swarm.due(entries, share, SETTINGS["verify_share"]), self.best, self.known, limit,
+                        pending={e.record.body["child"] for e in entries})
         self.done.update(r.id for r, _ in b.settled)
         if not b.records:
             return False

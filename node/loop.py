@@ -650,7 +650,7 @@ class Node:
         entries, share = self.queue()
         limit = 1 if self.store.get("batch_failed") == self.best() else self.s["verify_batch"]
         b = swarm.batch(self.ledger, swarm.due(entries, share, self.s["verify_share"]), self.tree.read(self.best()),
-                        self.store.source, limit, self.lineage)
+                        self.store.source, limit, self.lineage, {e.record.body["child"] for e in entries})
         for record, plan in b.settled:
             self._settle(record, plan)
         if not b.records:
@@ -661,7 +661,8 @@ class Node:
     def verify(self, record):
         """Verify one foreign improvement alone: rebase it onto our best, run it, adopt it if it
         beats our best by more than our noise, and attest either way. ran | reject | held | waiting."""
-        plan = swarm.plan(self.ledger, record, self.tree.read(self.best()), self.store.source, self.lineage)
+        pending = {e.record.body["child"] for e in self.queue()[0]}
+        plan = swarm.plan(self.ledger, record, self.tree.read(self.best()), self.store.source, self.lineage, pending)
         if plan.action == "wait":
             return "waiting"
         if plan.action in ("reject", "held"):

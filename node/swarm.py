@@ -272,20 +272,21 @@ class Batch:
     settled: tuple = ()       # (record, Plan) met on the way that need no run: rejected or held
 
 
-def batch(ledger, entries, best_source, known, limit, lineage=LINEAGE):
+def batch(ledger, entries, best_source, known, limit, lineage=LINEAGE, pending=frozenset()):
     """What to verify next: the best-ranked entry that can run, then each further one that holds on
     its own evidence (p_hold >= 0.5, from an author of standing >= 0.4) and merges cleanly onto
     those taken, up to `limit` in all. One run of the merged tree verifies them together: when it
     beats our best by more than our noise, all are adopted. Verifying each alone costs every node
     a run per win: in the research simulator 20 nodes reached the target in 1.4 h one at a time,
-    1.1 h in batches of up to 8 (bench/RESULTS.md). An entry whose only fault is a conflict with another one taken waits for a later run."""
+    1.1 h in batches of up to 8 (bench/RESULTS.md). An entry whose only fault is a conflict with another one taken waits for a later run.
+    `pending`: the child hashes of the improvements not judged here yet (see plan)."""
     records, settled, merged = [], [], best_source
     for e in entries:
         if len(records) >= limit:
             break
         if records and (e.p_hold < 0.5 or e.standing < 0.4):
             continue
-        p = plan(ledger, e.record, best_source, known, lineage)
+        p = plan(ledger, e.record, best_source, known, lineage, pending)
         if p.action in ("reject", "held"):
             settled.append((e.record, p))
         elif p.action == "run" and not records:
@@ -307,10 +308,12 @@ class Plan:
     note: str = ""
 
 
-def plan(ledger, record, best_source, known, lineage=LINEAGE):
+def plan(ledger, record, best_source, known, lineage=LINEAGE, pending=frozenset()):
     """Check a foreign improvement and rebase it onto our best with git's three-way merge. One of
     another lineage is held, not rebased (its diff is of another file) nor judged: it stays in the
-    store, shown and learned from (a proposer may port its idea)."""
+    store, shown and learned from (a proposer may port its idea). One that conflicts with our best
+    waits while its parent is itself an improvement not judged here yet (its child hash in
+    `pending`): a peer's win stacked on its earlier one rebases once that one is adopted."""
     body = record.body
     if body["lineage"] != lineage:
         return Plan("held", note=f"lineage {body['lineage'][:32]}, ours is {lineage}: shown, not rebased")
@@ -327,6 +330,8 @@ def plan(ledger, record, best_source, known, lineage=LINEAGE):
         merged = child
     else:
         merged, conflicts = gittree.merge3(best_source, parent, child)
+        if conflicts and body["parent"] in pending:
+            return Plan("wait", note=f"its parent {body['parent'][:12]} is an improvement not judged here yet")
         if conflicts:
             return Plan("reject", verdict="failed_to_apply", note=f"{conflicts} conflict(s) rebasing onto our best")
     if merged == best_source:

@@ -94,6 +94,24 @@ def test_plans_rebase_reject_hold_and_wait(ledger):
     assert swarm.plan(ledger, orphan, BASELINE, KNOWN.get).action == "wait"
 
 
+def test_a_win_stacked_on_an_earlier_one_waits_for_it_rather_than_being_rejected(ledger):
+    """Alice kept MATRIX_LR 0.04 -> 0.08, then 0.08 -> 0.07 on top. Before her first win is judged
+    here, the second conflicts with our best (both change one line); rejected then, it was never
+    tried again once the first was adopted."""
+    rx = improvement(ALICE, BASELINE, X)
+    stacked = edit(X, "MATRIX_LR = 0.08", "MATRIX_LR = 0.07")
+    rs = improvement(ALICE, X, stacked)
+    add(ledger, rx, rs)
+    pending = {rx.body["child"], rs.body["child"]}
+    p = swarm.plan(ledger, rs, BASELINE, KNOWN.get, pending=pending)
+    assert p.action == "wait" and "not judged here yet" in p.note
+    assert swarm.plan(ledger, rs, X, KNOWN.get, pending={rs.body["child"]}) == swarm.Plan("run", source=stacked)
+    assert swarm.plan(ledger, rs, BASELINE, KNOWN.get, pending={rs.body["child"]}).verdict == "failed_to_apply"  # refuted
+    entry = dict(priority=1.0, strong=True, gain=0.01, p_hold=0.9, standing=1.0, closeness=1.0, confirmed=0.0, refuted=0.0)
+    b = swarm.batch(ledger, [swarm.Entry(rs, **entry), swarm.Entry(rx, **entry)], BASELINE, KNOWN.get, 8, pending=pending)
+    assert b.records == (rx,) and not b.settled  # the stacked one waits; its parent runs
+
+
 def test_edits_of_neighbouring_constants_merge_and_edits_of_one_line_conflict():
     ours = edit(BASELINE, "MATRIX_LR = 0.04", "MATRIX_LR = 0.06")
     theirs = edit(BASELINE, "SCALAR_LR = 0.5", "SCALAR_LR = 0.4")  # the line above: git alone calls it a conflict
