@@ -36,7 +36,10 @@ def experiment(args):
     tree = tempfile.mkdtemp(prefix="autoresearch-tree-")
     try:
         shutil.copy(path, os.path.join(tree, "train.py"))
-        result = run.run(tree, budget=args.budget, profile=args.profile, data=data, backend=backend)
+        from node import home as homes
+        with homes.device_lock(homes.device_lock_path(), lambda: print(
+                "waiting for the device: a node on this machine is running", file=sys.stderr, flush=True)):
+            result = run.run(tree, budget=args.budget, profile=args.profile, data=data, backend=backend)
     except KeyboardInterrupt:  # the sandbox has killed the candidate and its servers on the way out
         print("interrupted: no result", file=sys.stderr)
         return 130

@@ -51,6 +51,12 @@ class Lock:
         os.close(self.fd)
 
 
+def device_lock_path():
+    """The lock that nodes and `experiment` runs sharing a machine (one cache folder) take in turn for its accelerator."""
+    from model import prepare
+    return os.path.join(prepare.cache_dir(), f"device-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}.lock")
+
+
 @contextlib.contextmanager
 def device_lock(path, waiting):
     """Hold the machine's lock on an accelerator for one run; `waiting()` is called once if

@@ -209,10 +209,9 @@ class Node:
         """One sandboxed run of `commit`, taking its turn on the device: nodes sharing a machine
         (one cache folder) run one at a time, so no run's clock is shared with another's. A slow
         proposer prepares the next proposal meanwhile."""
-        from model import prepare
         self.prepare_next()
-        path = os.path.join(prepare.cache_dir(), f"device-{os.environ.get('CUDA_VISIBLE_DEVICES', 'all')}.lock")
-        with homes.device_lock(path, lambda: self.say("waiting for the device: another node on this machine is running")):
+        with homes.device_lock(homes.device_lock_path(),
+                               lambda: self.say("waiting for the device: another node on this machine is running")):
             return self._measure(kind, commit, description, proposer, edit, usage)
 
     def _measure(self, kind, commit, description, proposer, edit, usage):

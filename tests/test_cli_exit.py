@@ -180,3 +180,16 @@ def test_ctrl_c_during_an_experiment_is_one_line_and_exit_130(env, tmp_path):
     os.killpg(p.pid, signal.SIGINT)  # as Ctrl-C at a terminal: the whole group
     out, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.strip().splitlines() == ["interrupted: no result"], err
+
+
+def test_an_experiment_takes_its_turn_on_the_device_with_the_nodes(env, stdlib_cache):
+    """A node's runs and an `experiment` on one machine share the device's lock, so no run's clock is shared."""
+    lock = os.path.join(str(stdlib_cache), "device-" + env.get("CUDA_VISIBLE_DEVICES", "all") + ".lock")
+    with homes.device_lock(lock, lambda: None):  # as a node's run holds it
+        p = subprocess.Popen([sys.executable, "-m", "node", "experiment", os.path.join(ROOT, "model", "train.py"),
+                              "--profile", "tiny", "--budget", "1", "--json"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(8)
+        assert p.poll() is None  # waiting, not running beside it
+    out, err = p.communicate(timeout=120)
+    assert "waiting for the device" in err and json.loads(out)["status"] == "ok", err
