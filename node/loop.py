@@ -906,7 +906,7 @@ def status(home):
     spent = _wall(exps)
     started = float(store.get("started", 0) or 0)
     out = dict(best_val_bpb=sum(m[best]) / len(m[best]) if m.get(best) else None, best_commit=best,
-               baseline_val_bpb=_first_baseline(exps), experiments=len(cands),
+               baseline_val_bpb=_first_baseline(exps, m), experiments=len(cands),
                kept=sum(e["status"] == "keep" for e in cands), crashed=sum(e["status"] == "crash" for e in cands),
                discarded=sum(e["status"] == "discard" for e in cands),
                runs=sum(e["status"] in ("keep", "discard", "crash") for e in exps),  # decided: results.tsv's rows
@@ -966,6 +966,8 @@ def _wall(exps):
     return total
 
 
-def _first_baseline(exps):
-    xs = [e["val_bpb"] for e in exps if e["kind"] == "baseline" and e["val_bpb"] is not None]
-    return sum(xs) / len(xs) if xs else None
+def _first_baseline(exps, m):
+    """The mean of every run of the unmodified tree this home started from (its re-measures too, as the
+    best's mean counts them: while the baseline is the best, the two agree)."""
+    first = next((e["commit_"] for e in exps if e["kind"] == "baseline"), None)
+    return sum(m[first]) / len(m[first]) if m.get(first) else None
