@@ -130,6 +130,11 @@ def _by_idea(claims):
     return by_idea
 
 
+def _changed_lines(diff):
+    """The lines a diff removes or adds (not its context, which names the neighbouring constants)."""
+    return "\n".join(line[1:] for line in diff.splitlines() if line.startswith(("+", "-")) and not line.startswith(("+++", "---")))
+
+
 def expiry(claim):
     """When a claim stops being honoured (seconds): its own expiry, but never more than
     MAX_CLAIM_S after it was made (a claim that never expires would hold its idea for good)."""
@@ -332,7 +337,7 @@ class Memory:
         for r in self.experiments():
             if tag and swarm.tag_name(r.body["hardware"]) != tag:
                 continue
-            if grep and grep.lower() not in (r.body["hypothesis"] + "\n" + r.body["diff"]).lower():
+            if grep and grep.lower() not in (r.body["hypothesis"] + "\n" + _changed_lines(r.body["diff"])).lower():
                 continue
             groups[change_of(r.body["diff"]) or r.body["idea"]].append(r)
         ideas = []

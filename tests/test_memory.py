@@ -103,6 +103,13 @@ def test_a_claim_that_says_it_lasts_a_year_is_honoured_and_shown_for_a_day_at_mo
     assert not mem.claims(HW, now + memory.MAX_CLAIM_S + 1)  # knowledge and watch show this expiry too
 
 
+def test_knowledge_grep_matches_what_an_idea_changes_not_its_neighbours(mem):
+    add(mem, experiment(BOB, BASELINE, UP))  # MATRIX_LR: its diff's context shows EMBEDDING_LR and SCALAR_LR
+    assert "EMBEDDING_LR" in experiment(BOB, BASELINE, UP).body["diff"]
+    assert not mem.knowledge(time.time(), grep="EMBEDDING_LR")["ideas"]
+    assert len(mem.knowledge(time.time(), grep="matrix_lr = 0.06")["ideas"]) == 1
+
+
 def test_claims_lost_in_a_race_are_not_held_against_their_author(mem):
     """A node that claimed an idea a peer had claimed a moment earlier chooses again (loop.Node.lost_race):
     that its claim never becomes a record does not make its later claims count for nothing."""
