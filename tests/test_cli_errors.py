@@ -112,6 +112,15 @@ def test_watch_creates_nothing_in_a_folder_without_a_store(tmp_path):
     assert files(folder) == {}
 
 
+@pytest.mark.parametrize("command", READERS + (("join", "--profile", "tiny", "--listen", "off"),), ids=lambda c: c[0])
+def test_a_home_that_is_a_file_is_named_as_one(tmp_path, command):
+    home = tmp_path / "notes.txt"
+    home.write_text("a file")
+    why = refused(cli(tmp_path, *command, "--home", home))
+    assert "is a file, not a node home" in why and "start one" not in why
+    assert home.read_text() == "a file"
+
+
 # -- export -o and plot -o: where the output cannot go ------------------------------------------
 
 def _bad_outputs(tmp_path):
