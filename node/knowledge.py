@@ -34,6 +34,8 @@ def main(args):
         return 0
     print(f"task {k['task']}: {k['experiments']} experiments in {len(k['ideas'])} ideas"
           + (f" (records left out: {', '.join(f'{n} {r}' for r, n in k['rejected'].items())})" if k["rejected"] else ""))
+    if args.tag and args.tag not in k["tags"]:
+        print(f"no experiment on tag {args.tag!r}; the tags here: {', '.join(k['tags']) or 'none yet'}")
     if k["ideas"]:
         print(f"{'median delta':>12}  {'tries':>5}  {'keep/discard/crash':>18}  {'nodes':>5}  {'tags':>4}  idea")
     for i in k["ideas"]:

@@ -361,5 +361,7 @@ class Memory:
         claims = [dict(author=c.author_id, description=c.body["description"], idea=c.body["idea"],
                        tag=swarm.tag_name(c.body["hardware"]), expires_in_s=round(expiry(c) - now))
                   for c in in_flight(self.ledger.claims, self.experiments(), now)
-                  if not grep or grep.lower() in c.body["description"].lower()]
-        return dict(ideas=ideas, claims=claims, experiments=sum(i["tries"] for i in ideas))
+                  if (not grep or grep.lower() in c.body["description"].lower())
+                  and (not tag or swarm.tag_name(c.body["hardware"]) == tag)]
+        tags = sorted({swarm.tag_name(r.body["hardware"]) for r in self.experiments()})
+        return dict(ideas=ideas, claims=claims, experiments=sum(i["tries"] for i in ideas), tags=tags)

@@ -108,6 +108,9 @@ def test_knowledge_grep_matches_what_an_idea_changes_not_its_neighbours(mem):
     assert "EMBEDDING_LR" in experiment(BOB, BASELINE, UP).body["diff"]
     assert not mem.knowledge(time.time(), grep="EMBEDDING_LR")["ideas"]
     assert len(mem.knowledge(time.time(), grep="matrix_lr = 0.06")["ideas"]) == 1
+    add(mem, claim(BOB, BASELINE, edit(BASELINE, "DEPTH = 4", "DEPTH = 5")))
+    k = mem.knowledge(time.time(), tag="nosuchtag")
+    assert not k["ideas"] and not k["claims"] and k["tags"] == [swarm.tag_name(HW)]  # knowledge names the tags there are
 
 
 def test_claims_lost_in_a_race_are_not_held_against_their_author(mem):
