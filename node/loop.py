@@ -764,9 +764,13 @@ class Node:
                 self.done += 1
         except Stop:
             self.store.mark_interrupted()
-            self.tree.reset(self.best())
+            try:
+                self.tree.reset(self.best())
+                where = "the tree is at the best commit " + self.best()[:7]
+            except gittree.GitError:  # a git the signal reached too: the next start resets the tree (_recover)
+                where = "the tree goes back to the best commit " + self.best()[:7] + " at the next start"
             self.events("stop", reason="signal")
-            self.say("stopped; the tree is at the best commit " + self.best()[:7])
+            self.say("stopped; " + where)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
