@@ -175,13 +175,11 @@ def _freeze_torch(payload, out, device_weights):
                 device_bytes(address + offset, storage.nbytes(), on_device).copy_(_bytes(storage))
         if address is not None:
             torch.cuda.synchronize(on_device)
-    except RuntimeError as e:
+    except BaseException as e:
         if address is not None:
             prepare.cuda_free(address)
-        raise HandOverError(f"the model's weights could not be copied for the hand-over: {e}") from None
-    except BaseException:
-        if address is not None:
-            prepare.cuda_free(address)
+        if isinstance(e, RuntimeError):  # CUDA's, not a pickling fault
+            raise HandOverError(f"the model's weights could not be copied for the hand-over: {e}") from None
         raise
     return None if address is None else {"address": address, "bytes": ends["device"]}
 
@@ -310,11 +308,7 @@ def thaw(fd, size, weights=None):
                 loaded[key] = _thawed_storage(m, start, weights, where, offset, nbytes, torch.device(device))
             storage = loaded[key]
             return storage if dtype is None else torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
-    payload = Thawer(io.BytesIO(m[len(head):body])).load()
-    for storage in loaded.values():
-        if storage.device.type == "cuda":
-            torch.cuda.synchronize(storage.device)  # copied: the harness's buffer may go
-    return payload
+    return Thawer(io.BytesIO(m[len(head):body])).load()  # the device copies may still run: see thaw_loaded
 
 
 def _thawed_storage(m, start, weights, where, offset, nbytes, device):
