@@ -180,9 +180,7 @@ def join(args):
         return 2
     made = False
     try:
-        home = os.path.abspath(args.home or homes.default_home())
-        if os.path.exists(home) and not os.path.isdir(home):
-            raise homes.HomeError(f"{home} is a file, not a node home (a home is a folder: --home DIR)")
+        home = homes.refuse_file(os.path.abspath(args.home or homes.default_home()))
         if os.path.lexists(os.path.join(home, "store.sqlite")):  # a folder that is no node's home: refused untouched
             homes.Store(os.path.join(home, "store.sqlite")).db.close()
         made = not os.path.isdir(home)

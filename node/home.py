@@ -74,11 +74,16 @@ def device_lock(path, waiting):
         os.close(fd)
 
 
-def store_path(home):
-    """The store of an existing home, for the commands that read one; HomeError if there is none."""
-    path = os.path.join(home, "store.sqlite")
+def refuse_file(home):
+    """`home`, unless it is a file: HomeError."""
     if os.path.exists(home) and not os.path.isdir(home):
         raise HomeError(f"{home} is a file, not a node home (a home is a folder: --home DIR)")
+    return home
+
+
+def store_path(home):
+    """The store of an existing home, for the commands that read one; HomeError if there is none."""
+    path = os.path.join(refuse_file(home), "store.sqlite")
     if not os.path.exists(path):
         raise HomeError(f"no node home at {home} (start one with python -m node join --home {home})")
     return path
