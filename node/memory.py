@@ -333,9 +333,10 @@ class Memory:
     def knowledge(self, now, tag=None, grep=None):
         """What the swarm has tried, grouped by the change: tries, tags, median delta, outcomes,
         and who claims what now."""
-        groups = defaultdict(list)
-        for r in self.experiments():
-            if tag and swarm.tag_name(r.body["hardware"]) != tag:
+        groups, experiments, tags = defaultdict(list), self.experiments(), set()
+        for r in experiments:
+            tags.add(on := swarm.tag_name(r.body["hardware"]))
+            if tag and on != tag:
                 continue
             if grep and grep.lower() not in (r.body["hypothesis"] + "\n" + _changed_lines(r.body["diff"])).lower():
                 continue
@@ -360,8 +361,7 @@ class Memory:
         ideas.sort(key=lambda i: (i["median_delta"] is None, i["median_delta"] or 0.0))
         claims = [dict(author=c.author_id, description=c.body["description"], idea=c.body["idea"],
                        tag=swarm.tag_name(c.body["hardware"]), expires_in_s=round(expiry(c) - now))
-                  for c in in_flight(self.ledger.claims, self.experiments(), now)
+                  for c in in_flight(self.ledger.claims, experiments, now)
                   if (not grep or grep.lower() in c.body["description"].lower())
                   and (not tag or swarm.tag_name(c.body["hardware"]) == tag)]
-        tags = sorted({swarm.tag_name(r.body["hardware"]) for r in self.experiments()})
-        return dict(ideas=ideas, claims=claims, experiments=sum(i["tries"] for i in ideas), tags=tags)
+        return dict(ideas=ideas, claims=claims, experiments=sum(i["tries"] for i in ideas), tags=sorted(tags))
