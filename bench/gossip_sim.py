@@ -131,10 +131,18 @@ class Net(sim.Network):
         return node
 
 
-def populate(net, kinds, rng, batch):
-    """`kinds[i]` (None for honest, else a Hostile subclass) joins; `batch` joins per 0.5 s."""
+def populate(net, kinds, rng, batch, lab_seed=False):
+    """`kinds[i]` (None for honest, else a Hostile subclass) joins; `batch` joins per 0.5 s. With
+    `lab_seed`, every honest node after the first joins through the first honest node and 2 random
+    earlier nodes (a lab's own `--seed`), others through 3 random earlier nodes."""
+    first = None
     for i, cls in enumerate(kinds):
-        net.join(cls, rng=rng)
+        seeds = None
+        if lab_seed and cls is None and first is not None and len(net.order) > 3:
+            seeds = [first] + rng.sample([a for a in net.order if a != first], 2)
+        node = net.join(cls, seeds=seeds, rng=rng)
+        if cls is None and first is None:
+            first = node.address
         if (i + 1) % batch == 0 or i == len(kinds) - 1:
             net.run(0.5)
 
@@ -505,11 +513,12 @@ def attack_records(net, rng, records, sources=None, limit_s=60.0, reachable=Fals
 
 
 def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", settle=15.0, victim=False, censor=False,
-             attack_s=15.0, limit_s=60.0):
+             attack_s=15.0, limit_s=60.0, lab_seed=False):
     """`honest` honest nodes and `hostile` nodes of `cls` (a list: cycled): with `how` = "flash" the
     hostile ones join at once into a settled network (after 3 warm-up records) and attack for
     `attack_s` first; "mixed": they are there from the start; "cold": they boot with the honest
-    ones and records follow `settle` seconds after the last join. Then `records` records."""
+    ones and records follow `settle` seconds after the last join (`lab_seed`: honest nodes share
+    one honest seed, see `populate`). Then `records` records."""
     rng = random.Random(seed)
     net = Net(seed=seed, loss=LOSS)
     started = time.time()
@@ -517,7 +526,7 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
     kinds = [None] * honest + [classes[i % len(classes)] for i in range(hostile if how != "flash" else 0)]
     if how != "flash":
         rng.shuffle(kinds)
-    populate(net, kinds, rng, batch_for(len(kinds)))
+    populate(net, kinds, rng, batch_for(len(kinds)), lab_seed)
     net.run(settle)
     since = net.now
     if how != "cold":
@@ -647,6 +656,8 @@ def part_c(h, k, seed, limit_s=60.0, only=None):
         ("censor (one publisher)", dict(hostile=h // 2, cls=hostile_class("Censor", drop=False), how="mixed", censor=True)),
         ("cold boot (hostile 2:1)", dict(hostile=2 * h, cls=hostile_class("Cold", drop=True, pollute=True), how="cold",
                                          settle=5.0)),
+        ("cold boot, one honest seed (hostile 2:1)", dict(hostile=2 * h, cls=hostile_class("ColdSeeded", drop=True, pollute=True),
+                                                          how="cold", settle=5.0, lab_seed=True)),
     ]
     results = [scenario(name, seed, h, k, limit_s=limit_s, **kw) for name, kw in scenarios
                if only is None or any(o in name for o in only)]
@@ -735,6 +746,8 @@ keep membership honest enough to stay in views (they answer probes) and attack t
   into components (who knows whom, either way) that only honest links could join. A record is
   measured among the honest nodes of its publisher's component at publish time: no protocol fed
   by honest relays reaches the others (the notes give the islands' sizes).
+- cold boot, one honest seed: the same, but each honest node joins through one honest node (a lab's
+  own `--seed`, or its LAN by mDNS) and 2 random earlier nodes: one honest component.
 Standing is the core's per-member score (the worst score of its connections, which bad input and
 broken promises lower: a record it did not serve when a spot or possession check asked for it; less
 its debt: unanswered digests, disproved rumours); the core does not choose members below 0 as gossip targets. Service is
