@@ -133,12 +133,16 @@ class Membership:
         if now >= self.next_rejoin:
             self.next_rejoin = now + c.rejoin_interval_s
             join = {"hello": self.hello}
+            known = {m.address for m in self.members.values()}
+            missing = [a for a in self.seeds if a != self.address and a not in known]
             if not self.members:
-                out += [self._message(a, "join", join, now) for a in self.seeds if a != self.address]
+                out += [self._message(a, "join", join, now) for a in missing]
+            elif missing:  # a seed missing from our view (its welcome lost, or it was down) is asked again
+                out.append(self._message(self.rng.choice(missing), "join", join, now))
             if self.dead:
                 _, (_, address, _) = self.rng.choice(list(self.dead.items()))
                 out.append(self._message(address, "join", join, now))
-            elif self.seeds and self.rng.random() < 0.25:  # islands of a partial view find the rest
+            elif self.seeds and not missing and self.rng.random() < 0.25:  # islands of a partial view find the rest
                 out.append(self._message(self.rng.choice(self.seeds), "join", join, now))
         return out
 
@@ -201,7 +205,7 @@ class Membership:
                     return self._ask_address(m.address, now)
             return []
         if len(self.members) >= self.config.max_view:
-            if not self._outranks(mid):
+            if not (self._outranks(mid) or (self._seat_seed(msg, acct) and self._victim())):
                 return []
             self._drop(self._victim())  # still alive, just out of our sample
         seen = now if direct and acct.node == mid else min(now, msg.ts / 1000)  # a relayed hello: when it was said
@@ -215,6 +219,14 @@ class Membership:
         if not self._verified(mid, m.address, now):  # asked at once, it is verified before we have much to send it
             out += self._ask_address(m.address, now)
         return out
+
+    def _seat_seed(self, msg, acct):
+        """Whether a full view makes room for this hello's member although it does not outrank
+        the worst: it speaks for itself, from an address the operator named as a seed, and no
+        member holds that address (so the seats taken this way are at most the seeds)."""
+        address = msg.payload["address"]
+        return (acct.node == msg.sender_id and address in self.seeds
+                and all(m.address != address for m in self.members.values()))
 
     def _peek(self, blob):
         """(member id, incarnation) as a hello's bytes claim them, unchecked; None if they do not parse."""

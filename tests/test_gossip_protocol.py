@@ -119,6 +119,54 @@ def seeds_silent(net):
     return [(a, e.detail["seeds"]) for _, a, e in net.events if e.kind == "seeds_silent"]
 
 
+def test_a_seed_missing_from_the_view_is_asked_again_each_rejoin_interval():
+    """A seed's welcome can be lost while other members fill the view, and then the node never
+    hears of the member its operator named (in a view strangers filled, maybe its one honest
+    member). It joins through a seed missing from its view every rejoin interval, not by the
+    quarter chance it gives seeds already in it."""
+    ids = {a: Identity.from_seed(a.encode()) for a in ("s", "t", "u")}
+    node = protocol.Node(Identity.from_seed(b"me"), "me", seeds=["s", "t"], rng=random.Random(2), now=0.0)
+    node.start(0.0)
+    for a in ("t", "u"):
+        answer_pings(node, node.receive(a, _member_hello(ids[a], a), 0.5), ids, 0.5)
+
+    def joins_to_s(t, intervals):
+        n = 0
+        for _ in range(int(intervals * CFG.rejoin_interval_s / CFG.tick_s)):
+            t += CFG.tick_s
+            out = node.tick(t)
+            answer_pings(node, out, ids, t)
+            n += sum(o.address == "s" for o in sends(out, {"join"}))
+        return t, n
+
+    t, n = joins_to_s(0.5, 8)
+    assert n >= 7, n
+    answer_pings(node, node.receive("s", _member_hello(ids["s"], "s", ms=int(t * 1000)), t), ids, t)
+    assert node.members[ids["s"].id].seed
+    t, n = joins_to_s(t, 40)
+    assert n <= 10, n  # 40 x 0.25 / 2 = 5 expected
+
+
+def test_a_full_view_makes_room_for_a_seed_speaking_for_itself():
+    """A view filled before a seed's welcome arrives still takes the seed (the member its operator
+    named; otherwise it would be joined again and again), evicting the worst-ranked member; but
+    only one member per seed address, so keys that claim a seed's address gain no more seats."""
+    cfg = dataclasses.replace(CFG, max_view=4)
+    node = protocol.Node(Identity.from_seed(b"me"), "me", cfg, seeds=["s"], rng=random.Random(4), now=0.0)
+    others = [Identity.from_seed(b"filler %d" % i) for i in range(40)]
+    for i, ident in enumerate(others):
+        node.receive(f"f{i}", _member_hello(ident, f"f{i}"), 1.0)
+    assert len(node.members) == 4
+    worst = max(node.members.values(), key=lambda m: m.rank)
+    seed = max((Identity.from_seed(b"seed %d" % i) for i in range(50)), key=lambda k: node._rank(k.id))  # no rank to get in
+    assert node._rank(seed.id) > worst.rank
+    node.receive("s", _member_hello(seed, "s"), 2.0)
+    assert node.members[seed.id].seed and len(node.members) == 4 and worst.id not in node.members
+    squatter = max((Identity.from_seed(b"squat %d" % i) for i in range(50)), key=lambda k: node._rank(k.id))
+    node.receive("s", _member_hello(squatter, "s"), 3.0)
+    assert squatter.id not in node.members and seed.id in node.members
+
+
 def test_a_node_no_seed_answers_says_so_once():
     """Alone `seeds_silent_s` after start: one event naming its seeds, none again while it keeps
     asking them, nor once one answers (that shows as a member joined)."""
