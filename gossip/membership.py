@@ -109,6 +109,7 @@ class Membership:
         self._worst = None                  # (view size, time, the member a better-ranked newcomer evicts)
         self.next_probe = now + self.config.ping_interval_s
         self.next_rejoin = now + self.config.rejoin_interval_s
+        self.seed_retry = {}                # seed address missing from the view -> (next join, joins so far)
         self.silent_due = now + self.config.seeds_silent_s  # then, still alone, say once that no seed answered
 
     def _membership_tick(self, now):
@@ -135,16 +136,32 @@ class Membership:
             join = {"hello": self.hello}
             known = {m.address for m in self.members.values()}
             missing = [a for a in self.seeds if a != self.address and a not in known]
+            for a in [a for a in self.seed_retry if a not in missing]:
+                del self.seed_retry[a]  # in the view again
+            asked = False
             if not self.members:
                 out += [self._message(a, "join", join, now) for a in missing]
-            elif missing:  # a seed missing from our view (its welcome lost, or it was down) is asked again
-                out.append(self._message(self.rng.choice(missing), "join", join, now))
+            elif missing:
+                out, asked = out + self._ask_seed(missing, join, now), True
             if self.dead:
                 _, (_, address, _) = self.rng.choice(list(self.dead.items()))
                 out.append(self._message(address, "join", join, now))
-            elif self.seeds and not missing and self.rng.random() < 0.25:  # islands of a partial view find the rest
+            elif self.seeds and not asked and self.rng.random() < 0.25:  # islands of a partial view find the rest
                 out.append(self._message(self.rng.choice(self.seeds), "join", join, now))
         return out
+
+    def _ask_seed(self, missing, join, now):
+        """A join to one seed missing from our view (its welcome lost, or it was down), each such
+        seed asked again after 1, 2, 4 ... 64 rejoin intervals: a lost welcome is mended at the
+        next interval, while a seed that answers under another address than the one we were
+        given (a host name, a NAT) costs a join every few minutes."""
+        due = [a for a in missing if self.seed_retry.get(a, (0.0, 0))[0] <= now]
+        if not due:
+            return []
+        a = self.rng.choice(due)
+        k = self.seed_retry.get(a, (0.0, 0))[1]
+        self.seed_retry[a] = (now + self.config.rejoin_interval_s * 2 ** min(k, 6), k + 1)
+        return [self._message(a, "join", join, now)]
 
     def _seeds_silent(self, now):
         """Once, `seeds_silent_s` after start: if no member was ever heard though seeds were given, an

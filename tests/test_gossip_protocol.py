@@ -122,8 +122,10 @@ def seeds_silent(net):
 def test_a_seed_missing_from_the_view_is_asked_again_each_rejoin_interval():
     """A seed's welcome can be lost while other members fill the view, and then the node never
     hears of the member its operator named (in a view strangers filled, maybe its one honest
-    member). It joins through a seed missing from its view every rejoin interval, not by the
-    quarter chance it gives seeds already in it."""
+    member). It joins through a seed missing from its view at the next rejoin interval, not by
+    the quarter chance it gives seeds already in it, then after longer and longer waits (a seed
+    that answers under another address than the one given, a host name, must not cost a join
+    every interval for ever)."""
     ids = {a: Identity.from_seed(a.encode()) for a in ("s", "t", "u")}
     node = protocol.Node(Identity.from_seed(b"me"), "me", seeds=["s", "t"], rng=random.Random(2), now=0.0)
     node.start(0.0)
@@ -139,8 +141,10 @@ def test_a_seed_missing_from_the_view_is_asked_again_each_rejoin_interval():
             n += sum(o.address == "s" for o in sends(out, {"join"}))
         return t, n
 
-    t, n = joins_to_s(0.5, 8)
-    assert n >= 7, n
+    t, n = joins_to_s(0.5, 1.5)
+    assert n >= 1, n
+    t, n = joins_to_s(t, 60)
+    assert 5 <= n <= 20, n  # backed off: 6 asks (plus the quarter chance's) in 60 intervals, not 60
     answer_pings(node, node.receive("s", _member_hello(ids["s"], "s", ms=int(t * 1000)), t), ids, t)
     assert node.members[ids["s"].id].seed
     t, n = joins_to_s(t, 40)
