@@ -142,7 +142,8 @@ class Membership:
             if not self.members:
                 out += [self._message(a, "join", join, now) for a in missing]
             elif missing:
-                out, asked = out + self._ask_seed(missing, join, now), True
+                ask = self._ask_seed(missing, join, now)
+                out, asked = out + ask, bool(ask)
             if self.dead:
                 _, (_, address, _) = self.rng.choice(list(self.dead.items()))
                 out.append(self._message(address, "join", join, now))
