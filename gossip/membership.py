@@ -136,8 +136,7 @@ class Membership:
             join = {"hello": self.hello}
             known = {m.address for m in self.members.values()}
             missing = [a for a in self.seeds if a != self.address and a not in known]
-            for a in [a for a in self.seed_retry if a not in missing]:
-                del self.seed_retry[a]  # in the view again
+            self.seed_retry = {a: r for a, r in self.seed_retry.items() if a in missing}  # back in the view: forgotten
             asked = False
             if not self.members:
                 out += [self._message(a, "join", join, now) for a in missing]
@@ -160,7 +159,7 @@ class Membership:
         if not due:
             return []
         a = self.rng.choice(due)
-        k = self.seed_retry.get(a, (0.0, 0))[1]
+        _, k = self.seed_retry.get(a, (0.0, 0))
         self.seed_retry[a] = (now + self.config.rejoin_interval_s * 2 ** min(k, 6), k + 1)
         return [self._message(a, "join", join, now)]
 
