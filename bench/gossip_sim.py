@@ -513,12 +513,13 @@ def attack_records(net, rng, records, sources=None, limit_s=60.0, reachable=Fals
 
 
 def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", settle=15.0, victim=False, censor=False,
-             attack_s=15.0, limit_s=60.0, lab_seed=False):
+             attack_s=15.0, limit_s=60.0, lab_seed=False, later=None):
     """`honest` honest nodes and `hostile` nodes of `cls` (a list: cycled): with `how` = "flash" the
     hostile ones join at once into a settled network (after 3 warm-up records) and attack for
     `attack_s` first; "mixed": they are there from the start; "cold": they boot with the honest
     ones and records follow `settle` seconds after the last join (`lab_seed`: honest nodes share
-    one honest seed, see `populate`). Then `records` records."""
+    one honest seed, see `populate`). Then `records` records, and `later` (default `records`) more
+    once the first are LATER_S old."""
     rng = random.Random(seed)
     net = Net(seed=seed, loss=LOSS)
     started = time.time()
@@ -572,7 +573,7 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
         notes["victim: seconds until it held each record others published"] = ", ".join(fmt(d) for d in delays)
         extra = attack_records(net, rng, records, [target], limit_s)  # the victim publishes
     net.run(LATER_S)  # the records are old enough now for possession checks
-    later = attack_records(net, rng, records, sources, limit_s, reachable=how == "cold")
+    later = attack_records(net, rng, records if later is None else later, sources, limit_s, reachable=how == "cold")
     iso = isolation(net)
     aimed = {k: net.aimed[k, True] / max(1, net.aimed[k, True] + net.aimed[k, False]) for k in AIMED}
     fd = false_deaths(net, since)
@@ -639,11 +640,11 @@ def flood_cpu(seed):
     return out, node.config.rate_per_s
 
 
-def part_c(h, k, seed, limit_s=60.0, only=None):
+def part_c(h, k, seed, limit_s=60.0, only=None, later=None):
     """The two runs without attack, and each attack scenario whose name contains one of `only` (all if None)."""
     log(f"C: honest population {h}, {k} records per scenario")
-    base = scenario("no attack", seed, h, k, limit_s=limit_s)
-    cold_base = scenario("no attack, cold (5 s after boot)", seed, h, k, how="cold", settle=5.0, limit_s=limit_s)
+    base = scenario("no attack", seed, h, k, limit_s=limit_s, later=later)
+    cold_base = scenario("no attack, cold (5 s after boot)", seed, h, k, how="cold", settle=5.0, limit_s=limit_s, later=later)
     sybil = dict(drop=True, pollute=True, slander=True)
     cls = hostile_class("Sybil", **sybil)
     forger = type("Forger", (cls,), {"garbage_rate": 0.5})  # same clan
@@ -659,7 +660,7 @@ def part_c(h, k, seed, limit_s=60.0, only=None):
         ("cold boot, one honest seed (hostile 2:1)", dict(hostile=2 * h, cls=hostile_class("ColdSeeded", drop=True, pollute=True),
                                                           how="cold", settle=5.0, lab_seed=True)),
     ]
-    results = [scenario(name, seed, h, k, limit_s=limit_s, **kw) for name, kw in scenarios
+    results = [scenario(name, seed, h, k, limit_s=limit_s, later=later, **kw) for name, kw in scenarios
                if only is None or any(o in name for o in only)]
     return base, cold_base, results
 
@@ -667,7 +668,8 @@ def part_c(h, k, seed, limit_s=60.0, only=None):
 def report_c(base, cold_base, results):
     def got(runs, limit):
         if all(x["t100"] is not None for x in runs) and "reach" in runs[0]:
-            return (f"every one its publisher could reach: yes ({', '.join(f'{x[0]}/{x[1]}' for x in (r['reach'] for r in runs))} "
+            reach = Counter(f"{r['reach'][0]}/{r['reach'][1]}" for r in runs)
+            return (f"every one its publisher could reach: yes ({', '.join(k if n == 1 else f'{k} x{n}' for k, n in reach.items())} "
                     "of honest; the rest in islands that no honest node knows)")
         if "reach" in runs[0]:
             return (f"no: {min(x['held'] for x in runs):.0%} of those its publisher could reach at {limit:.0f} s "
@@ -795,6 +797,8 @@ def main():
     ap.add_argument("--honest", type=int, default=None, help="honest nodes in each attack scenario (default 100)")
     ap.add_argument("--scenarios", default=None,
                     help="part C: comma-separated parts of attack scenario names to run, e.g. sybil,cold (default all)")
+    ap.add_argument("--later", type=int, default=3,
+                    help="part C: records published once the first three are check_age_s + 30 s (90 s) old (default 3)")
     ap.add_argument("--no-memo", action="store_true", help="verify every signature (3x slower, same results)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of gossip.protocol.Config for every node, e.g. checks_per_s=0")
@@ -836,7 +840,7 @@ def main():
     if "c" in args.parts:
         only = args.scenarios.split(",") if args.scenarios else None
         base, cold_base, results = part_c(args.honest or (20 if args.quick else 100), 3, args.seed + 2,
-                                          20.0 if args.quick else 60.0, only)
+                                          20.0 if args.quick else 60.0, only, args.later)
         flood, rate = flood_cpu(args.seed)
         delivery, scores, notes = report_c(base, cold_base, results)
         print("## C. Attacks\n")
