@@ -251,7 +251,7 @@ def status(args):
     print(f"baseline:       {fmt(st['baseline_val_bpb'], '.6f')}")
     print(f"noise (sd):     {fmt(st['noise'], '.6f')}")
     print(f"experiments:    {st['experiments']} ({st['kept']} kept, {st['discarded']} discarded, {st['crashed']} crashed); "
-          f"{st['runs']} runs in all")
+          f"{st['runs']} runs decided (results.tsv's rows)")
     print(f"duty cycle:     {fmt(st['duty_cycle'] and 100 * st['duty_cycle'], '.1f')} %  (budgeted training / wall)")
     v = st["verification"]
     print(f"verification:   {100 * v['share']:.1f} % of run time ({v['seconds']:.0f} s; own research {v['own_seconds']:.0f} s); "

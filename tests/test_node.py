@@ -189,7 +189,7 @@ def test_join_runs_a_baseline_and_experiments(env, tmp_path):
     assert set(table.status) <= {"keep", "discard", "crash"}
     st = json.loads(node_cli("status", "--home", str(home), "--json", env=env).stdout)
     assert st["experiments"] == 2 and st["kept"] + st["crashed"] + st["discarded"] == 2 and st["best_val_bpb"] > 0
-    assert st["runs"] == len(table)  # "runs in all": the decided ones, as results.tsv lists them
+    assert st["runs"] == len(table)  # "runs decided": as results.tsv lists them
     # every decision has its console line: a keep, a discard (by how much, against what), a crash
     said = [l for l in r.stdout.splitlines() if l.startswith(("kept ", "discarded "))]
     assert len(said) == st["kept"] + st["discarded"], r.stdout
