@@ -95,7 +95,7 @@ class Net(sim.Network):
         super().__init__(**{"config": CFG, **kw})
         self.hostile = set()     # addresses
         self.order = []          # addresses in the order they joined
-        self.aimed = Counter()   # (kind, to a hostile node?) for sends by honest nodes, by their choice
+        self.aimed = Counter()   # (kind, to a hostile node?) for sends by honest nodes, by their choice (not replies)
         self.honest_sent = 0     # messages sent by honest nodes
         self.publishing = False  # a publisher's own record goes to every member: no choice to count
 
@@ -103,10 +103,12 @@ class Net(sim.Network):
         if address in self.hostile:  # what a hostile node holds does not count as delivered
             outputs = [o for o in outputs if type(o) is not protocol.Deliver]
         else:
+            node = self.nodes[address]
+            answers, node.answers = getattr(node, "answers", None) or (), None
             for o in outputs:
                 if type(o) is protocol.Send:
                     self.honest_sent += 1
-                    if o.kind in AIMED and not self.publishing:
+                    if o.kind in AIMED and not self.publishing and not any(o is a for a in answers):
                         self.aimed[o.kind, o.address in self.hostile] += 1
         super()._act(address, outputs)
 
@@ -124,7 +126,7 @@ class Net(sim.Network):
         """One node joins through `seeds` (default: 3 random nodes that joined before it)."""
         if seeds is None:
             seeds = rng.sample(self.order, min(3, len(self.order)))
-        node = self.add(seeds=seeds, cls=cls or protocol.Node)
+        node = self.add(seeds=seeds, cls=cls or Honest)
         self.order.append(node.address)
         if cls:
             self.hostile.add(node.address)
@@ -149,6 +151,23 @@ def populate(net, kinds, rng, batch, lab_seed=False):
 
 def batch_for(n):
     return max(50, min(200, n // 10))
+
+
+class Honest(protocol.Node):
+    """The protocol core as is; it only notes which of its sends answer a request (the records an
+    `iwant` asked for, the digest and ids a digest asked for, at once or once the asker's address
+    is verified): they go to the asker, by no choice of its own, and Net leaves them out of `aimed`."""
+    answers = None
+
+    def _serve(self, msg, acct, now):
+        out = super()._serve(msg, acct, now)
+        self.answers = (self.answers or []) + out
+        return out
+
+    def _reconcile(self, msg, acct, now):
+        out = super()._reconcile(msg, acct, now)
+        self.answers = (self.answers or []) + out
+        return out
 
 
 # --- hostile nodes -----------------------------------------------------------------------------
