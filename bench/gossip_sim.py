@@ -95,7 +95,7 @@ class Net(sim.Network):
         super().__init__(**{"config": CFG, **kw})
         self.hostile = set()     # addresses
         self.order = []          # addresses in the order they joined
-        self.aimed = Counter()   # (kind, to a hostile node?) for sends by honest nodes, by their choice (not replies)
+        self.aimed = Counter()   # (kind, to a hostile node?) for sends by honest nodes, by their choice (not answers)
         self.honest_sent = 0     # messages sent by honest nodes
         self.publishing = False  # a publisher's own record goes to every member: no choice to count
 
