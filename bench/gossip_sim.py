@@ -532,12 +532,12 @@ def attack_records(net, rng, records, sources=None, limit_s=60.0, reachable=Fals
 
 
 def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", settle=15.0, victim=False, censor=False,
-             attack_s=15.0, limit_s=60.0, lab_seed=False, later=None):
+             attack_s=15.0, limit_s=60.0, lab_seed=False, later_records=None):
     """`honest` honest nodes and `hostile` nodes of `cls` (a list: cycled): with `how` = "flash" the
     hostile ones join at once into a settled network (after 3 warm-up records) and attack for
     `attack_s` first; "mixed": they are there from the start; "cold": they boot with the honest
     ones and records follow `settle` seconds after the last join (`lab_seed`: honest nodes share
-    one honest seed, see `populate`). Then `records` records, and `later` (default `records`) more
+    one honest seed, see `populate`). Then `records` records, and `later_records` (default `records`) more
     once the first are LATER_S old."""
     rng = random.Random(seed)
     net = Net(seed=seed, loss=LOSS)
@@ -592,7 +592,7 @@ def scenario(name, seed, honest, records, hostile=0, cls=None, how="flash", sett
         notes["victim: seconds until it held each record others published"] = ", ".join(fmt(d) for d in delays)
         extra = attack_records(net, rng, records, [target], limit_s)  # the victim publishes
     net.run(LATER_S)  # the records are old enough now for possession checks
-    later = attack_records(net, rng, records if later is None else later, sources, limit_s, reachable=how == "cold")
+    later = attack_records(net, rng, records if later_records is None else later_records, sources, limit_s, reachable=how == "cold")
     iso = isolation(net)
     aimed = {k: net.aimed[k, True] / max(1, net.aimed[k, True] + net.aimed[k, False]) for k in AIMED}
     fd = false_deaths(net, since)
@@ -659,11 +659,12 @@ def flood_cpu(seed):
     return out, node.config.rate_per_s
 
 
-def part_c(h, k, seed, limit_s=60.0, only=None, later=None):
+def part_c(h, k, seed, limit_s=60.0, only=None, later_records=None):
     """The two runs without attack, and each attack scenario whose name contains one of `only` (all if None)."""
     log(f"C: honest population {h}, {k} records per scenario")
-    base = scenario("no attack", seed, h, k, limit_s=limit_s, later=later)
-    cold_base = scenario("no attack, cold (5 s after boot)", seed, h, k, how="cold", settle=5.0, limit_s=limit_s, later=later)
+    base = scenario("no attack", seed, h, k, limit_s=limit_s, later_records=later_records)
+    cold_base = scenario("no attack, cold (5 s after boot)", seed, h, k, how="cold", settle=5.0, limit_s=limit_s,
+                         later_records=later_records)
     sybil = dict(drop=True, pollute=True, slander=True)
     cls = hostile_class("Sybil", **sybil)
     forger = type("Forger", (cls,), {"garbage_rate": 0.5})  # same clan
@@ -679,7 +680,7 @@ def part_c(h, k, seed, limit_s=60.0, only=None, later=None):
         ("cold boot, one honest seed (hostile 2:1)", dict(hostile=2 * h, cls=hostile_class("ColdSeeded", drop=True, pollute=True),
                                                           how="cold", settle=5.0, lab_seed=True)),
     ]
-    results = [scenario(name, seed, h, k, limit_s=limit_s, later=later, **kw) for name, kw in scenarios
+    results = [scenario(name, seed, h, k, limit_s=limit_s, later_records=later_records, **kw) for name, kw in scenarios
                if only is None or any(o in name for o in only)]
     return base, cold_base, results
 
