@@ -310,6 +310,7 @@ def test_no_secret_environment_no_other_processes_no_root(run_candidate, monkeyp
                 except OSError:
                     pass
         print("pids:", sorted(int(p) for p in os.listdir("/proc") if p.isdigit()), "me:", os.getpid(), "found:", found)
+        print("allocator:", {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")})
         try:
             os.setuid(0)
             print("BECAME ROOT")
@@ -319,6 +320,7 @@ def test_no_secret_environment_no_other_processes_no_root(run_candidate, monkeyp
     """)
     assert r.status == "ok" and "found: []" in r.log_tail and "no root" in r.log_tail
     assert "pids: [1] me: 1" in r.log_tail  # nothing of the harness's side is visible
+    assert f"allocator: {sandbox.ALLOCATOR_ENV}" in r.log_tail  # the harness's malloc settings, and only those
     assert "user-nobody" in r.isolation or "no-capabilities" in r.isolation
 
 
