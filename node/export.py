@@ -48,6 +48,7 @@ def provenance(home, tag=None, verify=False):
         runs = homes.measurements(exps).get(best, []) if tag is None else []  # nothing kept: the baseline's runs
         out = dict(tag=tag or (swarm.tag_name(chain[-1].body["hardware"]) if chain else None), best=best,
                    val_bpb=chain[-1].body["after"]["val_bpb"] if chain else sum(runs) / len(runs) if runs else None,
+                   runs=chain[-1].body["after"]["runs"] if chain else len(runs),  # what val_bpb is the mean of
                    sha256=swarm.content_hash(text),
                    steps=steps, verified=verify)
         return text, out
@@ -162,7 +163,9 @@ def _verify(chain, improvements, store, text):
 
 def header(prov):
     lines = [f"# autoresearch-swarm export: the best train.py for {prov['tag'] or 'this node (the baseline)'}",
-             f"# sha256 {prov['sha256']}" + (f"; val_bpb {prov['val_bpb']:.6f}" if prov["val_bpb"] is not None else ""),
+             f"# sha256 {prov['sha256']}" + (f"; val_bpb {prov['val_bpb']:.6f}, the mean of {prov['runs']} run(s) "
+                                             + ("when it was kept" if prov["steps"] else "of the baseline")
+                                             if prov["val_bpb"] is not None else ""),
              f"# {len(prov['steps'])} improvement(s) from the baseline" + (" (signatures and diffs re-checked)"
                                                                            if prov["verified"] else "") + ":"]
     for i, s in enumerate(prov["steps"], 1):

@@ -392,6 +392,7 @@ def test_a_node_adopts_what_holds_refutes_what_does_not_and_attests(tmp_path, st
     [step] = prov["steps"]
     assert [(o["record"], o["author"]) for o in step["adopted"]] == [(good.id.hex(), ALICE.id)]
     assert "adopted from " + ALICE.id in export.header(prov)
+    assert f"the mean of {step['after']['runs']} run(s) when it was kept" in export.header(prov)
     text2, prov2 = export.provenance(home, tag=swarm.tag_name(hw), verify=True)  # from records alone
     assert text2 == better and prov2["steps"][-1]["record"] in (good.id.hex(), adopt.id.hex())
     # watch: the adoption and the verdicts, nothing left in the queue
@@ -455,9 +456,10 @@ def test_export_of_a_node_that_kept_nothing_shows_its_baseline_score(tmp_path, s
     r = subprocess.run([sys.executable, "-m", "node", "export", "--home", str(tmp_path / "n"), "--json"], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and json.loads(r.stdout)["val_bpb"] == pytest.approx(2.51), r.stderr
+    assert json.loads(r.stdout)["runs"] == 2
     r = subprocess.run([sys.executable, "-m", "node", "export", "--home", str(tmp_path / "n")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "val_bpb 2.510000" in r.stdout.split("\n", 3)[1], r.stdout[:300]
+    assert r.returncode == 0 and "val_bpb 2.510000, the mean of 2 run(s) of the baseline" in r.stdout.split("\n", 3)[1], r.stdout[:300]
 
 
 # -- three real nodes on loopback ---------------------------------------------------------------
