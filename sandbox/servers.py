@@ -107,7 +107,8 @@ class DeviceWeights:
             copy = source
         else:
             copy.copy_(source)
-        self.probe = copy.cpu()  # before any server may write into `copy`
+        self.probe = _host_floats(self.nbytes // 4)
+        self.probe.copy_(copy)  # before any server may write into `copy`
         torch.cuda.synchronize(self.device)
 
     def offer(self):
@@ -138,6 +139,18 @@ class DeviceWeights:
 def _device_floats(address, nbytes, device):
     import torch
     return torch.as_tensor(prepare.CudaArray(address, (nbytes // 4,)), device=device)
+
+
+def _host_floats(n):
+    """The host buffer the probe server's copy waits in: page-locked. A fresh pageable one
+    (`Tensor.cpu()`, 160 MB faulted in as it was written) took 0.10-0.16 s of every run on an
+    H100 and the upload back 0.02-0.05 s; torch keeps a freed page-locked block for the next,
+    so only a node's first run pays for locking it."""
+    import torch
+    try:
+        return torch.empty(n, dtype=torch.float32, pin_memory=True)
+    except RuntimeError:  # none to be had: pageable
+        return torch.empty(n, dtype=torch.float32)
 
 
 class Server:
