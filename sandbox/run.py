@@ -275,24 +275,28 @@ KEPT_ENV = ("PATH", "LANG", "LC_ALL", "CUDA_VISIBLE_DEVICES", "CUDA_MODULE_LOADI
 # glibc's malloc by default hands freed blocks back to the system and maps large ones afresh, so
 # torch's CPU tensors fault their pages in again every step (1.5 M page faults in 30 s of training
 # on a 2-core machine): blocks up to 32 MiB (glibc's largest threshold) come from the heap and
-# the heap is never trimmed. ~6 % more steps in 30 s on that CPU (bench/cpu_alloc.py).
+# the heap is never trimmed. 8 % more steps in 30 s on that CPU (bench/cpu_alloc.py).
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 40)} \
     if sys.platform.startswith("linux") else {}
 
 
-def _scrubbed_env(scratch, fd, data, profile, budget, compiled, backend):
+def _base_env(scratch, backend):
+    """What a candidate's environment and its servers' share: the kept variables, the allocator's
+    settings, the backend's, and their own folder as home."""
     keep = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
-    return dict(keep, **ALLOCATOR_ENV, **backends.environment(backend), HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR, PYTHONUNBUFFERED="1",
-                TORCHINDUCTOR_CACHE_DIR=compiled, TRITON_CACHE_DIR=os.path.join(compiled, "triton"),
+    return dict(keep, **ALLOCATOR_ENV, **backends.environment(backend), HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR,
+                PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+
+
+def _scrubbed_env(scratch, fd, data, profile, budget, compiled, backend):
+    return dict(_base_env(scratch, backend), TORCHINDUCTOR_CACHE_DIR=compiled, TRITON_CACHE_DIR=os.path.join(compiled, "triton"),
                 PYTHONPYCACHEPREFIX=os.path.join(compiled, "pycache"),
-                PYTHONDONTWRITEBYTECODE="1", AUTORESEARCH_CACHE=prepare.cache_dir(), AUTORESEARCH_DATA=data.fingerprint,
+                AUTORESEARCH_CACHE=prepare.cache_dir(), AUTORESEARCH_DATA=data.fingerprint,
                 AUTORESEARCH_PROFILE=profile, AUTORESEARCH_TIME_BUDGET=str(budget), **{prepare.HARNESS_ENV: str(fd)})
 
 
 def _server_env(scratch, fds, profile, budget, backend):
-    keep = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
-    return dict(keep, **ALLOCATOR_ENV, **backends.environment(backend), HOME=scratch, TMPDIR=scratch, PYTHONPATH=MODEL_DIR, PYTHONUNBUFFERED="1",
-                PYTHONDONTWRITEBYTECODE="1", AUTORESEARCH_CACHE=scratch, AUTORESEARCH_PROFILE=profile,
+    return dict(_base_env(scratch, backend), AUTORESEARCH_CACHE=scratch, AUTORESEARCH_PROFILE=profile,
                 AUTORESEARCH_TIME_BUDGET=str(budget), TORCHINDUCTOR_CACHE_DIR=os.path.join(scratch, ".compile"), **fds)
 
 
