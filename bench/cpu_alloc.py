@@ -9,14 +9,14 @@ differences. Linux only (glibc reads the settings).
 """
 
 import argparse
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import cpu_screen  # noqa: E402 (bench/, beside this file)
+
+ROOT = cpu_screen.ROOT
 # `python -m node experiment ...`, with the harness's allocator settings dropped or kept
 PRELUDE = ("import runpy, sys; from sandbox import run; arm = sys.argv.pop(1); "
            "arm == 'glibc' and run.ALLOCATOR_ENV.clear(); sys.argv[0] = 'node'; "
@@ -27,13 +27,8 @@ ARMS = ("glibc", "sandbox")
 def run(arm, path, budget):
     """(result dict, page faults, system CPU seconds) of one sandboxed run."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    r = subprocess.run([sys.executable, "-c", PRELUDE, arm, "experiment", "--budget", str(budget), "--profile", "cpu",
-                        "--backend", "cpu", "--json", path], cwd=ROOT, capture_output=True, text=True)
+    out = cpu_screen.run(path, budget, launcher=("-c", PRELUDE, arm))
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    try:
-        out = json.loads(r.stdout)
-    except json.JSONDecodeError:
-        out = {"status": "error", "val_bpb": None, "num_steps": None, "log": r.stderr[-300:]}
     return out, after.ru_minflt - before.ru_minflt, after.ru_stime - before.ru_stime
 
 

@@ -27,9 +27,10 @@ DEFAULT_EDITS = ("MATRIX_LR:up,MATRIX_LR:down,TOTAL_BATCH_SIZE:down,DEPTH:down,M
                  "EMBEDDING_LR:up,UNEMBEDDING_LR:up")
 
 
-def run(path, budget, profile="cpu"):
-    """The sandbox's result for the train.py at `path`, as a dict (status "error" when none came)."""
-    r = subprocess.run([sys.executable, "-m", "node", "experiment", "--budget", str(budget), "--profile", profile,
+def run(path, budget, profile="cpu", launcher=("-m", "node")):
+    """The sandbox's result for the train.py at `path`, as a dict (status "error" when none came).
+    `launcher`: what runs the node's CLI (Python's arguments before `experiment`)."""
+    r = subprocess.run([sys.executable, *launcher, "experiment", "--budget", str(budget), "--profile", profile,
                         "--backend", "cpu", "--json", path], cwd=ROOT, capture_output=True, text=True)
     try:
         out = json.loads(r.stdout)
