@@ -434,6 +434,7 @@ def run(candidate, budget=None, profile=None, parent=None, data=None, seed=None,
                     if handover > deadline:
                         status, violations = "violation", ["over_budget"]
                 elif op == "model" and handover is not None:
+                    timings["model frozen"] = time.time() - t0 - handover  # the candidate's side: pickled, weights exported
                     size = header.get("size")
                     if type(size) is not int or not 0 < size <= os.fstat(model_fd).st_size:
                         status, violations = "violation", ["bad_handover"]
