@@ -11,6 +11,7 @@ import time
 
 T_START = time.time()
 
+import collections
 import gc
 import math
 import os
@@ -319,7 +320,44 @@ def muon_update(params, grads, momentum_buf, second_buf, lr, wd, momentum, beta2
     params.sub_(lr * (update + wd * decay))
 
 
-class Muon(torch.optim.Optimizer):
+def adamw_update(param, grad, exp_avg, exp_avg_sq, lr, wd, beta1, beta2, step, eps):
+    """One AdamW step (decoupled weight decay, bias-corrected moments), in place, as torch.optim's."""
+    param.mul_(1 - lr * wd)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = exp_avg_sq.sqrt().div_(math.sqrt(1 - beta2 ** step)).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+
+
+class Optimizer:
+    """What the loop needs of an optimizer: param_groups (dicts of settings and their params; the
+    schedule sets each group's lr) and per-parameter state. Not torch.optim's: making one imports
+    torch._dynamo, 1.2-1.4 s of every start on a CPU, where nothing else needs it."""
+
+    def __init__(self, groups, defaults):
+        self.param_groups = [dict(defaults, **g) for g in groups]
+        self.state = collections.defaultdict(dict)
+
+
+class AdamW(Optimizer):
+    """torch.optim.AdamW's steps (tests/test_train_cpu.py checks them against it), for the CPU and MPS."""
+
+    def __init__(self, groups, betas, eps, weight_decay=0.0):
+        super().__init__(groups, dict(betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                state["step"] += 1
+                adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], group["lr"], group["weight_decay"],
+                             *group["betas"], state["step"], group["eps"])
+
+
+class Muon(Optimizer):
     def __init__(self, params, lr, momentum=0.95, beta2=0.95, weight_decay=0.0):
         shapes = sorted({p.shape for p in params})
         groups = [dict(params=[p for p in params if p.shape == s]) for s in shapes]
@@ -355,7 +393,9 @@ def make_optimizers(model):
         dict(params=[model.resid_lambdas], lr=SCALAR_LR * 0.01),
         dict(params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
     ]
-    adam = torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0, fused=DEVICE == "cuda")
+    # torch's fused AdamW where CUDA compiles (and so imports torch._dynamo) anyway; this file's elsewhere
+    adam = (torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0, fused=True) if DEVICE == "cuda"
+            else AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10))
     muon = Muon([p for p in model.blocks.parameters() if p.ndim == 2], lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
     for opt in (adam, muon):
         for group in opt.param_groups:

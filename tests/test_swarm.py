@@ -478,7 +478,7 @@ def test_three_nodes_publish_verify_adopt_watch_and_export(tmp_path, stdlib_data
     # cleanly with whatever B and C keep meanwhile, and it is a clear win at any load
     with open(os.path.join(homes["a"], "queue", "0-restore-the-lrs.patch"), "w") as f:
         f.write(gittree.diff_texts(SLOW, SMALL))
-    common = ["--profile", "tiny", "--budget", "2", "--max-reruns", "1", "--no-mdns", "--noise-floor", "0.002",
+    common = ["--profile", "tiny", "--budget", "2", "--max-reruns", "0", "--no-mdns", "--noise-floor", "0.002",
               "--start", slow_start]
     cmd = lambda n, *extra: [sys.executable, "-m", "node", "join", "--home", homes[n], *common, *extra]
     procs = {"a": subprocess.Popen(cmd("a", "--listen", f"127.0.0.1:{port}"), cwd=ROOT, env=env,

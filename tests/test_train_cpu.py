@@ -49,3 +49,34 @@ def test_a_step_smaller_than_a_forward_pass_takes_fewer_rows(stdlib_cache, tmp_p
                        text=True, timeout=300)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
         "error: TOTAL_BATCH_SIZE 128 is less than one row of 256 tokens")
+
+
+def test_the_adamw_of_train_py_steps_as_torchs(tmp_path):
+    """train.py's own AdamW (torch.optim's imports torch._dynamo, 1.2-1.4 s of every CPU start) moves
+    parameters as torch.optim.AdamW does: per-group learning rates, betas and weight decay, bias
+    correction from the first step, and a learning rate changed between steps."""
+    import collections
+    import math
+    import torch
+    from conftest import train_section
+    ns = train_section("def adamw_update", "class Muon", torch=torch, collections=collections, math=math)
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(*shape)) for shape in ((8, 5), (5,), (3,))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+
+    def groups(ps):
+        return [dict(params=[ps[0]], lr=0.05, weight_decay=0.01), dict(params=[ps[1]], lr=0.5),
+                dict(params=[ps[2]], lr=0.2, betas=(0.96, 0.95))]
+    a = ns["AdamW"](groups(ours), betas=(0.8, 0.95), eps=1e-10)
+    b = torch.optim.AdamW(groups(theirs), betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+    for step in range(6):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        for opt in (a, b):
+            for group in opt.param_groups:
+                group["lr"] *= 0.9 if step else 1.0
+        a.step()
+        b.step()
+        for p, q in zip(ours, theirs):
+            assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (step, (p - q).abs().max())
