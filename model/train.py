@@ -12,6 +12,7 @@ import time
 T_START = time.time()
 
 import collections
+import functools
 import gc
 import math
 import os
@@ -394,8 +395,8 @@ def make_optimizers(model):
         dict(params=[model.x0_lambdas], lr=SCALAR_LR, betas=(0.96, 0.95)),
     ]
     # torch's fused AdamW where CUDA compiles (and so imports torch._dynamo) anyway; this file's elsewhere
-    adam = (torch.optim.AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0, fused=True) if DEVICE == "cuda"
-            else AdamW(adam_groups, betas=ADAM_BETAS, eps=1e-10))
+    adamw = functools.partial(torch.optim.AdamW, fused=True) if DEVICE == "cuda" else AdamW
+    adam = adamw(adam_groups, betas=ADAM_BETAS, eps=1e-10, weight_decay=0.0)
     muon = Muon([p for p in model.blocks.parameters() if p.ndim == 2], lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
     for opt in (adam, muon):
         for group in opt.param_groups:
