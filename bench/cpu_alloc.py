@@ -19,7 +19,7 @@ import cpu_screen  # noqa: E402 (bench/, beside this file)
 ROOT = cpu_screen.ROOT
 # `python -m node experiment ...`, with the harness's allocator settings dropped or kept
 PRELUDE = ("import runpy, sys; from sandbox import run; arm = sys.argv.pop(1); "
-           "arm == 'glibc' and run.ALLOCATOR_ENV.clear(); sys.argv[0] = 'node'; "
+           "arm == 'glibc' and (run.ALLOCATOR_ENV.clear(), run.CPU_ALLOCATOR_ENV.clear()); sys.argv[0] = 'node'; "
            "runpy.run_module('node', run_name='__main__', alter_sys=True)")
 ARMS = ("glibc", "sandbox")
 
