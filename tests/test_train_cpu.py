@@ -51,7 +51,7 @@ def test_a_step_smaller_than_a_forward_pass_takes_fewer_rows(stdlib_cache, tmp_p
         "error: TOTAL_BATCH_SIZE 128 is less than one row of 256 tokens")
 
 
-def test_the_adamw_of_train_py_steps_as_torchs(tmp_path):
+def test_the_adamw_of_train_py_steps_as_torchs():
     """train.py's own AdamW (torch.optim's imports torch._dynamo, 1.2-1.4 s of every CPU start) moves
     parameters as torch.optim.AdamW does: per-group learning rates, betas and weight decay, bias
     correction from the first step, and a learning rate changed between steps."""
