@@ -181,11 +181,18 @@ class CappedCrossEntropy(torch.autograd.Function):
 def capped_logits(h, w, cap, rows=256):
     """cap * tanh(h @ w.T / cap) in float32, (B, T, V), made `rows` rows at a time: eager PyTorch
     otherwise writes and reads the whole logits three times for the cap (a third of a CPU
-    forward). In place: for evaluation only (no autograd)."""
+    forward). In place: for evaluation only (no autograd). On a CPU the product goes straight
+    into place, and the cap is taken as 2 cap sigmoid(2z) - cap, the same function: torch's CPU
+    tanh took 4.2 ms a chunk, this 2.4 ms."""
     x, wc = h.reshape(-1, h.size(-1)), w / cap
     out = torch.empty(x.size(0), w.size(0), dtype=torch.float32, device=x.device)
     for i in range(0, x.size(0), rows):
-        out[i:i + rows] = torch.mm(x[i:i + rows], wc.t()).float().tanh_().mul_(cap)
+        z = out[i:i + rows]
+        if z.device.type == "cpu" and x.dtype == z.dtype:
+            torch.mm(x[i:i + rows], wc.t(), out=z)
+            z.mul_(2).sigmoid_().mul_(2 * cap).sub_(cap)
+        else:  # MPS: no product into a view
+            z.copy_(torch.mm(x[i:i + rows], wc.t()).float().tanh_().mul_(cap))
     return out.view(*h.shape[:-1], w.size(0))
 
 
