@@ -191,7 +191,7 @@ def capped_logits(h, w, cap, rows=256):
         if z.device.type == "cpu" and x.dtype == z.dtype:
             torch.mm(x[i:i + rows], wc.t(), out=z)
             z.mul_(2).sigmoid_().mul_(2 * cap).sub_(cap)
-        else:  # MPS: no product into a view
+        else:  # MPS (which cannot make a product into a view) or another dtype
             z.copy_(torch.mm(x[i:i + rows], wc.t()).float().tanh_().mul_(cap))
     return out.view(*h.shape[:-1], w.size(0))
 
