@@ -44,12 +44,18 @@ def step():
     return loss.item()
 
 
-for _ in range(6 if cuda else 3):
+t = time.time()
+step()
+sync(); print(f"first step {time.time() - t:.1f} s (compilation)")
+for _ in range(5 if cuda else 2):
     step()
+n = 20 if cuda else 5
 sync(); t = time.time()
-for _ in range(5):
+for _ in range(n):
     step()
-sync(); print(f"step time {(time.time() - t) / 5 * 1000:.1f} ms ({g['DEVICE']}, {torch.get_num_threads()} threads)")
+sync(); dt = (time.time() - t) / n
+mfu = f", MFU {100 * g['flops_per_token'] * g['batch_tokens'] / dt / g['peak']:.2f} %" if g["peak"] else ""
+print(f"step time {dt * 1000:.1f} ms over {n} steps ({g['DEVICE']}, {torch.get_num_threads()} threads){mfu}")
 with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as p:
     for _ in range(3):
         step()
