@@ -6,6 +6,7 @@
 #   RUNS=2 BUDGET=300 bash bench/h100_baseline.sh      # on the GPU machine
 #   SHAPE=1024x6 RUNS=1 bash bench/h100_baseline.sh     # the baseline at another MODEL_DIM x DEPTH
 #   SHAPE=1024x6b16 RUNS=1 bash bench/h100_baseline.sh  # ... and TOTAL_BATCH_SIZE 2**16
+#   FILE=model/train_x.py RUNS=1 bash bench/h100_baseline.sh  # another train.py beside model/train.py
 #
 # Logs go to $OUT (or ./bench-out). The inductor cache lives under AUTORESEARCH_CACHE,
 # so the second run of a call starts warm.
@@ -17,7 +18,7 @@ mkdir -p "$OUT"
 export AUTORESEARCH_TIME_BUDGET=${BUDGET:-300}
 source bench/h100_corpus.sh
 source bench/shape.sh
-f=model/train.py
+f=${FILE:-model/train.py}
 if [ -n "${SHAPE:-}" ]; then
   shape "$SHAPE"
 fi
