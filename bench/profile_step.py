@@ -46,7 +46,7 @@ def step():
 
 t = time.time()
 step()
-sync(); print(f"first step {time.time() - t:.1f} s (compilation)")
+sync(); print(f"first step {time.time() - t:.1f} s{' (compiling)' if cuda else ''}")
 for _ in range(5 if cuda else 2):
     step()
 n = 20 if cuda else 5
