@@ -6,12 +6,15 @@
 #   RUNS=2 BUDGET=300 bash bench/h100_baseline.sh      # on the GPU machine
 #   SHAPE=1024x6 RUNS=1 bash bench/h100_baseline.sh     # the baseline at another MODEL_DIM x DEPTH
 #   SHAPE=1024x6b16 RUNS=1 bash bench/h100_baseline.sh  # ... and TOTAL_BATCH_SIZE 2**16
-#   FILE=model/train_x.py RUNS=1 bash bench/h100_baseline.sh  # another train.py beside model/train.py
+#   FILE=model/train_x.py RUNS=1 bash bench/h100_baseline.sh  # another train.py, in model/ (it imports prepare)
 #
 # Logs go to $OUT (or ./bench-out). The inductor cache lives under AUTORESEARCH_CACHE,
 # so the second run of a call starts warm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -n "${FILE:-}" ] && [ -n "${SHAPE:-}" ]; then
+  echo "error: FILE and SHAPE do not combine (SHAPE edits model/train.py)" >&2; exit 2
+fi
 RUNS=${RUNS:-2}
 OUT=${OUT:-bench-out}
 mkdir -p "$OUT"
