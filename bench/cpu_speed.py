@@ -68,11 +68,8 @@ def main(argv=None):
           f"r(index, val_bpb) = {corr(idx, bpb):.2f}")
     # val_bpb about its line on log(index): what a keep rule reading through the index would see
     li = [math.log(v) for v in idx]
-    mx, my = statistics.mean(li), statistics.mean(bpb)
-    sxx = sum((x - mx) ** 2 for x in li)
-    slope = sum((x - mx) * (y - my) for x, y in zip(li, bpb)) / sxx if sxx else 0.0
-    resid = [y - my - slope * (x - mx) for x, y in zip(li, bpb)]
-    sd_line = math.sqrt(sum(r * r for r in resid) / (len(rows) - 2)) if len(rows) > 2 else float("nan")
+    slope, intercept = statistics.linear_regression(li, bpb)
+    sd_line = math.sqrt(sum((y - intercept - slope * x) ** 2 for x, y in zip(li, bpb)) / (len(rows) - 2))
     print(f"val_bpb sd {statistics.stdev(bpb):.4f} raw, {sd_line:.4f} about its line on log(index) (slope {slope:.3f})")
 
 
