@@ -376,7 +376,7 @@ def main(argv=None):
         if key == "seeds":
             jn.add_argument("--seed", dest=key, action="append", metavar="HOST:PORT", help=text)
         elif kind is bool:
-            jn.add_argument("--no-" + key, dest=key, action="store_const", const=False, help=text)
+            jn.add_argument("--no-" + key.replace("_", "-"), dest=key, action="store_const", const=False, help=text)
         else:
             jn.add_argument("--" + key.replace("_", "-"), dest=key, type=kind,
                             help=text + (f" [{default}]" if default is not None else ""))

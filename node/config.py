@@ -41,6 +41,10 @@ SETTINGS = {
     "keep_sigmas": (2.0, float, "a keep must beat the best by this many standard errors"),
     "noise_floor": (None, float, "smallest run-to-run noise assumed, in val_bpb (default: the profile's: 0.0005 "
                                  "for gpu, 0.01 for cpu, 0.003 for tiny)"),
+    "adjust_steps": (True, bool, "compare a candidate with the best as if both had trained the same number of steps, where it "
+                                 "changes only learning rates, decays, inits or schedule constants (which leave a step's cost "
+                                 "alone) and the profile is cpu or tiny: a CPU's speed varies by about a tenth between runs, and "
+                                 "val_bpb with it (config: adjust_steps = false compares the raw figures)"),
     "verify_share": (0.3, float, "share of run time spent verifying peers' improvements when none is strong "
                                  "(strong ones may take up to 0.75; 0: never verify)"),
     "verify_batch": (8, int, "most peers' improvements verified merged in one run (1: one at a time)"),
@@ -53,6 +57,13 @@ CPU_BUDGET = 30.0
 # "The CPU's noise floor"), and two baseline runs may by chance agree to 0.0005: a floor under that let
 # one 30 s run keep noise
 NOISE_FLOORS = {"gpu": 0.0005, "cpu": 0.01, "tiny": 0.003}
+# Reading a run at another step count (loop.at_steps, the adjust_steps setting): val_bpb's fall per unit of
+# ln(steps) that a node starts from before its own repeated runs say more (0.24 on the cpu profile: pooled over
+# seven node homes' baseline pairs on a 2-core machine, 86-111 steps in 30 s), and the least run-to-run sd of
+# val_bpb so read (0.0032 measured there; bench/RESULTS.md, "A CPU run read at its parent's step count"). A
+# GPU's runs differ by a step in thousands: the gpu profile is read as measured.
+STEP_SLOPES = {"cpu": 0.24, "tiny": 0.24}
+STEP_FLOORS = {"cpu": 0.004, "tiny": 0.003}
 PROFILES = ("gpu", "cpu", "tiny")  # model/prepare.py's, named here without importing it (it reads the profile once)
 
 

@@ -322,6 +322,16 @@ def measurements(experiments):
     return out
 
 
+def measured_steps(experiments):
+    """commit -> (val_bpb, optimizer steps as the run reported them, or None) of the runs measurements() counts."""
+    out = {}
+    for e in experiments:
+        if e["val_bpb"] is not None and e["status"] in ("keep", "discard", "measured"):
+            steps = json.loads(e["result"]).get("num_steps") if e["result"] else None
+            out.setdefault(e["commit_"], []).append((e["val_bpb"], steps if isinstance(steps, int) else None))
+    return out
+
+
 def results_row(exp):
     """One results.tsv line (autoresearch's columns) for a finished experiment, or None."""
     if exp["status"] not in ("keep", "discard", "crash"):

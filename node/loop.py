@@ -76,6 +76,39 @@ def verdict(best, cand, sigma, sigmas, reruns_left):
     return "discard"
 
 
+def step_slope(runs, prior, weight=0.005):
+    """val_bpb's fall per unit of ln(steps), from trees run more than once (each against its own
+    mean, so no edit's effect enters it), shrunk towards `prior` by `weight` (in ln-steps' sum of
+    squares: 0.005 is about four pairs of runs 5 % apart). `runs`: commit -> [(val_bpb, steps)]."""
+    sxx = sxy = 0.0
+    for rs in runs.values():
+        if len(rs) > 1:
+            xs, ys = [math.log(n) for _, n in rs], [v for v, _ in rs]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            sxx += sum((x - mx) ** 2 for x in xs)
+            sxy -= sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    return (sxy + weight * prior) / (sxx + weight)
+
+
+def at_steps(best, cand, runs, slope, floor, min_dof=1, reach=0.2):
+    """The best's and a candidate's runs read at one step count (their mean ln steps) along `slope`,
+    for an edit that leaves a step's cost alone (proposer.neutral_edit): (best's values, candidate's,
+    their noise, the steps read at), or None where a run reported no steps or lies more than `reach`
+    in ln steps from that count (more than the machine's drift), or where fewer than `min_dof`
+    degrees of freedom give the noise of runs so read: read those as measured. That noise is the
+    pooled sd of every repeated tree's runs so read, never below `floor`."""
+    pairs = runs.get(best, []) + runs.get(cand, [])
+    if not pairs or any(not n or n < 1 for _, n in pairs):
+        return None
+    ref = sum(math.log(n) for _, n in pairs) / len(pairs)
+    if any(abs(math.log(n) - ref) > reach for _, n in pairs):
+        return None
+    read = {c: [v + slope * (math.log(n) - ref) for v, n in rs] for c, rs in runs.items() if all(n and n >= 1 for _, n in rs)}
+    if pooled(read)[1] < min_dof:
+        return None
+    return read[best], read[cand], noise(read, floor), math.exp(ref)
+
+
 def rerun_best(best, cand):
     """Whether a thin win's next run re-measures the best rather than the candidate: when the best
     has fewer runs (a node that ran the baseline once, a best kept on one run), where one more run
@@ -137,6 +170,7 @@ class Node:
             self.baseline_source = f.read()
         self.done = 0          # experiments run by this process
         self._running = None   # the candidate under way: source, description
+        self._read = None      # (commit, at_steps reading) of the last verdict read at one step count
         self._forms = {}       # commit -> normal form of its train.py, for the commits we measured
         self._next = None      # the proposal being prepared: (context, skipped, future)
         self._signalled = 0  # the number of the SIGINT/SIGTERM that came; checked again where a swallowed Stop would be lost
@@ -412,10 +446,13 @@ class Node:
             m, verdicts = self.measurements(), {k: v["verdict"] for k, v in self.store.verdicts().items()}
             more = dict(hardware=hw, score=self.scores(self.best()) if self.best() in m else None,
                         swarm=self.memory.findings(hw, verdicts, now), crash=self._crash(), running=running)
-        device = hw["device"] if self.lineage == "mlx" else self.backend  # what DEVICE is in our baseline file
         ctx = proposers.Context(best, self.history() + self.memory.history(hw, self.noise()), self.noise(),
-                                device, self.store.notes(), taken, self.memory.busy(hw, now), **more)
+                                self.proposer_backend(), self.store.notes(), taken, self.memory.busy(hw, now), **more)
         return ctx, skipped
+
+    def proposer_backend(self):
+        """What DEVICE is in our baseline file: the branch of constants the proposer edits."""
+        return self.hardware()["device"] if self.lineage == "mlx" else self.backend
 
     def _crash(self):
         """Our last decided candidate, when it was the Claude proposer's own (not a repair) and
@@ -549,7 +586,7 @@ class Node:
         if status == "keep":
             m = self.measurements()[commit]
             self.events("published", record=records[-1].id.hex(), commit=commit, description=description[:200])
-            self.say(f"kept {commit[:7]}: {sum(m) / len(m):.6f} over {len(m)} run(s); published")
+            self.say(f"kept {commit[:7]}: {sum(m) / len(m):.6f} over {len(m)} run(s){self._read_note(commit)}; published")
         else:
             if status == "discard":
                 self.say(self._discarded(commit))
@@ -557,14 +594,25 @@ class Node:
         return True
 
     def _discarded(self, commit):
-        """The console's line for a discard: by how much, against what noise."""
+        """The console's line for a discard: by how much, against what noise (as the verdict read them)."""
         m = self.measurements()
-        c, b = m[commit], m[self.best()]
+        c, b, sigma, at = m[commit], m[self.best()], self.noise(), ""
+        line = (f"discarded {commit[:7]}: {sum(c) / len(c):.6f} over {len(c)} run(s) against the best's "
+                f"{sum(b) / len(b):.6f}")
+        if self._read and self._read[0] == commit:
+            b, c, sigma, steps = self._read[1]
+            at = f"; at {steps:.0f} steps {sum(c) / len(c):.6f} against {sum(b) / len(b):.6f}"
         gain = sum(b) / len(b) - sum(c) / len(c)
-        why = (f"better by {gain:.6f}, within the noise ({self.noise():.6f})" if gain > 0 else
-               f"worse by {-gain:.6f}")
-        return (f"discarded {commit[:7]}: {sum(c) / len(c):.6f} over {len(c)} run(s) against the best's "
-                f"{sum(b) / len(b):.6f}: {why}")
+        why = f"better by {gain:.6f}, within the noise ({sigma:.6f})" if gain > 0 else f"worse by {-gain:.6f}"
+        return f"{line}{at}: {why}"
+
+    def _read_note(self, commit):
+        """What the verdict read where it read both at one step count (at_steps), for the console."""
+        if not (self._read and self._read[0] == commit):
+            return ""
+        best, cand, sigma, steps = self._read[1]
+        return (f" (at {steps:.0f} steps: {sum(cand) / len(cand):.6f} against {sum(best) / len(best):.6f}, "
+                f"noise {sigma:.6f})")
 
     def lost_race(self, claim):
         """Whether a peer claimed the same idea before us. It waits claim_settle seconds first (about
@@ -583,6 +631,7 @@ class Node:
         rerun_best): (keep | discard | crash, the candidate's run ids, its last result); nothing
         decided yet. The proposal's usage goes with its first run."""
         ids, reruns, again = [], self.s["max_reruns"], False
+        neutral = kind != "verify" and self.reads_at_steps(commit)
         while True:
             if again:
                 self.remeasure()
@@ -594,12 +643,38 @@ class Node:
                     return "crash", ids, r
             self.ensure_noise()
             m = self.measurements()
-            v = verdict(m[self.best()], m[commit], self.noise(), self.s["keep_sigmas"], reruns)
+            best, cand, sigma = m[self.best()], m[commit], self.noise()
+            read = neutral and self.at_steps(commit)
+            self._read = (commit, read) if read else None
+            if read:
+                best, cand, sigma, steps = read
+                self.events("read_at_steps", commit=commit, best=self.best(), steps=round(steps, 1),
+                            best_val_bpb=best, val_bpb=cand, noise=sigma)
+            v = verdict(best, cand, sigma, self.s["keep_sigmas"], reruns)
             if v == "rerun":
                 reruns -= 1
                 again = rerun_best(m[self.best()], m[commit])
                 continue
             return v, ids, r
+
+    def reads_at_steps(self, commit):
+        """Whether a candidate is compared with the best at one step count (adjust_steps): on a
+        profile with a step slope (a CPU's), where its train.py is the best's with only constants
+        changed that leave a step's cost alone. The step counts are the runs' own reports; the
+        code that prints them is the best's, the same in both, and verification runs (other
+        nodes' trees) are always read as measured."""
+        return (self.s["adjust_steps"] and self.s["profile"] in config.STEP_SLOPES
+                and proposers.neutral_edit(self.tree.read(self.best()), self.tree.read(commit), self.proposer_backend()))
+
+    def at_steps(self, commit):
+        """loop.at_steps for the best and `commit` (None: read them as measured): its noise rests on
+        our own runs alone, at least the degrees of freedom of baseline_runs runs (peers report
+        their spreads as measured: a node that ran the baseline once reads raw until it has more)."""
+        runs = homes.measured_steps(self.store.experiments())
+        profile = self.s["profile"]
+        slope = step_slope(runs, config.STEP_SLOPES[profile])
+        return at_steps(self.best(), commit, runs, slope, min(config.STEP_FLOORS[profile], config.noise_floor(self.s)),
+                        min_dof=self.s["baseline_runs"] - 1)
 
     def ensure_noise(self):
         """Before a verdict: re-run the best while neither our own repeated runs nor same-tag peers'

@@ -23,6 +23,12 @@ PRIOR = ("MATRIX_LR", "TOTAL_BATCH_SIZE", "EMBEDDING_LR", "WARMDOWN_RATIO", "UNE
 # what is never tried: rows per forward pass trade memory for speed at the same tokens per step
 # (train.py takes fewer rows when TOTAL_BATCH_SIZE is smaller), so a step up changes nothing
 MEMORY = ("DEVICE_BATCH_SIZE",)
+# what changes the numbers a step computes but not how many: an edit of these alone trains as many
+# steps as its parent would on the same machine, so the two can be compared at one step count
+# (node.loop.at_steps); every other constant (shapes, batch, windows, untimed steps) may change a step's cost
+COMPUTE_NEUTRAL = frozenset({"EMBEDDING_LR", "UNEMBEDDING_LR", "SCALAR_LR", "MATRIX_LR", "WEIGHT_DECAY", "INIT_SCALE",
+                             "X0_LAMBDA_INIT", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "MUON_MOMENTUM_WARMUP",
+                             "LOGIT_SOFTCAP", "ROPE_BASE"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +154,15 @@ def apply(source, consts, changes):
         s, e = consts[name].span
         source = source[:s] + render(consts[name], value) + source[e:]
     return source
+
+
+def neutral_edit(parent, child, backend):
+    """Whether `child` is `parent` with only COMPUTE_NEUTRAL constants of this machine's branch
+    changed, every other byte equal (whoever wrote it: the check is on the text)."""
+    a, b = constants(parent, backend), constants(child, backend)
+    changes = [(n, b[n].value) for n in a if n in b and b[n].value != a[n].value]
+    return (bool(changes) and all(n in COMPUTE_NEUTRAL for n, _ in changes)
+            and apply(parent, a, changes) == child)
 
 
 class OfflineProposer:

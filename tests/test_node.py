@@ -2,6 +2,7 @@
 recovery, the lock, suggestions and status."""
 import difflib
 import json
+import math
 import os
 import random
 import re
@@ -157,6 +158,65 @@ def test_noise_and_verdicts():
     assert loop.verdict(best, [3.005], 0.01, 2.0, 1) == "rerun"  # better, but within the noise
     assert loop.verdict(best, [3.005], 0.01, 2.0, 0) == "discard"
     assert loop.verdict(best, [3.05], 0.01, 2.0, 1) == "discard"
+
+
+def test_only_edits_that_leave_a_steps_cost_alone_are_neutral():
+    lr = BASELINE.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.06", 1)
+    assert proposers.neutral_edit(BASELINE, lr, "cpu")
+    assert proposers.neutral_edit(BASELINE, lr.replace("WARMDOWN_RATIO = 0.75", "WARMDOWN_RATIO = 0.5"), "cpu")
+    assert not proposers.neutral_edit(BASELINE, BASELINE, "cpu")
+    assert not proposers.neutral_edit(BASELINE, BASELINE.replace("    DEPTH = 4", "    DEPTH = 5", 1), "cpu")  # a shape
+    assert not proposers.neutral_edit(BASELINE, lr.replace("import gc\n", "import gc\nimport os\n"), "cpu")  # code too
+    # the other branch's constants are not this machine's: a change there is not read as neutral here
+    assert not proposers.neutral_edit(BASELINE, BASELINE.replace("    DEPTH = 8", "    DEPTH = 9", 1), "cpu")
+
+
+def test_runs_are_read_at_one_step_count():
+    """val_bpb falling 0.25 per unit of ln(steps): the machine's speed drops out of the comparison."""
+    val = lambda base, n: base - 0.25 * math.log(n)
+    runs = {"best": [(val(3.0, 90), 90), (val(3.0, 110), 110)], "cand": [(val(2.99, 85), 85)]}
+    slope = loop.step_slope(runs, prior=0.1, weight=0.0)
+    assert slope == pytest.approx(0.25)
+    best, cand, sigma, steps = loop.at_steps("best", "cand", runs, slope, floor=0.004)
+    assert sum(best) / 2 - cand[0] == pytest.approx(0.01) and sigma == 0.004
+    assert steps == pytest.approx((90 * 110 * 85) ** (1 / 3))
+    assert runs["cand"][0][0] > sum(v for v, _ in runs["best"]) / 2  # as measured, the better tree looks worse
+    assert loop.step_slope({"cand": runs["cand"]}, prior=0.24) == pytest.approx(0.24)  # no tree run twice: the prior
+    sxx = math.log(110 / 90) ** 2 / 2  # the best's two runs: shrunk towards a prior of 0 by their weight against 0.005
+    assert loop.step_slope(runs, prior=0.0, weight=0.005) == pytest.approx(0.25 * sxx / (sxx + 0.005))
+    assert loop.at_steps("best", "cand", dict(runs, cand=[(2.3, None)]), slope, 0.004) is None  # no steps reported
+    assert loop.at_steps("best", "cand", dict(runs, cand=[(2.3, 60)]), slope, 0.004) is None  # beyond the drift
+    assert loop.at_steps("best", "cand", dict(runs, best=runs["best"][:1]), slope, 0.004) is None  # noise unmeasured
+
+
+def test_a_neutral_candidate_is_judged_at_the_best_runs_step_count(tmp_path, stdlib_data, monkeypatch):
+    """A CPU that ran the candidate 15 % slower: as measured it is worse and discarded; read at one
+    step count it is kept. A shape edit, or adjust_steps off, is read as measured."""
+    from sandbox import result, run as sandbox
+    speed = iter([100, 100, 85, 100, 100, 85, 100, 100, 85])  # steps a run gets from the machine
+
+    def run(folder, seed=None, **kw):
+        src = open(os.path.join(folder, "train.py")).read()
+        n = next(speed)
+        v = 3.0 - 0.012 * ("MATRIX_LR = 0.06" in src or "DEPTH = 5" in src) - 0.25 * math.log(n)
+        hw = result.HardwareTag("cpu", 1, "cpu", "torch", 1.0, "tiny", stdlib_data.fingerprint, "cpu", 1)
+        return result.Result("ok", v, 1.0, 1.0, 0.1, 100.0, n, 1000, (), 0.0, hw, (), "")
+    monkeypatch.setattr(sandbox, "run", run)
+    lr = BASELINE.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.06", 1)
+    depth = BASELINE.replace("    DEPTH = 4", "    DEPTH = 5", 1)
+    for name, source, adjust, kept in (("lr", lr, True, True), ("depth", depth, True, False), ("off", lr, False, False)):
+        s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), profile="tiny", budget=1.0, listen="off",
+                 max_reruns=0, adjust_steps=adjust)
+        node = loop.Node(str(tmp_path / name), s, stdlib_data, out=open(os.devnull, "w"))
+        try:
+            node.baseline()
+            commit = node.tree.commit(source, name)
+            status, ids, r = node.trial("candidate", commit, name, "offline")
+            assert (status == "keep") == kept, name
+            reads = [json.loads(line) for line in open(tmp_path / name / "events.jsonl") if "read_at_steps" in line]
+            assert bool(reads) == (name == "lr")
+        finally:
+            node.close()
 
 
 def test_a_failed_run_of_the_best_says_what_failed_and_what_to_try():

@@ -652,7 +652,9 @@ def node_measurements(home):
 def test_a_thin_win_re_runs_the_best_when_the_best_has_fewer_runs(tmp_path, stdlib_data, monkeypatch):
     """A best measured once (one baseline run, its noise from peers) against a thin win measured
     twice: the next run is the best's, where the standard error of the difference falls most."""
-    with _node_with_peers(tmp_path / "n", stdlib_data, monkeypatch, 2.99, max_reruns=2, noise_floor=0.01) as (node, runs):
+    # the raw rule (adjust_steps off): read at one step count, the scripted runs would agree exactly, a noise of 0
+    with _node_with_peers(tmp_path / "n", stdlib_data, monkeypatch, 2.99, max_reruns=2, noise_floor=0.01,
+                          adjust_steps=False) as (node, runs):
         _peers_claim_with_scores(node, (3.002, 2.999))  # two peers' runs of the baseline: the noise
         assert node.experiment()
     assert runs == [("baseline", True), ("candidate", False), ("rerun", False), ("remeasure", True)]
