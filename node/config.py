@@ -41,10 +41,10 @@ SETTINGS = {
     "keep_sigmas": (2.0, float, "a keep must beat the best by this many standard errors"),
     "noise_floor": (None, float, "smallest run-to-run noise assumed, in val_bpb (default: the profile's: 0.0005 "
                                  "for gpu, 0.01 for cpu, 0.003 for tiny)"),
-    "adjust_steps": (True, bool, "compare a candidate with the best as if both had trained the same number of steps, where it "
-                                 "changes only learning rates, decays, inits or schedule constants (which leave a step's cost "
-                                 "alone) and the profile is cpu or tiny: a CPU's speed varies by about a tenth between runs, and "
-                                 "val_bpb with it (config: adjust_steps = false compares the raw figures)"),
+    "adjust_steps": (True, bool, "compare candidates' val_bpb as measured (config: adjust_steps = false); by default, on the cpu "
+                                 "and tiny profiles, a candidate that changes only learning rates, decays, inits or schedule "
+                                 "constants (a step's cost unchanged) is compared with the best as if both had trained the "
+                                 "same number of steps: a CPU's speed varies by about a tenth between runs, and val_bpb with it"),
     "verify_share": (0.3, float, "share of run time spent verifying peers' improvements when none is strong "
                                  "(strong ones may take up to 0.75; 0: never verify)"),
     "verify_batch": (8, int, "most peers' improvements verified merged in one run (1: one at a time)"),
