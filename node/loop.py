@@ -97,8 +97,10 @@ def at_steps(best, cand, runs, slope, floor, min_dof=1, reach=0.2):
     in ln steps from that count (more than the machine's drift), or where fewer than `min_dof`
     degrees of freedom give the noise of runs so read: read those as measured. That noise is the
     pooled sd of every repeated tree's runs so read, never below `floor`."""
-    pairs = runs.get(best, []) + runs.get(cand, [])
-    if not pairs or any(not n or n < 1 for _, n in pairs):
+    if not (runs.get(best) and runs.get(cand)):
+        return None
+    pairs = runs[best] + runs[cand]
+    if any(not n or n < 1 for _, n in pairs):
         return None
     ref = sum(math.log(n) for _, n in pairs) / len(pairs)
     if any(abs(math.log(n) - ref) > reach for _, n in pairs):

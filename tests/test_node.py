@@ -187,6 +187,7 @@ def test_runs_are_read_at_one_step_count():
     assert loop.at_steps("best", "cand", dict(runs, cand=[(2.3, None)]), slope, 0.004) is None  # no steps reported
     assert loop.at_steps("best", "cand", dict(runs, cand=[(2.3, 60)]), slope, 0.004) is None  # beyond the drift
     assert loop.at_steps("best", "cand", dict(runs, best=runs["best"][:1]), slope, 0.004) is None  # noise unmeasured
+    assert loop.at_steps("best", "new", runs, slope, 0.004) is None  # a tree not measured yet
 
 
 def test_a_neutral_candidate_is_judged_at_the_best_runs_step_count(tmp_path, stdlib_data, monkeypatch):
