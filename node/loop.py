@@ -76,36 +76,42 @@ def verdict(best, cand, sigma, sigmas, reruns_left):
     return "discard"
 
 
+def _counted(rs):
+    """The runs of one tree that reported a usable step count."""
+    return [(v, n) for v, n in rs if isinstance(n, int) and n >= 1]
+
+
 def step_slope(runs, prior, weight=0.005):
     """val_bpb's fall per unit of ln(steps), from trees run more than once (each against its own
     mean, so no edit's effect enters it), shrunk towards `prior` by `weight` (in ln-steps' sum of
-    squares: 0.005 is about four pairs of runs 5 % apart). `runs`: commit -> [(val_bpb, steps)]."""
+    squares: 0.005 is about four pairs of runs 5 % apart) and held within [0, 2 prior].
+    `runs`: commit -> [(val_bpb, steps or None)]."""
     sxx = sxy = 0.0
-    for rs in runs.values():
+    for rs in map(_counted, runs.values()):
         if len(rs) > 1:
             xs, ys = [math.log(n) for _, n in rs], [v for v, _ in rs]
             mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
             sxx += sum((x - mx) ** 2 for x in xs)
             sxy -= sum((x - mx) * (y - my) for x, y in zip(xs, ys))
-    return (sxy + weight * prior) / (sxx + weight)
+    return min(2 * prior, max(0.0, (sxy + weight * prior) / (sxx + weight)))
 
 
-def at_steps(best, cand, runs, slope, floor, min_dof=1, reach=0.2):
+def at_steps(best, cand, runs, slope, floor, min_dof=1, reach=0.15):
     """The best's and a candidate's runs read at one step count (their mean ln steps) along `slope`,
     for an edit that leaves a step's cost alone (proposer.neutral_edit): (best's values, candidate's,
-    their noise, the steps read at), or None where a run reported no steps or lies more than `reach`
-    in ln steps from that count (more than the machine's drift), or where fewer than `min_dof`
-    degrees of freedom give the noise of runs so read: read those as measured. That noise is the
-    pooled sd of every repeated tree's runs so read, never below `floor`."""
-    if not (runs.get(best) and runs.get(cand)):
+    their noise, the steps read at), or None, to read them as measured, where a run of either
+    reported no step count or lies more than `reach` in ln steps from the best's mean (the
+    machine's speed varies by about 5 % sd between runs: more is another load, or a report not to
+    lean on), or where fewer than `min_dof` degrees of freedom give the noise of runs so read. That
+    noise is the pooled sd of every repeated tree's runs so read, never below `floor`."""
+    b, c = runs.get(best, []), runs.get(cand, [])
+    if not (b and c) or len(_counted(b)) < len(b) or len(_counted(c)) < len(c):
         return None
-    pairs = runs[best] + runs[cand]
-    if any(not n or n < 1 for _, n in pairs):
+    home = sum(math.log(n) for _, n in b) / len(b)
+    if any(abs(math.log(n) - home) > reach for _, n in b + c):
         return None
-    ref = sum(math.log(n) for _, n in pairs) / len(pairs)
-    if any(abs(math.log(n) - ref) > reach for _, n in pairs):
-        return None
-    read = {c: [v + slope * (math.log(n) - ref) for v, n in rs] for c, rs in runs.items() if all(n and n >= 1 for _, n in rs)}
+    ref = sum(math.log(n) for _, n in b + c) / len(b + c)
+    read = {k: [v + slope * (math.log(n) - ref) for v, n in rs] for k, rs in runs.items() if len(_counted(rs)) == len(rs)}
     if pooled(read)[1] < min_dof:
         return None
     return read[best], read[cand], noise(read, floor), math.exp(ref)
@@ -671,12 +677,14 @@ class Node:
     def at_steps(self, commit):
         """loop.at_steps for the best and `commit` (None: read them as measured): its noise rests on
         our own runs alone, at least the degrees of freedom of baseline_runs runs (peers report
-        their spreads as measured: a node that ran the baseline once reads raw until it has more)."""
+        their spreads as measured: a node that ran the baseline once reads raw until it has more),
+        and never below the profile's STEP_FLOORS, scaled as the settings' noise_floor is to the
+        profile's (a floor raised for a noisy machine is raised for both readings)."""
         runs = homes.measured_steps(self.store.experiments())
         profile = self.s["profile"]
         slope = step_slope(runs, config.STEP_SLOPES[profile])
-        return at_steps(self.best(), commit, runs, slope, min(config.STEP_FLOORS[profile], config.noise_floor(self.s)),
-                        min_dof=self.s["baseline_runs"] - 1)
+        floor = config.STEP_FLOORS[profile] * config.noise_floor(self.s) / config.NOISE_FLOORS[profile]
+        return at_steps(self.best(), commit, runs, slope, floor, min_dof=self.s["baseline_runs"] - 1)
 
     def ensure_noise(self):
         """Before a verdict: re-run the best while neither our own repeated runs nor same-tag peers'

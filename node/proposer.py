@@ -28,7 +28,7 @@ MEMORY = ("DEVICE_BATCH_SIZE",)
 # (node.loop.at_steps); every other constant (shapes, batch, windows, untimed steps) may change a step's cost
 COMPUTE_NEUTRAL = frozenset({"EMBEDDING_LR", "UNEMBEDDING_LR", "SCALAR_LR", "MATRIX_LR", "WEIGHT_DECAY", "INIT_SCALE",
                              "X0_LAMBDA_INIT", "WARMDOWN_RATIO", "FINAL_LR_FRAC", "MUON_MOMENTUM_WARMUP",
-                             "LOGIT_SOFTCAP", "ROPE_BASE"})
+                             "LOGIT_SOFTCAP"})
 
 
 @dataclasses.dataclass(frozen=True)

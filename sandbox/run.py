@@ -329,7 +329,9 @@ def _start_server(role, kind, prefix, limits, model_fd, shm_bytes, profile, budg
 
 
 def _summary_value(log, key):
-    m = re.findall(rf"^{key}:\s+([0-9.]+)\s*$", log, re.M)
+    """The last `key:` line's number as the candidate printed it; None for none, or for a malformed
+    or absurd one ("." or a thousand digits: what the candidate prints must not make this raise)."""
+    m = re.findall(rf"^{key}:\s+(\d{{1,15}}(?:\.\d{{0,12}})?)\s*$", log, re.M)
     return float(m[-1]) if m else None
 
 

@@ -174,27 +174,31 @@ def test_only_edits_that_leave_a_steps_cost_alone_are_neutral():
 def test_runs_are_read_at_one_step_count():
     """val_bpb falling 0.25 per unit of ln(steps): the machine's speed drops out of the comparison."""
     val = lambda base, n: base - 0.25 * math.log(n)
-    runs = {"best": [(val(3.0, 90), 90), (val(3.0, 110), 110)], "cand": [(val(2.99, 85), 85)]}
-    slope = loop.step_slope(runs, prior=0.1, weight=0.0)
+    runs = {"best": [(val(3.0, 95), 95), (val(3.0, 105), 105)], "cand": [(val(2.99, 90), 90)]}
+    slope = loop.step_slope(runs, prior=0.2, weight=0.0)
     assert slope == pytest.approx(0.25)
     best, cand, sigma, steps = loop.at_steps("best", "cand", runs, slope, floor=0.004)
     assert sum(best) / 2 - cand[0] == pytest.approx(0.01) and sigma == 0.004
-    assert steps == pytest.approx((90 * 110 * 85) ** (1 / 3))
+    assert steps == pytest.approx((95 * 105 * 90) ** (1 / 3))
     assert runs["cand"][0][0] > sum(v for v, _ in runs["best"]) / 2  # as measured, the better tree looks worse
     assert loop.step_slope({"cand": runs["cand"]}, prior=0.24) == pytest.approx(0.24)  # no tree run twice: the prior
-    sxx = math.log(110 / 90) ** 2 / 2  # the best's two runs: shrunk towards a prior of 0 by their weight against 0.005
-    assert loop.step_slope(runs, prior=0.0, weight=0.005) == pytest.approx(0.25 * sxx / (sxx + 0.005))
-    assert loop.at_steps("best", "cand", dict(runs, cand=[(2.3, None)]), slope, 0.004) is None  # no steps reported
-    assert loop.at_steps("best", "cand", dict(runs, cand=[(2.3, 60)]), slope, 0.004) is None  # beyond the drift
+    sxx = math.log(105 / 95) ** 2 / 2  # the best's two runs: shrunk towards the prior by their weight against 0.005
+    assert loop.step_slope(runs, prior=0.2, weight=0.005) == pytest.approx((0.25 * sxx + 0.2 * 0.005) / (sxx + 0.005))
+    assert loop.step_slope({"x": [(2.0, 90), (2.1, 110)]}, prior=0.24) == 0.0  # held within [0, 2 x prior]
+    assert loop.step_slope({"x": [(2.3, 100), (2.0, 110)]}, prior=0.24) == pytest.approx(0.48)
+    # a run that printed no step count (or 0) counts nowhere, and a comparison with one is read as measured
+    assert loop.step_slope(dict(runs, x=[(2.3, None), (2.4, 0), (2.5, 100)]), prior=0.2, weight=0.0) == pytest.approx(0.25)
+    assert loop.at_steps("best", "cand", dict(runs, cand=[(2.3, None)]), slope, 0.004) is None
+    assert loop.at_steps("best", "cand", dict(runs, cand=[(2.3, 84)]), slope, 0.004) is None  # 16 % off the best's steps
     assert loop.at_steps("best", "cand", dict(runs, best=runs["best"][:1]), slope, 0.004) is None  # noise unmeasured
     assert loop.at_steps("best", "new", runs, slope, 0.004) is None  # a tree not measured yet
 
 
 def test_a_neutral_candidate_is_judged_at_the_best_runs_step_count(tmp_path, stdlib_data, monkeypatch):
-    """A CPU that ran the candidate 15 % slower: as measured it is worse and discarded; read at one
+    """A CPU that ran the candidate 12 % slower: as measured it is worse and discarded; read at one
     step count it is kept. A shape edit, or adjust_steps off, is read as measured."""
     from sandbox import result, run as sandbox
-    speed = iter([100, 100, 85, 100, 100, 85, 100, 100, 85])  # steps a run gets from the machine
+    speed = iter([100, 100, 88] * 4)  # steps a run gets from the machine
 
     def run(folder, seed=None, **kw):
         src = open(os.path.join(folder, "train.py")).read()
@@ -205,9 +209,11 @@ def test_a_neutral_candidate_is_judged_at_the_best_runs_step_count(tmp_path, std
     monkeypatch.setattr(sandbox, "run", run)
     lr = BASELINE.replace("MATRIX_LR = 0.04", "MATRIX_LR = 0.06", 1)
     depth = BASELINE.replace("    DEPTH = 4", "    DEPTH = 5", 1)
-    for name, source, adjust, kept in (("lr", lr, True, True), ("depth", depth, True, False), ("off", lr, False, False)):
+    # (tiny's floors are 0.003 either way; a noise_floor raised tenfold raises the one at one step count too)
+    for name, source, adjust, floor, kept in (("lr", lr, True, None, True), ("depth", depth, True, None, False),
+                                              ("off", lr, False, None, False), ("noisy", lr, True, 0.03, False)):
         s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), profile="tiny", budget=1.0, listen="off",
-                 max_reruns=0, adjust_steps=adjust)
+                 max_reruns=0, adjust_steps=adjust, noise_floor=floor)
         node = loop.Node(str(tmp_path / name), s, stdlib_data, out=open(os.devnull, "w"))
         try:
             node.baseline()
@@ -215,7 +221,7 @@ def test_a_neutral_candidate_is_judged_at_the_best_runs_step_count(tmp_path, std
             status, ids, r = node.trial("candidate", commit, name, "offline")
             assert (status == "keep") == kept, name
             reads = [json.loads(line) for line in open(tmp_path / name / "events.jsonl") if "read_at_steps" in line]
-            assert bool(reads) == (name == "lr")
+            assert bool(reads) == (name in ("lr", "noisy")) and all(e["noise"] == pytest.approx(floor or 0.003) for e in reads)
         finally:
             node.close()
 

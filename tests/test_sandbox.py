@@ -65,6 +65,12 @@ def test_any_evaluation_batch_size_scores_the_same(run_candidate, stdlib_data, b
     assert r.status == "ok" and r.val_bpb == pytest.approx(unigram_bpb(stdlib_data), rel=1e-6)
 
 
+def test_the_figures_a_candidate_prints_are_read_without_trusting_their_form():
+    assert sandbox._summary_value("num_steps:        103\nnum_steps: 104\n", "num_steps") == 104
+    for text in ("num_steps: .", "num_steps: 1.2.3", "num_steps: " + "9" * 400, "num_steps: -5", "num_steps: 1e9"):
+        assert sandbox._summary_value(text + "\n", "num_steps") is None, text
+
+
 def test_a_printed_metric_counts_for_nothing(run_candidate, stdlib_data):
     r = run_candidate("""
         print("val_bpb:          0.000001")
