@@ -227,6 +227,9 @@ def join(args):
     summary = f"{st['experiments']} experiments, {st['kept']} kept, {st['crashed']} crashed" + (
         f"; best val_bpb {st['best_val_bpb']:.6f} (baseline {st['baseline_val_bpb']:.6f}, noise "
         f"{'-' if st['noise'] is None else format(st['noise'], '.6f')})" if st["best_val_bpb"] is not None else "")
+    if st["best_read_at_steps"]:
+        r = st["best_read_at_steps"]
+        summary += f"; the best kept as read at {r['steps']:.0f} steps: {r['val_bpb']:.6f} against {r['parent_val_bpb']:.6f}"
     if signum:  # the run under way is recorded as interrupted; every decided run is in the store already
         print(f"stopped by {signal.Signals(signum).name} after {summary}; nothing lost: what was decided is in "
               f"{home}, and join carries on from there", flush=True)
@@ -248,6 +251,10 @@ def status(args):
         return 0
     fmt = lambda v, f: format(v, f) if v is not None else "-"
     print(f"best val_bpb:   {fmt(st['best_val_bpb'], '.6f')}  (commit {(st['best_commit'] or '-')[:7]})")
+    if st["best_read_at_steps"]:
+        r = st["best_read_at_steps"]
+        print(f"  kept as read at {r['steps']:.0f} steps: {r['val_bpb']:.6f} against its parent's {r['parent_val_bpb']:.6f} "
+              f"(noise {r['noise']:.6f}; the machine's speed set apart)")
     print(f"baseline:       {fmt(st['baseline_val_bpb'], '.6f')}")
     print(f"noise (sd):     {fmt(st['noise'], '.6f')}")
     print(f"experiments:    {st['experiments']} ({st['kept']} kept, {st['discarded']} discarded, {st['crashed']} crashed); "

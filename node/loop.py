@@ -592,6 +592,10 @@ class Node:
             records.append(self.improvement_record(parent, commit, description, proposer, r, inspired))
         self.decide(ids, status, best=commit if status == "keep" else None, records=records)
         if status == "keep":
+            if self._read and self._read[0] == commit:  # for status: a best that may measure worse than its parent
+                b, c, sigma, steps = self._read[1]
+                self.store.set("kept_reading", json.dumps(dict(commit=commit, steps=round(steps, 1), val_bpb=sum(c) / len(c),
+                                                               parent_val_bpb=sum(b) / len(b), noise=sigma)))
             m = self.measurements()[commit]
             self.events("published", record=records[-1].id.hex(), commit=commit, description=description[:200])
             self.say(f"kept {commit[:7]}: {sum(m) / len(m):.6f} over {len(m)} run(s){self._read_note(commit)}; published")
@@ -639,7 +643,7 @@ class Node:
         rerun_best): (keep | discard | crash, the candidate's run ids, its last result); nothing
         decided yet. The proposal's usage goes with its first run."""
         ids, reruns, again = [], self.s["max_reruns"], False
-        neutral = kind != "verify" and self.reads_at_steps(commit)
+        neutral = self.reads_at_steps(commit)
         while True:
             if again:
                 self.remeasure()
@@ -668,9 +672,9 @@ class Node:
     def reads_at_steps(self, commit):
         """Whether a candidate is compared with the best at one step count (adjust_steps): on a
         profile with a step slope (a CPU's), where its train.py is the best's with only constants
-        changed that leave a step's cost alone. The step counts are the runs' own reports; the
-        code that prints them is the best's, the same in both, and verification runs (other
-        nodes' trees) are always read as measured."""
+        changed that leave a step's cost alone: our own candidates, and peers' wins merged onto our
+        best where they are such edits of it. The step counts are the runs' own reports; the code
+        that prints them is our best's, the same in both."""
         return (self.s["adjust_steps"] and self.s["profile"] in config.STEP_SLOPES
                 and proposers.neutral_edit(self.tree.read(self.best()), self.tree.read(commit), self.proposer_backend()))
 
@@ -1007,6 +1011,8 @@ def status(home):
                            claims_ignored=json.loads(store.get("claims_ignored") or "{}"),
                            experiments_rejected=json.loads(store.get("experiments_rejected") or "{}")),
                model=_model_use(exps, store.get("proposer_usage_unused")))
+    reading = json.loads(store.get("kept_reading") or "null")  # the best kept on a reading at one step count
+    out["best_read_at_steps"] = reading if reading and reading["commit"] == best else None
     store.db.close()
     from node.network import snapshot
     snap = snapshot(home) if out["running"] else None

@@ -215,15 +215,17 @@ def test_a_neutral_candidate_is_judged_at_the_best_runs_step_count(tmp_path, std
         s = dict(config.load(os.path.join(ROOT, "configs", "cpu.toml")), profile="tiny", budget=1.0, listen="off",
                  max_reruns=0, adjust_steps=adjust, noise_floor=floor)
         node = loop.Node(str(tmp_path / name), s, stdlib_data, out=open(os.devnull, "w"))
+        monkeypatch.setattr(node, "next_candidate", lambda: proposers.Proposal(source, name, None, "offline"))
         try:
             node.baseline()
-            commit = node.tree.commit(source, name)
-            status, ids, r = node.trial("candidate", commit, name, "offline")
-            assert (status == "keep") == kept, name
+            assert node.experiment()
+            assert (node.best() != node.tree.root()) == kept, name
             reads = [json.loads(line) for line in open(tmp_path / name / "events.jsonl") if "read_at_steps" in line]
             assert bool(reads) == (name in ("lr", "noisy")) and all(e["noise"] == pytest.approx(floor or 0.003) for e in reads)
         finally:
             node.close()
+        reading = loop.status(str(tmp_path / name))["best_read_at_steps"]  # what status and the done line show
+        assert (reading is not None) == kept and (not kept or reading["val_bpb"] < reading["parent_val_bpb"])
 
 
 def test_a_failed_run_of_the_best_says_what_failed_and_what_to_try():
