@@ -313,22 +313,25 @@ class Store:
         return [r["text"] for r in self.db.execute("SELECT text FROM notes ORDER BY id")]
 
 
+def _counts(e):
+    """Whether a run's score counts: scored, and decided or awaiting its decision."""
+    return e["val_bpb"] is not None and e["status"] in ("keep", "discard", "measured")
+
+
 def measurements(experiments):
-    """commit -> val_bpb of every scored run of it that counts (decided, or awaiting its decision)."""
+    """commit -> val_bpb of every scored run of it that counts."""
     out = {}
-    for e in experiments:
-        if e["val_bpb"] is not None and e["status"] in ("keep", "discard", "measured"):
-            out.setdefault(e["commit_"], []).append(e["val_bpb"])
+    for e in filter(_counts, experiments):
+        out.setdefault(e["commit_"], []).append(e["val_bpb"])
     return out
 
 
 def measured_steps(experiments):
     """commit -> (val_bpb, optimizer steps as the run reported them, or None) of the runs measurements() counts."""
     out = {}
-    for e in experiments:
-        if e["val_bpb"] is not None and e["status"] in ("keep", "discard", "measured"):
-            steps = json.loads(e["result"]).get("num_steps") if e["result"] else None
-            out.setdefault(e["commit_"], []).append((e["val_bpb"], steps if isinstance(steps, int) else None))
+    for e in filter(_counts, experiments):
+        steps = json.loads(e["result"]).get("num_steps") if e["result"] else None
+        out.setdefault(e["commit_"], []).append((e["val_bpb"], steps if isinstance(steps, int) else None))
     return out
 
 
