@@ -178,7 +178,7 @@ class Node:
             self.baseline_source = f.read()
         self.done = 0          # experiments run by this process
         self._running = None   # the candidate under way: source, description
-        self._read = None      # (commit, at_steps reading) of the last verdict read at one step count
+        self._read = None      # the last verdict read at one step count: commit, steps, the two means, noise
         self._forms = {}       # commit -> normal form of its train.py, for the commits we measured
         self._next = None      # the proposal being prepared: (context, skipped, future)
         self._signalled = 0  # the number of the SIGINT/SIGTERM that came; checked again where a swallowed Stop would be lost
@@ -592,10 +592,8 @@ class Node:
             records.append(self.improvement_record(parent, commit, description, proposer, r, inspired))
         self.decide(ids, status, best=commit if status == "keep" else None, records=records)
         if status == "keep":
-            if self._read and self._read[0] == commit:  # for status: a best that may measure worse than its parent
-                b, c, sigma, steps = self._read[1]
-                self.store.set("kept_reading", json.dumps(dict(commit=commit, steps=round(steps, 1), val_bpb=sum(c) / len(c),
-                                                               parent_val_bpb=sum(b) / len(b), noise=sigma)))
+            if self._reading(commit):  # for status: a best that may measure worse than its parent
+                self.store.set("kept_reading", json.dumps(dict(self._read, steps=round(self._read["steps"], 1))))
             m = self.measurements()[commit]
             self.events("published", record=records[-1].id.hex(), commit=commit, description=description[:200])
             self.say(f"kept {commit[:7]}: {sum(m) / len(m):.6f} over {len(m)} run(s){self._read_note(commit)}; published")
@@ -611,20 +609,23 @@ class Node:
         c, b, sigma, at = m[commit], m[self.best()], self.noise(), ""
         line = (f"discarded {commit[:7]}: {sum(c) / len(c):.6f} over {len(c)} run(s) against the best's "
                 f"{sum(b) / len(b):.6f}")
-        if self._read and self._read[0] == commit:
-            b, c, sigma, steps = self._read[1]
-            at = f"; at {steps:.0f} steps {sum(c) / len(c):.6f} against {sum(b) / len(b):.6f}"
         gain = sum(b) / len(b) - sum(c) / len(c)
+        r = self._reading(commit)
+        if r:
+            at = f"; at {r['steps']:.0f} steps {r['val_bpb']:.6f} against {r['parent_val_bpb']:.6f}"
+            gain, sigma = r["parent_val_bpb"] - r["val_bpb"], r["noise"]
         why = f"better by {gain:.6f}, within the noise ({sigma:.6f})" if gain > 0 else f"worse by {-gain:.6f}"
         return f"{line}{at}: {why}"
 
+    def _reading(self, commit):
+        """The last verdict's reading at one step count, where it was `commit`'s (else None)."""
+        return self._read if self._read and self._read["commit"] == commit else None
+
     def _read_note(self, commit):
         """What the verdict read where it read both at one step count (at_steps), for the console."""
-        if not (self._read and self._read[0] == commit):
-            return ""
-        best, cand, sigma, steps = self._read[1]
-        return (f" (at {steps:.0f} steps: {sum(cand) / len(cand):.6f} against {sum(best) / len(best):.6f}, "
-                f"noise {sigma:.6f})")
+        r = self._reading(commit)
+        return (f" (at {r['steps']:.0f} steps: {r['val_bpb']:.6f} against {r['parent_val_bpb']:.6f}, "
+                f"noise {r['noise']:.6f})" if r else "")
 
     def lost_race(self, claim):
         """Whether a peer claimed the same idea before us. It waits claim_settle seconds first (about
@@ -657,9 +658,11 @@ class Node:
             m = self.measurements()
             best, cand, sigma = m[self.best()], m[commit], self.noise()
             read = neutral and self.at_steps(commit)
-            self._read = (commit, read) if read else None
+            self._read = None
             if read:
                 best, cand, sigma, steps = read
+                self._read = dict(commit=commit, steps=steps, val_bpb=sum(cand) / len(cand),
+                                  parent_val_bpb=sum(best) / len(best), noise=sigma)
                 self.events("read_at_steps", commit=commit, best=self.best(), steps=round(steps, 1),
                             best_val_bpb=best, val_bpb=cand, noise=sigma)
             v = verdict(best, cand, sigma, self.s["keep_sigmas"], reruns)
